@@ -1,0 +1,191 @@
+"""The ``ep`` command: a thin click layer. Each subcommand builds a config and calls one
+library function; the last line it prints is a one-line JSON summary.
+
+Bad input raises ``UsageError``, which becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from ep_store.errors import UsageError
+
+STORE = click.option("--store", "store_path", type=click.Path(path_type=Path), default=Path("data/store"),
+                     show_default=True, help="Root folder of the store.")
+MODELS = click.option("--models-dir", type=click.Path(path_type=Path), default=Path("data/models"),
+                      show_default=True, help="Folder of local model checkpoints.")
+DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+                      show_default=True, help="Where to compute.")
+PROGRESS = click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+
+
+def emit(summary: dict) -> None:
+    """The last line of every command: one line of JSON."""
+    click.echo(json.dumps(summary, default=str))
+
+
+def user_errors(fn):
+    """Turn UsageError into a one-line message and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UsageError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group()
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="ep_store")
+def main(verbose: int) -> None:
+    """ep_store: versioned Exemplar Partitioning dictionaries of language-model activations."""
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+# -- models --------------------------------------------------------------------------------------
+@main.group()
+def models() -> None:
+    """Import and list local model checkpoints."""
+
+
+@models.command("import-gguf")
+@click.argument("name")
+@MODELS
+@user_errors
+def models_import_gguf(name: str, models_dir: Path) -> None:
+    """Import an offline GGUF model (see `ep models ls`) as a safetensors folder."""
+    from ep_store import models as m
+
+    if name not in m.OFFLINE_MODELS:
+        raise UsageError(f"unknown offline model {name!r}; choose one of: {', '.join(m.OFFLINE_MODELS)}")
+    out = m.import_gguf(name, models_dir)
+    emit({"model": name, "checkpoint": m.OFFLINE_MODELS[name].checkpoint, "path": str(out)})
+
+
+@models.command("ls")
+@MODELS
+@user_errors
+def models_ls(models_dir: Path) -> None:
+    """List local checkpoints and the offline models that can be imported."""
+    from ep_store import models as m
+
+    local = m.list_local(models_dir)
+    for model, checkpoint, folder in local:
+        click.echo(f"{model}/{checkpoint}\t{folder}")
+    offline = {name: ("installed" if m.offline_available(name) else "not installed") for name in m.OFFLINE_MODELS}
+    emit({"local": [f"{a}/{b}" for a, b, _ in local], "offline": offline})
+
+
+# -- harvest -------------------------------------------------------------------------------------
+def parse_layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"--layers {text!r} is not a comma-separated list of integers, e.g. 6,12") from None
+
+
+@main.command()
+@click.option("--model", required=True, help="Model name (local folder or hub id).")
+@click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
+@click.option("--layers", required=True, help="Comma-separated 0-based blocks, e.g. 6,12.")
+@click.option("--corpus", default="builtin", show_default=True, help="builtin and/or .txt/.jsonl/.parquet files, comma-separated.")
+@click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens to store.")
+@click.option("--ctx", type=int, default=128, show_default=True, help="Tokens per context (BOS not counted).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per forward pass and commit.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype.")
+@click.option("--overwrite", is_flag=True, help="Replace existing datasets instead of resuming.")
+@DEVICE
+@STORE
+@MODELS
+@PROGRESS
+@user_errors
+def harvest(model, checkpoint, layers, corpus, max_tokens, ctx, batch_size, dtype, overwrite, device,
+            store_path, models_dir, progress) -> None:
+    """Harvest residual-stream activations into versioned Lance tables."""
+    from ep_store.harvest import HarvestConfig
+    from ep_store.harvest import harvest as run
+    from ep_store.store import Store
+
+    cfg = HarvestConfig(model, checkpoint, parse_layers(layers), corpus, max_tokens, ctx, batch_size,
+                        device, dtype, overwrite)
+    summary = run(cfg, Store(store_path), models_dir, progress)
+    summary.pop("config")
+    emit(summary)
+
+
+# -- store ---------------------------------------------------------------------------------------
+@main.group()
+def store() -> None:
+    """Inspect the store."""
+
+
+@store.command("ls")
+@STORE
+@user_errors
+def store_ls(store_path: Path) -> None:
+    """List activation datasets and dictionaries with rows, width, versions and tags."""
+    from ep_store.catalog import catalog
+
+    rows = catalog(store_path)
+    for row in rows:
+        click.echo("\t".join(str(row[k]) for k in ("kind", "key", "rows", "width", "version", "tags")))
+    emit({"datasets": len(rows)})
+
+
+# -- build and assign ----------------------------------------------------------------------------
+@main.command()
+@click.option("--model", required=True, help="Model of the activation dataset.")
+@click.option("--checkpoint", required=True, help="Checkpoint of the activation dataset.")
+@click.option("--layer", type=int, required=True, help="Layer of the activation dataset.")
+@click.option("--percentile", type=float, required=True, help="p of theta_p, in (0, 100).")
+@click.option("--calibration-tokens", type=int, default=200_000, show_default=True, help="Calibration prefix length.")
+@click.option("--calibration-batch", type=int, default=2048, show_default=True, help="Calibration batch size.")
+@click.option("--batch-size", type=int, default=2048, show_default=True, help="Build batch size (saturation unit).")
+@click.option("--saturation-window", type=int, default=1, show_default=True, help="Quiet batches before stopping.")
+@click.option("--max-tokens", type=int, default=None, help="Token budget (default: whole dataset).")
+@click.option("--precision", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True,
+              help="Screening precision (exact re-check near theta either way).")
+@click.option("--skip-nonfinite", is_flag=True, help="Drop NaN/inf rows instead of refusing.")
+@click.option("--overwrite", is_flag=True, help="Rebuild even if built with other parameters.")
+@click.option("--assign/--no-assign", default=True, show_default=True, help="Also assign the dictionary's own tokens.")
+@DEVICE
+@STORE
+@PROGRESS
+@user_errors
+def build(model, checkpoint, layer, percentile, calibration_tokens, calibration_batch, batch_size,
+          saturation_window, max_tokens, precision, skip_nonfinite, overwrite, assign, device, store_path,
+          progress) -> None:
+    """Calibrate and leader-cluster an activation dataset into an EP dictionary."""
+    from ep_store.dictionary import BuildConfig
+    from ep_store.dictionary import build as run
+    from ep_store.store import Store
+
+    cfg = BuildConfig(model, checkpoint, layer, percentile, calibration_tokens, calibration_batch, batch_size,
+                      saturation_window, max_tokens, device, precision, skip_nonfinite, overwrite)
+    emit(run(cfg, Store(store_path), assign=assign, progress=progress))
+
+
+@main.command()
+@click.option("--dictionary", "dictionary_key", required=True, help="<model>/<checkpoint>/L<layer>/p<percentile>.")
+@click.option("--activations", default=None, help="<model>/<checkpoint>/L<layer> (default: the dictionary's own).")
+@DEVICE
+@STORE
+@PROGRESS
+@user_errors
+def assign(dictionary_key, activations, device, store_path, progress) -> None:
+    """Write nearest-exemplar regions and distances for every token of an activation dataset."""
+    from ep_store.dictionary import assign_dataset
+    from ep_store.store import Store
+
+    emit(assign_dataset(Store(store_path), dictionary_key, activations, device, progress=progress))

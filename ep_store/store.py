@@ -1,0 +1,214 @@
+"""The store: versioned Lance datasets on disk. This is the only module that imports lance.
+
+Every write is one Lance commit, so a reader never sees half a write and an interrupted
+command leaves the last committed version intact. Callers validate their input first and
+only then call the writers here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import lance
+import numpy as np
+import pyarrow as pa
+
+from ep_store.errors import UsageError
+from ep_store.keys import ActivationKey, DictionaryKey, check_inside, from_segment
+
+log = logging.getLogger(__name__)
+
+META_KEY = b"ep_store"  # schema-metadata entry holding the JSON that produced a dataset
+
+
+def vectors_to_arrow(x_ND: np.ndarray, dtype=np.float16) -> pa.FixedSizeListArray:
+    """(N, D) array -> Arrow fixed_size_list<dtype>[D]."""
+    x_ND = np.ascontiguousarray(x_ND, dtype=dtype)
+    return pa.FixedSizeListArray.from_arrays(pa.array(x_ND.reshape(-1)), x_ND.shape[1])
+
+
+def arrow_to_vectors(column: pa.Array | pa.ChunkedArray, dtype=np.float32) -> np.ndarray:
+    """Arrow fixed_size_list[D] -> (N, D) numpy array of ``dtype``."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = column.type.list_size
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(-1, width).astype(dtype)  # a writable copy torch can wrap
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    path: Path
+    rows: int
+    width: int | None
+    version: int
+    versions: int
+    tags: dict[str, int]
+    meta: dict
+
+
+class Store:
+    """A folder of Lance datasets laid out by key (see ep_store.keys)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"store path {self.root} is a file; pass a folder (e.g. data/store)")
+
+    # -- paths -------------------------------------------------------------------------------
+    def activation_path(self, key: ActivationKey) -> Path:
+        return check_inside(self.root, self.root / "activations" / key.relpath())
+
+    def dictionary_dir(self, key: DictionaryKey) -> Path:
+        return check_inside(self.root, self.root / "dictionaries" / key.relpath())
+
+    def matches_dir(self, name: str) -> Path:
+        return check_inside(self.root, self.root / "matches" / name)
+
+    # -- generic dataset access ----------------------------------------------------------------
+    @staticmethod
+    def exists(path: Path) -> bool:
+        return (path / "_versions").is_dir()
+
+    @staticmethod
+    def info(path: Path) -> DatasetInfo:
+        ds = lance.dataset(str(path))
+        vector = next((f for f in ds.schema if pa.types.is_fixed_size_list(f.type)), None)
+        meta = json.loads((ds.schema.metadata or {}).get(META_KEY, b"{}"))
+        return DatasetInfo(
+            path=path,
+            rows=ds.count_rows(),
+            width=vector.type.list_size if vector is not None else None,
+            version=ds.version,
+            versions=len(ds.versions()),
+            tags={name: tag["version"] for name, tag in ds.tags.list().items()},
+            meta=meta,
+        )
+
+    @staticmethod
+    def dataset(path: Path, version: int | str | None = None):
+        """The Lance dataset at ``path`` (optionally at a version number or tag)."""
+        try:
+            return lance.dataset(str(path), version=version)
+        except (ValueError, OSError) as err:
+            if version is not None:
+                raise UsageError(f"{path} has no version or tag {version!r}: {err}") from None
+            raise
+
+    @staticmethod
+    def scan(
+        path: Path,
+        columns: list[str] | None = None,
+        batch_size: int = 8192,
+        version: int | str | None = None,
+        offset: int | None = None,
+        limit: int | None = None,
+    ) -> Iterator[pa.RecordBatch]:
+        """Record batches in stored order, reading only ``columns``."""
+        ds = Store.dataset(path, version)
+        yield from ds.scanner(
+            columns=columns, batch_size=batch_size, offset=offset, limit=limit
+        ).to_batches()
+
+    @staticmethod
+    def reader(path: Path, columns: list[str] | None = None, version: int | str | None = None):
+        """A projected Arrow RecordBatchReader (what DuckDB scans)."""
+        return Store.dataset(path, version).scanner(columns=columns).to_reader()
+
+    @staticmethod
+    def read_table(path: Path, columns: list[str] | None = None, version: int | str | None = None) -> pa.Table:
+        return Store.dataset(path, version).to_table(columns=columns)
+
+    @staticmethod
+    def tag(path: Path, name: str) -> int:
+        """Tag the latest version of ``path`` (moving the tag if it exists)."""
+        ds = lance.dataset(str(path))
+        if name in ds.tags.list():
+            ds.tags.update(name, ds.version)
+        else:
+            ds.tags.create(name, ds.version)
+        return ds.version
+
+    # -- activations ---------------------------------------------------------------------------
+    def append_activations(self, key: ActivationKey, table: pa.Table, meta: dict) -> int:
+        """Append one chunk of rows as one commit; creates the dataset on first write."""
+        path = self.activation_path(key)
+        table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+        if self.exists(path):
+            width = self.info(path).width
+            new_width = table.schema.field("vector").type.list_size
+            if width != new_width:
+                raise UsageError(
+                    f"{key} holds vectors of width {width}, not {new_width}; "
+                    "harvest into another key or pass --overwrite"
+                )
+            ds = lance.write_dataset(table, str(path), mode="append")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ds = lance.write_dataset(table, str(path), mode="create")
+        return ds.version
+
+    def remove(self, path: Path) -> None:
+        check_inside(self.root, path)
+        if path.exists():
+            shutil.rmtree(path)
+
+    def list_activations(self) -> list[ActivationKey]:
+        base = self.root / "activations"
+        keys = []
+        for path in sorted(base.glob("*/*/L*.lance")):
+            model, checkpoint = path.parent.parent.name, path.parent.name
+            keys.append(ActivationKey(from_segment(model), from_segment(checkpoint), int(path.stem[1:])))
+        return sorted(keys)
+
+    # -- dictionaries --------------------------------------------------------------------------
+    def list_dictionaries(self) -> list[DictionaryKey]:
+        base = self.root / "dictionaries"
+        keys = []
+        for meta in sorted(base.glob("*/*/L*/p*/meta.json")):
+            pdir = meta.parent
+            keys.append(
+                DictionaryKey(
+                    from_segment(pdir.parent.parent.parent.name),
+                    from_segment(pdir.parent.parent.name),
+                    int(pdir.parent.name[1:]),
+                    float(pdir.name[1:]),
+                )
+            )
+        return sorted(keys)
+
+    def write_table(self, path: Path, table: pa.Table, mode: str = "create", merge_on: str | None = None) -> int:
+        """Write a whole table as one commit: create, overwrite, or merge on a key column."""
+        check_inside(self.root, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if merge_on is not None and self.exists(path):
+            ds = lance.dataset(str(path))
+            ds.merge_insert(merge_on).when_matched_update_all().when_not_matched_insert_all().execute(table)
+            return lance.dataset(str(path)).version
+        ds = lance.write_dataset(table, str(path), mode="overwrite" if self.exists(path) else mode)
+        return ds.version
+
+    def write_stream(self, path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
+        """Write a stream of batches as one commit, in bounded memory."""
+        check_inside(self.root, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        reader = pa.RecordBatchReader.from_batches(schema, batches)
+        mode = "overwrite" if self.exists(path) else "create"
+        ds = lance.write_dataset(reader, str(path), schema=schema, mode=mode)
+        return ds.version
+
+    @staticmethod
+    def write_json(path: Path, payload: dict) -> None:
+        """Write JSON atomically (temp file + rename)."""
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+
+    @staticmethod
+    def read_json(path: Path) -> dict:
+        return json.loads(path.read_text())
