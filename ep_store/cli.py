@@ -51,6 +51,8 @@ def main(verbose: int) -> None:
     """ep_store: versioned Exemplar Partitioning dictionaries of language-model activations."""
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if not verbose:  # hub retries are noise when the answer is "not found"
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 # -- models --------------------------------------------------------------------------------------

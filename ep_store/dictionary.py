@@ -106,13 +106,23 @@ def stream_vectors(store: Store, path: Path, batch_rows: int, limit: int | None 
         finite = torch.isfinite(x).all(dim=1)
         if not finite.all():
             if not skip_nonfinite:
-                bad = rows[~finite]
+                bad = nonfinite_rows(store, path)
                 raise UsageError(
-                    f"{path} has non-finite vectors (first at rows {bad[:5].tolist()} of this batch, "
-                    f"{int(bad.numel())} here); pass --skip-nonfinite to drop them"
+                    f"{path} has {len(bad)} non-finite vectors (rows {bad[:5]}{' ...' if len(bad) > 5 else ''}); "
+                    "pass --skip-nonfinite to drop them"
                 )
             x, rows = x[finite], rows[finite]
         yield x, rows
+
+
+def nonfinite_rows(store: Store, path: Path) -> list[int]:
+    """Dataset rows holding NaN or inf (a full scan, run only once one is seen)."""
+    bad, row = [], 0
+    for batch in store.scan(path, columns=["vector"], batch_size=65536):
+        x = arrow_to_vectors(batch.column("vector"))
+        bad += (np.flatnonzero(~np.isfinite(x).all(axis=1)) + row).tolist()
+        row += x.shape[0]
+    return bad
 
 
 def calibrate_stream(store: Store, path: Path, cfg: BuildConfig) -> Calibration:

@@ -199,9 +199,11 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
     documents = list(iter_documents(cfg.corpus))  # read it all first: a bad file fails before any write
     if not documents:
         raise UsageError(f"corpus {cfg.corpus!r} holds no text; pass builtin or a non-empty file")
+    config = models.load_config(cfg.model, cfg.checkpoint, models_dir)
+    held = prepare_keys(cfg, store, config.num_hidden_layers)  # all checks before loading weights
+    models.resolve_device(cfg.device)
     net, tokenizer = models.load(cfg.model, cfg.checkpoint, models_dir, cfg.device, cfg.dtype)
     blocks = models.decoder_layers(net)
-    held = prepare_keys(cfg, store, len(blocks))
     keys = {L: ActivationKey(cfg.model, cfg.checkpoint, L) for L in cfg.layers}
     if cfg.overwrite:
         for key in keys.values():

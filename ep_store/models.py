@@ -123,30 +123,51 @@ def resolve_device(device: str) -> torch.device:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve(model: str, checkpoint: str, models_dir: Path) -> tuple[str, dict]:
+    """(source, from_pretrained kwargs): the local folder first, else a hub id at a revision."""
+    folder = model_dir(models_dir, model, checkpoint)
+    if (folder / "config.json").is_file():
+        return str(folder), {}
+    if model in OFFLINE_MODELS:  # our own names, never hub ids
+        raise UsageError(
+            f"no local model {model}/{checkpoint} under {models_dir}; run: ep models import-gguf {model}"
+            if checkpoint == OFFLINE_MODELS[model].checkpoint
+            else f"unknown checkpoint {checkpoint!r} of {model}; see: ep models ls"
+        )
+    return model, {"revision": checkpoint}
+
+
+def _hub_error(model: str, checkpoint: str, models_dir: Path, err: Exception) -> UsageError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UsageError(
+        f"unknown model or checkpoint {model}/{checkpoint}: not under {models_dir} and not "
+        f"loadable from a hub ({first}); see: ep models ls"
+    )
+
+
+def load_config(model: str, checkpoint: str, models_dir: Path):
+    """The model's config alone (cheap): lets callers check layers before loading weights."""
+    from transformers import AutoConfig
+
+    source, kwargs = resolve(model, checkpoint, models_dir)
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _hub_error(model, checkpoint, models_dir, err) from None
+
+
 def load(model: str, checkpoint: str, models_dir: Path, device: str = "cpu", dtype: str = "float32"):
     """(model, tokenizer) for a reference; clear error when it resolves nowhere."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    folder = model_dir(models_dir, model, checkpoint)
-    if (folder / "config.json").is_file():
-        source, kwargs = str(folder), {}
-    else:
-        source, kwargs = model, {"revision": checkpoint}
-        if model in OFFLINE_MODELS:  # our own names, never hub ids
-            raise UsageError(
-                f"no local model {model}/{checkpoint} under {models_dir}; run: ep models import-gguf {model}"
-                if checkpoint == OFFLINE_MODELS[model].checkpoint
-                else f"unknown checkpoint {checkpoint!r} of {model}; see: ep models ls"
-            )
+    hf_logging.disable_progress_bar()  # our own bars report progress; keep stderr clean
+    source, kwargs = resolve(model, checkpoint, models_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         net = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(
-            f"unknown model or checkpoint {model}/{checkpoint}: not under {models_dir} and not "
-            f"loadable from a hub ({first}); see: ep models ls"
-        ) from None
+        raise _hub_error(model, checkpoint, models_dir, err) from None
     net.eval().to(resolve_device(device))
     return net, tokenizer
 

@@ -1,0 +1,165 @@
+"""The builder against the plain sequential rule, and the properties EP promises."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ep_store.assign import nearest_exemplar
+from ep_store.calibrate import (
+    CenterAccumulator,
+    batch_percentile,
+    calibrate,
+    linear_percentile,
+    unit_directions,
+)
+from ep_store.leader import LeaderBuilder, LeaderState, covered, leader_reference
+
+
+def clustered_stream(n: int, d: int, clusters: int, spread: float, seed: int) -> torch.Tensor:
+    """Activations around a few directions plus a common offset, like a residual stream."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(clusters, d, generator=g)
+    which = torch.randint(0, clusters, (n,), generator=g)
+    return 3.0 + centers[which] + spread * torch.randn(n, d, generator=g)
+
+
+def fast_build(u, theta, batch_size, window=1, precision="float32", feed_sizes=None):
+    builder = LeaderBuilder(theta, batch_size, window, LeaderState(width=u.shape[1]), "cpu", precision)
+    start = 0
+    for size in feed_sizes or [u.shape[0]]:
+        start += builder.feed(u[start : start + size])
+    return builder.finish("end_of_stream" if start >= u.shape[0] else "max_tokens"), builder
+
+
+def theta_for(u, p):
+    return batch_percentile(u[:256], p)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("batch_size", [1, 7, 64, 500])
+@pytest.mark.parametrize("p", [1.0, 10.0])
+def test_fast_equals_reference_random(precision, batch_size, p):
+    x = clustered_stream(1200, 48, 12, 0.8, seed=3)
+    center = calibrate([x[:600], x[600:]], p).center_D
+    u = unit_directions(x, center)
+    theta = theta_for(u, p)
+    ref = leader_reference(u, theta, batch_size, saturation_window=2)
+    state, _ = fast_build(u, theta, batch_size, window=2, precision=precision)
+    assert state.source_row_K.tolist() == ref.exemplar_rows
+    assert state.new_per_batch == ref.new_per_batch
+    assert state.stop_reason == ref.stop_reason
+    torch.testing.assert_close(state.exemplars_KD, u[ref.exemplar_rows], rtol=0, atol=0)
+
+
+def test_fast_equals_reference_near_threshold():
+    """Tokens placed within 1e-4 of theta of earlier ones: the float64 re-check decides them."""
+    g = torch.Generator().manual_seed(11)
+    d, theta = 64, 0.2
+    anchors = torch.nn.functional.normalize(torch.randn(8, d, generator=g), dim=1)
+    rows = []
+    for i in range(400):
+        a = anchors[i % 8]
+        orth = torch.randn(d, generator=g)
+        orth = torch.nn.functional.normalize(orth - (orth @ a) * a, dim=0)
+        cos = (1.0 - theta) + float(torch.empty(1).uniform_(-1e-4, 1e-4, generator=g))
+        rows.append(cos * a + (1 - cos**2) ** 0.5 * orth)
+    u = torch.nn.functional.normalize(torch.cat([anchors, torch.stack(rows)]), dim=1)
+    for precision in ("float32", "bfloat16"):
+        state, builder = fast_build(u, theta, 50, window=100, precision=precision)
+        assert state.source_row_K.tolist() == leader_reference(u, theta, 50, 100).exemplar_rows
+        assert builder.rechecked > 0  # the exact path was exercised
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_fast_equals_reference_on_model_activations(tiny_store, precision):
+    from ep_store.dictionary import stream_vectors
+    from ep_store.keys import ActivationKey
+    from ep_store.store import Store
+
+    store = Store(tiny_store)
+    x = torch.cat([b for b, _ in stream_vectors(store, store.activation_path(ActivationKey("tiny", "base", 2)), 1000)])
+    u = unit_directions(x, calibrate([x[:1500], x[1500:]], 5.0).center_D)
+    theta = theta_for(u, 5.0)
+    for batch_size in (3, 128, 1024):
+        ref = leader_reference(u, theta, batch_size, 1)
+        state, _ = fast_build(u, theta, batch_size, 1, precision)
+        assert state.source_row_K.tolist() == ref.exemplar_rows
+        assert state.stop_reason == ref.stop_reason
+
+
+def test_budget_split_mid_batch_equals_one_build():
+    x = clustered_stream(900, 24, 6, 0.7, seed=5)
+    u = unit_directions(x, x.mean(0))
+    theta = theta_for(u, 2.0)
+    whole, _ = fast_build(u, theta, 64, window=3)
+    parts, _ = fast_build(u, theta, 64, window=3, feed_sizes=[100, 37, 763])
+    assert parts.source_row_K.tolist() == whole.source_row_K.tolist()
+    assert parts.new_per_batch == whole.new_per_batch
+    assert parts.member_count_K.tolist() == whole.member_count_K.tolist()
+
+
+unit_rows = st.integers(min_value=2, max_value=160).flatmap(
+    lambda n: st.tuples(st.just(n), st.integers(0, 2**31 - 1), st.integers(2, 12), st.floats(0.5, 40.0))
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(unit_rows, st.sampled_from([1, 5, 32]))
+def test_properties(params, batch_size):
+    n, seed, d, p = params
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) + 0.5
+    u = unit_directions(x, x.mean(0))
+    theta = batch_percentile(u, p)
+    state, _ = fast_build(u, theta, batch_size, window=10**6)
+    E = state.exemplars_KD.double()
+    rows = state.source_row_K.tolist()
+    # Every pair of exemplars is more than theta apart.
+    sim = E @ E.T
+    off_diag = ~torch.eye(len(rows), dtype=torch.bool)
+    assert not covered(sim[off_diag], theta).any()
+    # Every streamed token is within theta of an exemplar that existed when it arrived.
+    for i in range(n):
+        earlier = [k for k, r in enumerate(rows) if r <= i]
+        assert covered(E[earlier] @ u[i].double(), theta).any()
+    # Member counts add up to the tokens streamed; determinism.
+    assert int(state.member_count_K.sum()) == n
+    again, _ = fast_build(u, theta, batch_size, window=10**6)
+    assert again.source_row_K.tolist() == rows
+    # Assignment equals brute-force argmax (ties aside).
+    result = nearest_exemplar(u, state.exemplars_KD)
+    brute = (u.double() @ E.T)
+    best = brute.max(1).values
+    assert torch.allclose(brute[torch.arange(n), result.region_N], best, atol=1e-6)
+    assert torch.allclose(result.distance_N.double(), (1 - best).clamp(0, 2), atol=1e-6)
+
+
+def test_calibration_formulas_by_hand():
+    x = torch.tensor([[3.0, 0.0], [0.0, 4.0], [1.0, 1.0]])
+    acc = CenterAccumulator(2)
+    acc.add(x)
+    # Spherical mean of unit vectors (1,0), (0,1), (1,1)/sqrt2 points along (1,1)/sqrt2;
+    # mean of x is (4/3, 5/3), whose projection on that direction is 3/sqrt2.
+    torch.testing.assert_close(acc.center(), torch.tensor([1.5, 1.5]))
+    u = unit_directions(x, acc.center())
+    torch.testing.assert_close(u[0], torch.tensor([1.5, -1.5]) / (1.5 * 2**0.5))
+    # Three unit directions give three pairwise distances; the 50th percentile is the median.
+    d = [1 - float(u[i] @ u[j]) for i, j in ((0, 1), (0, 2), (1, 2))]
+    assert batch_percentile(u, 50.0) == pytest.approx(sorted(d)[1], abs=1e-6)
+    assert linear_percentile(torch.tensor([0.0, 10.0]), 25.0) == pytest.approx(2.5)
+    assert linear_percentile(torch.tensor([4.0, 1.0, 2.0, 3.0]), 50.0) == pytest.approx(np.percentile([1, 2, 3, 4], 50))
+    cal = calibrate([x[:2], x], 50.0)
+    expected = (batch_percentile(unit_directions(x[:2], acc.center()), 50.0) + batch_percentile(u, 50.0)) / 2
+    # Center uses all calibration rows: x[:2] and x together.
+    acc2 = CenterAccumulator(2)
+    acc2.add(x[:2]); acc2.add(x)
+    torch.testing.assert_close(cal.center_D, acc2.center())
+    assert cal.tokens == 5 and cal.batches == 2
+    assert cal.theta == pytest.approx(
+        (batch_percentile(unit_directions(x[:2], acc2.center()), 50.0) + batch_percentile(unit_directions(x, acc2.center()), 50.0)) / 2
+    )
+    assert expected > 0
