@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 EXEMPLARS = "exemplars.lance"
 ASSIGNMENTS = "assignments.lance"
 META = "meta.json"
+STREAM_ROWS = 16384  # rows per Lance read while building
 
 
 @dataclass
@@ -213,7 +214,9 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
     seen = 0  # rows streamed so far (after dropping non-finite ones)
     exhausted = True
     bar = tqdm(total=budget, initial=state.tokens, unit="tok", desc=f"build {key}", disable=not progress)
-    for x, rows in stream_vectors(store, source, cfg.batch_size, None, cfg.skip_nonfinite):
+    # Read in large chunks (fewer Lance calls); the builder cuts them at batch boundaries.
+    read_rows = max(cfg.batch_size, STREAM_ROWS)
+    for x, rows in stream_vectors(store, source, read_rows, None, cfg.skip_nonfinite):
         if builder.state.stop_reason is not None or builder.state.tokens >= budget:
             exhausted = False
             break

@@ -218,6 +218,7 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
     contexts = take_tokens(iter_contexts(documents, tokenizer, cfg.ctx), cfg.max_tokens)
 
     stream_row = new_tokens = 0
+    overflow = dict.fromkeys(cfg.layers, 0)
     forward_s = write_s = 0.0
     start = time.perf_counter()
     bar = tqdm(total=cfg.max_tokens, unit="tok", desc=f"harvest {cfg.model}/{cfg.checkpoint}", disable=not progress)
@@ -233,6 +234,10 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
                 keep = mask[:, first:].bool().reshape(-1)  # real tokens only, in row order
                 vectors = {L: hidden[L][:, first:].reshape(-1, hidden[L].shape[-1])[keep.to(device)]
                            .to(torch.float16).cpu().numpy() for L in todo}
+                # Some models (Gemma) have residual entries beyond float16's range; they are
+                # stored as inf, counted here, and dropped by `ep build --skip-nonfinite`.
+                for L in todo:
+                    overflow[L] += int((~np.isfinite(vectors[L]).all(axis=1)).sum())
                 columns = metadata_columns(batch, token_text)
                 t1 = time.perf_counter()
                 for L in todo:
@@ -252,6 +257,9 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
         raise UsageError(f"corpus {cfg.corpus!r} produced no tokens")
     seconds = time.perf_counter() - start
     bytes_written = sum(_dir_bytes(store.activation_path(k)) for k in keys.values()) - bytes_before
+    for layer, n in overflow.items():
+        if n:
+            log.warning("%s: %d vectors overflowed float16 and are stored as inf", keys[layer], n)
     return {
         "datasets": [str(k) for k in keys.values()],
         "tokens": new_tokens,
@@ -262,5 +270,6 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
         "write_seconds": round(write_s, 3),
         "write_share": round(write_s / seconds, 4) if seconds else 0.0,
         "bytes_written": bytes_written,
+        "nonfinite_vectors": {str(keys[L]): n for L, n in overflow.items() if n},
         "config": asdict(cfg),
     }

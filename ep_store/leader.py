@@ -23,8 +23,9 @@ import torch
 
 # Bounds on |screened - exact| similarity of two unit vectors. bfloat16 rounds each
 # input to 8 significant bits (relative error 2^-8), so by Cauchy-Schwarz the dot product
-# moves by at most (2 * 2^-8 + 2^-16) |u||e| ~ 0.0079; float32 accumulation over D <= 16k
-# terms adds < 1e-3. Decisions inside the margin are re-checked in float64.
+# moves by at most (2 * 2^-8 + 2^-16) |u||e| ~ 0.0079, and rounding the result to bfloat16
+# adds 2^-9 * |sim| <= 0.002; float32 accumulation over D <= 16k terms adds < 1e-3.
+# Decisions inside the margin are re-checked in float64.
 SCREEN_MARGIN = {torch.float32: 1e-3, torch.bfloat16: 1.6e-2}
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -45,13 +46,15 @@ def leader_reference(
 ) -> ReferenceResult:
     """The plain sequential rule, one token at a time: the oracle for the fast builder."""
     u = u_ND.to(torch.float64).cpu()
+    E = torch.empty_like(u)  # exemplars so far are E[:len(rows)]
     rows: list[int] = []
     new_per_batch: list[int] = []
     quiet = 0
     for start in range(0, u.shape[0], batch_size):
         new = 0
         for i in range(start, min(start + batch_size, u.shape[0])):
-            if not rows or not covered(u[rows] @ u[i], theta).any():
+            if not covered(E[: len(rows)] @ u[i], theta).any():
+                E[len(rows)] = u[i]
                 rows.append(i)
                 new += 1
         new_per_batch.append(new)
@@ -165,9 +168,11 @@ class LeaderBuilder:
         B, k = u_BD.shape[0], self._k
         threshold = 1.0 - self.theta  # covered iff sim >= threshold (checked exactly below)
         if k:
-            sim_BK = (u_BD.to(self.dtype) @ self._E_screen[:k].T).float()
+            # Kept in the screening dtype: the margin also covers rounding the result.
+            sim_BK = u_BD.to(self.dtype) @ self._E_screen[:k].T
             self.screen_flops += 2.0 * B * k * u_BD.shape[1]
             best_sim_B, best_B = sim_BK.max(dim=1)
+            best_sim_B = best_sim_B.float()
             sure = best_sim_B >= threshold + self.margin
             unsure = ~sure & (best_sim_B >= threshold - self.margin)
             if unsure.any():

@@ -27,7 +27,8 @@ def check_against_hidden_states(models_dir, model, checkpoint, store_root, layer
     tok = AutoTokenizer.from_pretrained(folder)
     for layer in layers:
         table = read_all(store_root, ActivationKey(model, checkpoint, layer))
-        doc = np.asarray(table.column("doc_id")); pos = np.asarray(table.column("pos"))
+        doc = np.asarray(table.column("doc_id"))
+        pos = np.asarray(table.column("pos"))
         ids = np.asarray(table.column("token_id"))
         stored = arrow_to_vectors(table.column("vector"))
         starts = np.flatnonzero((np.diff(pos, prepend=-1) != 1) | (np.diff(doc, prepend=-1) != 0))
@@ -69,7 +70,8 @@ def test_schema_keys_and_offsets(tiny_store):
     # The tiny BPE marks no unknown pieces on this text, so every token slices back exactly.
     assert mismatched == []
     # Positions count up inside a document with no gap or repeat.
-    doc = np.asarray(table.column("doc_id")); pos = np.asarray(table.column("pos"))
+    doc = np.asarray(table.column("doc_id"))
+    pos = np.asarray(table.column("pos"))
     same = doc[1:] == doc[:-1]
     assert (pos[1:][same] == pos[:-1][same] + 1).all()
 

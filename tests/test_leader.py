@@ -156,7 +156,8 @@ def test_calibration_formulas_by_hand():
     expected = (batch_percentile(unit_directions(x[:2], acc.center()), 50.0) + batch_percentile(u, 50.0)) / 2
     # Center uses all calibration rows: x[:2] and x together.
     acc2 = CenterAccumulator(2)
-    acc2.add(x[:2]); acc2.add(x)
+    acc2.add(x[:2])
+    acc2.add(x)
     torch.testing.assert_close(cal.center_D, acc2.center())
     assert cal.tokens == 5 and cal.batches == 2
     assert cal.theta == pytest.approx(
