@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import torch
 from tqdm import tqdm
