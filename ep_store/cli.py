@@ -191,3 +191,79 @@ def assign(dictionary_key, activations, device, store_path, progress) -> None:
     from ep_store.store import Store
 
     emit(assign_dataset(Store(store_path), dictionary_key, activations, device, progress=progress))
+
+
+# -- SQL -----------------------------------------------------------------------------------------
+FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
+                      show_default=True, help="How to print the result.")
+OUTPUT = click.option("--output", type=click.Path(path_type=Path), default=None,
+                      help="Also save the result (.parquet, .csv or .json).")
+AS_OF = click.option("--as-of", default=None, help="Show dictionaries as of a Lance tag or version (e.g. tokens-10000).")
+
+
+def show(table, fmt: str, output: Path | None, summary: dict) -> None:
+    from ep_store import tables
+
+    if output is not None:
+        tables.save(table, output)
+        summary["output"] = str(output)
+    text = tables.render(table, fmt)
+    if text:
+        click.echo(text)
+    emit({"rows": table.num_rows, **summary})
+
+
+@main.command()
+@click.argument("query")
+@FORMAT
+@OUTPUT
+@AS_OF
+@STORE
+@user_errors
+def sql(query, fmt, output, as_of, store_path) -> None:
+    """Run one read-only SQL query over the store's views.
+
+    Views: dictionaries, exemplars, exemplar_vectors, assignments, tokens, saturation, matches.
+    """
+    from ep_store.sql import StoreDB
+
+    db = StoreDB(store_path, as_of)
+    show(db.query(query), fmt, output, {"dictionaries": len(db.keys)})
+
+
+@main.command()
+@click.argument("dictionary_key")
+@click.argument("question", required=False)
+@click.option("--limit", type=int, default=20, show_default=True, help="Regions to show.")
+@click.option("--context", type=int, default=8, show_default=True, help="Tokens of context either side.")
+@click.option("--per-region", type=int, default=3, show_default=True, help="Contexts per region.")
+@FORMAT
+@OUTPUT
+@AS_OF
+@STORE
+@user_errors
+def stats(dictionary_key, question, limit, context, per_region, fmt, output, as_of, store_path) -> None:
+    """Canned questions about one dictionary; without QUESTION, list them."""
+    from ep_store.questions import questions
+    from ep_store.sql import StoreDB, ask
+
+    db = StoreDB(store_path, as_of)
+    key = db.require(dictionary_key)
+    if question is None:
+        table = db.query("SELECT * FROM dictionaries WHERE key = $key", {"key": str(key)})
+        for q in questions().values():
+            click.echo(f"{q.name}: {q.description}")
+        show(table, fmt, output, {"questions": list(questions())})
+        return
+    table = ask(db, key, question, limit=limit, context=context, per_region=per_region)
+    show(table, fmt, output, {"dictionary": str(key), "question": question})
+
+
+def _list_questions_in_help() -> None:
+    from ep_store.questions import questions
+
+    lines = "\n".join(f"  {q.name}: {q.description}" for q in questions().values())
+    stats.help = f"{stats.help}\n\n\b\nQuestions:\n{lines}"
+
+
+_list_questions_in_help()

@@ -251,6 +251,10 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
                     "quiet_batches": state.quiet_batches},
         "activations": {"key": str(key.activations), "version": store.info(source).version},
         "exemplars_version": version, "tags": info.tags, "ep_store_version": ep_store.__version__,
+        # One entry per build: what the dictionary was at each Lance version (for --as-of).
+        "history": (previous or {}).get("history", []) + [{
+            "version": version, "tag": tag, "tokens": state.tokens, "regions": state.regions,
+            "stop_reason": state.stop_reason, "batches": len(state.new_per_batch)}],
     }
     store.write_json(meta_path, meta)
     summary = {

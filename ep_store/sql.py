@@ -22,8 +22,6 @@ configuration changes, and only SELECT-like statements run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import duckdb
@@ -31,6 +29,7 @@ import pyarrow as pa
 
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey, format_percentile
+from ep_store.questions import questions
 from ep_store.store import Store
 
 log = logging.getLogger(__name__)
@@ -163,7 +162,7 @@ class StoreDB:
         if statements[0].type not in READ_STATEMENTS:
             raise UsageError(f"ep sql is read-only: {statements[0].type.name} statements are refused; use SELECT")
         try:
-            return self.con.execute(sql, params or {}).fetch_arrow_table()
+            return self.con.sql(sql, params=params or None).to_arrow_table()
         except duckdb.Error as err:
             raise UsageError(_one_line(err)) from None
 
@@ -215,24 +214,6 @@ MATCHES_EMPTY = (
 
 
 # -- canned questions ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Question:
-    name: str
-    description: str
-    sql: str
-
-
-def questions() -> dict[str, Question]:
-    """The registry: every ep_store/queries/*.sql file; its first comment line describes it."""
-    found = {}
-    for entry in sorted(resources.files("ep_store.queries").iterdir(), key=lambda e: e.name):
-        if entry.name.endswith(".sql"):
-            text = entry.read_text()
-            first = text.splitlines()[0].lstrip("- ").strip()
-            found[entry.name[:-4]] = Question(entry.name[:-4], first, text)
-    return found
-
-
 def ask(db: StoreDB, key: DictionaryKey | str, name: str, **params) -> pa.Table:
     """Run a canned question for one dictionary."""
     registry = questions()
