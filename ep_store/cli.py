@@ -259,6 +259,27 @@ def stats(dictionary_key, question, limit, context, per_region, fmt, output, as_
     show(table, fmt, output, {"dictionary": str(key), "question": question})
 
 
+# -- reports -------------------------------------------------------------------------------------
+@main.group()
+def report() -> None:
+    """Static HTML reports (open from disk, no server)."""
+
+
+@report.command("dictionary")
+@click.argument("dictionary_key")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write index.html into.")
+@click.option("--context", type=int, default=8, show_default=True, help="Tokens of context either side.")
+@click.option("--per-region", type=int, default=3, show_default=True, help="Top contexts per region.")
+@AS_OF
+@STORE
+@user_errors
+def report_dictionary(dictionary_key, out, context, per_region, as_of, store_path) -> None:
+    """Region browser of one dictionary: summary, plots and a searchable card per region."""
+    from ep_store.report import dictionary_report
+
+    emit(dictionary_report(store_path, dictionary_key, out, context, per_region, as_of))
+
+
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,8 +21,15 @@ def _cell(value) -> str:
     return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
 
 
+def _plain(value):
+    """Decimals (DuckDB's HUGEINT sums) become ints or floats so JSON stays numeric."""
+    if isinstance(value, Decimal):
+        return int(value) if value == value.to_integral_value() else float(value)
+    return value
+
+
 def render(table: pa.Table, fmt: str) -> str:
-    rows = table.to_pylist()
+    rows = [{k: _plain(v) for k, v in r.items()} for r in table.to_pylist()]
     if fmt == "json":
         return "\n".join(json.dumps(r, default=str) for r in rows)
     if fmt == "csv":

@@ -1,0 +1,7 @@
+-- Members per region: assigned tokens, mean and max distance to the exemplar.
+SELECT region_id, count(*) AS size, avg(distance) AS mean_distance, max(distance) AS max_distance
+FROM assignments
+WHERE model = $model AND checkpoint = $checkpoint AND layer = $layer AND percentile = $percentile
+  AND region_id >= 0
+GROUP BY region_id
+ORDER BY size DESC, region_id
