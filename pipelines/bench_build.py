@@ -7,7 +7,7 @@ Measured in one run, on one harvested stream of at least 50,000 tokens:
   fp32 and bf16 matmul peak measured here, on the same shapes;
 - assign tokens/s; peak memory of builds to half and to all of the tokens (flat = bounded).
 
-    python pipelines/bench_build.py --models-dir data/models --out data/metrics/bench_build.json
+    python -m pipelines.bench_build --models-dir data/models --out data/metrics/bench_build.json
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ unembedding for each batch and then keeps one hidden state. The harvester stops 
 the requested block. Both run here, in one process, over identical batches; the figure is
 their ratio, plus the share of harvest time spent writing Lance commits.
 
-    python pipelines/bench_harvest.py --models-dir data/models --out data/metrics/bench_harvest.json
+    python -m pipelines.bench_harvest --models-dir data/models --out data/metrics/bench_harvest.json
 """
 
 from __future__ import annotations
