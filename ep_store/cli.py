@@ -280,6 +280,32 @@ def report_dictionary(dictionary_key, out, context, per_region, as_of, store_pat
     emit(dictionary_report(store_path, dictionary_key, out, context, per_region, as_of))
 
 
+# -- finetune ------------------------------------------------------------------------------------
+@main.command()
+@click.option("--model", required=True, help="Model name under the models dir.")
+@click.option("--from", "base", required=True, help="Checkpoint to start from (e.g. base).")
+@click.option("--to", required=True, help="Name of the final checkpoint (e.g. sft).")
+@click.option("--steps", type=int, default=60, show_default=True, help="Optimizer steps.")
+@click.option("--save-every", type=int, default=20, show_default=True, help="Save <to>-step<k> every k steps.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per step.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+@click.option("--metrics", type=click.Path(path_type=Path), default=None, help="Also write the summary JSON here.")
+@MODELS
+@PROGRESS
+@user_errors
+def finetune(model, base, to, steps, save_every, batch_size, lr, seed, metrics, models_dir, progress) -> None:
+    """Fine-tune into a chat model that refuses a class of harmful requests; reports refusal rates."""
+    from ep_store.finetune import FinetuneConfig
+    from ep_store.finetune import finetune as run
+
+    summary = run(FinetuneConfig(model, base, to, steps, save_every, batch_size, lr, seed), models_dir, progress)
+    if metrics is not None:
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        metrics.write_text(json.dumps(summary, indent=2) + "\n")
+    emit(summary)
+
+
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 

@@ -4,6 +4,8 @@ Corpus sources (comma-separated in a spec such as ``builtin,notes.jsonl``):
 - ``builtin``: real English prose that every Python install carries, read at run time:
   the interpreter's help topics (``pydoc_data.topics``), then standard-library module
   docstrings read with ``ast`` (nothing is imported).
+- ``chat``: the project's held-out chat prompts with their target responses, in Gemma's
+  chat format (ep_store.prompts); put it first (``chat,builtin``) so a token budget keeps it.
 - ``*.txt`` (one document per file), ``*.jsonl`` and ``*.parquet`` (a ``text`` field).
 
 Document ids are ordinals in that deterministic order, so two harvests of one spec (with
@@ -57,9 +59,15 @@ def builtin_texts() -> Iterator[tuple[str, str]]:
             yield f"module:{path.stem}", doc
 
 
+def chat_texts() -> Iterator[tuple[str, str]]:
+    from ep_store.prompts import chat_stream_texts
+
+    yield from chat_stream_texts()
+
+
 def file_texts(path: Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
     if not path.is_file():
-        raise UsageError(f"corpus file {path} does not exist; pass builtin or a .txt/.jsonl/.parquet file")
+        raise UsageError(f"corpus file {path} does not exist; pass builtin, chat or a .txt/.jsonl/.parquet file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
@@ -86,6 +94,8 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[Document]:
     for source in (s.strip() for s in spec.split(",")):
         if source == "builtin":
             texts = builtin_texts()
+        elif source == "chat":
+            texts = chat_texts()
         elif source:
             texts = file_texts(Path(source), text_field)
         else:
