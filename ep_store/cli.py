@@ -306,6 +306,24 @@ def finetune(model, base, to, steps, save_every, batch_size, lr, seed, metrics, 
     emit(summary)
 
 
+# -- matching and diffs --------------------------------------------------------------------------
+@main.command("match")
+@click.argument("a")
+@click.argument("b")
+@click.option("--method", type=click.Choice(["vector", "membership", "both"]), default="both", show_default=True,
+              help="Match exemplar vectors (Hungarian), memberships (SQL overlaps), or both.")
+@click.option("--cutoff", type=float, default=0.7, show_default=True, help="Cosine for a vector match to count as preserved.")
+@click.option("--f1-cutoff", type=float, default=0.3, show_default=True, help="F1 for a membership-only match to count.")
+@STORE
+@user_errors
+def match_cmd(a, b, method, cutoff, f1_cutoff, store_path) -> None:
+    """Match dictionary A to B: preserved, introduced and dropped regions."""
+    from ep_store.match import MatchConfig, match
+    from ep_store.store import Store
+
+    emit(match(MatchConfig(a, b, method, cutoff, f1_cutoff), Store(store_path)))
+
+
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 

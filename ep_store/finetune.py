@@ -143,7 +143,7 @@ def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True) -> di
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
-        losses.append(round(float(loss), 4))
+        losses.append(round(loss.item(), 4))
         if step in saves:
             net.eval()
             save_checkpoint(net, tokenizer, models.model_dir(models_dir, cfg.model, saves[step]))

@@ -11,7 +11,8 @@ needs no registration. Every view carries the key columns ``model, checkpoint, l
     assignments        key, doc_id, pos, region_id, distance (each dictionary over its own stream)
     tokens             activation metadata without vectors
     saturation         key, batch, new_regions, regions, tokens
-    matches            cross-dictionary region pairs (ep match)
+    matches            cross-dictionary region pairs with status (ep match)
+    match_overlaps     every overlapping region pair of a membership match, best-match flags
 
 Lance datasets reach DuckDB as Arrow objects with only the columns a view needs (DuckDB
 cannot read float16 vectors, and never reads vectors unless a query asks for them). The
@@ -145,10 +146,13 @@ class StoreDB:
         return keys
 
     def _register_matches(self):
-        parts = []
+        pairs, overlaps = [], []
         for path in sorted((self.store.root / "matches").glob("*/pairs.lance")):
-            parts.append(f"SELECT * FROM {self._relation(self.store.dataset(path))}")
-        self.con.execute("CREATE VIEW matches AS " + _union(parts, MATCHES_EMPTY))
+            pairs.append(f"SELECT * FROM {self._relation(self.store.dataset(path))}")
+            if self.store.exists(path.parent / "overlaps.lance"):
+                overlaps.append(f"SELECT * FROM {self._relation(self.store.dataset(path.parent / 'overlaps.lance'))}")
+        self.con.execute("CREATE VIEW matches AS " + _union(pairs, MATCHES_EMPTY))
+        self.con.execute("CREATE VIEW match_overlaps AS " + _union(overlaps, OVERLAPS_EMPTY))
 
     # -- queries -----------------------------------------------------------------------------
     def query(self, sql: str, params: dict | None = None) -> pa.Table:
@@ -210,6 +214,13 @@ MATCHES_EMPTY = (
     "SELECT NULL::VARCHAR AS a, NULL::VARCHAR AS b, NULL::INTEGER AS region_a, NULL::INTEGER AS region_b, "
     "NULL::DOUBLE AS cosine, NULL::DOUBLE AS distance_theta, NULL::DOUBLE AS precision, NULL::DOUBLE AS recall, "
     "NULL::DOUBLE AS f1, NULL::VARCHAR AS status LIMIT 0"
+)
+
+
+OVERLAPS_EMPTY = (
+    "SELECT NULL::VARCHAR AS a, NULL::VARCHAR AS b, NULL::INTEGER AS region_a, NULL::INTEGER AS region_b, "
+    "NULL::DOUBLE AS overlap, NULL::DOUBLE AS precision, NULL::DOUBLE AS recall, NULL::DOUBLE AS f1, "
+    "NULL::BOOLEAN AS best_for_a, NULL::BOOLEAN AS best_for_b LIMIT 0"
 )
 
 

@@ -1,0 +1,201 @@
+"""Matching two dictionaries: which regions fine-tuning preserved, introduced and dropped.
+
+    ep match gemma-3-270m/base/L6/p1 gemma-3-270m/sft/L6/p1 --store data/store
+
+By vector (equal widths): cosine matrix of the exemplars, one-to-one Hungarian assignment
+(scipy); *preserved* = matched with cosine >= cutoff, *introduced* = regions of B not
+preserved, *dropped* = regions of A not preserved. Distances are also given in units of
+A's theta. By membership (any two dictionaries assigned over one stream): overlaps are a
+DuckDB join of the assignments, by (doc_id, pos) when the token streams agree, else by
+overlapping character spans (weights are then characters); precision = overlap / |s|,
+recall = overlap / |r|, F1 their harmonic mean, for region r of A and s of B. Alone, the
+membership method matches one-to-one on F1 (preserved = F1 >= f1_cutoff).
+
+Writes ``matches/<A>__<B>/pairs.lance`` (one row per preserved pair, dropped and introduced
+region), ``overlaps.lance`` (every overlapping region pair with best-match flags) and
+``meta.json``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+from scipy.optimize import linear_sum_assignment
+
+from ep_store.dictionary import Dictionary
+from ep_store.errors import UsageError
+from ep_store.keys import DictionaryKey
+from ep_store.sql import StoreDB
+from ep_store.store import Store
+
+METHODS = ("vector", "membership", "both")
+
+
+@dataclass
+class MatchConfig:
+    a: str
+    """Dictionary key A (the reference, e.g. base)."""
+    b: str
+    """Dictionary key B (e.g. the fine-tuned checkpoint)."""
+    method: str = "both"
+    """vector, membership or both."""
+    cutoff: float = 0.7
+    """Vector matches with cosine >= cutoff are preserved."""
+    f1_cutoff: float = 0.3
+    """Membership-only matches with F1 >= f1_cutoff are preserved."""
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise UsageError(f"unknown method {self.method!r}; use {', '.join(METHODS)}")
+        if not -1 <= self.cutoff <= 1 or not 0 <= self.f1_cutoff <= 1:
+            raise UsageError("--cutoff must lie in [-1, 1] and --f1-cutoff in [0, 1]")
+
+
+class VectorMatch(NamedTuple):
+    rows_a: np.ndarray  # matched region ids of A
+    rows_b: np.ndarray  # their partners in B
+    cosine: np.ndarray  # cosine of each matched pair
+
+
+def vector_match(E_a: np.ndarray, E_b: np.ndarray) -> VectorMatch:
+    """One-to-one assignment maximising the total exemplar cosine."""
+    cos_AB = E_a.astype(np.float64) @ E_b.astype(np.float64).T
+    rows, cols = linear_sum_assignment(cos_AB, maximize=True)
+    return VectorMatch(rows, cols, cos_AB[rows, cols])
+
+
+class Overlaps(NamedTuple):
+    region_a: np.ndarray
+    region_b: np.ndarray
+    overlap: np.ndarray
+    precision: np.ndarray
+    recall: np.ndarray
+    f1: np.ndarray
+
+
+def membership_scores(region_a, region_b, overlap) -> Overlaps:
+    """Precision, recall and F1 of every overlapping pair; sizes are sums over the shared stream."""
+    region_a, region_b, overlap = map(np.asarray, (region_a, region_b, overlap))
+    size_a = np.bincount(region_a, weights=overlap)
+    size_b = np.bincount(region_b, weights=overlap)
+    precision = overlap / size_b[region_b]
+    recall = overlap / size_a[region_a]
+    f1 = 2 * overlap / (size_a[region_a] + size_b[region_b])
+    return Overlaps(region_a, region_b, overlap, precision, recall, f1)
+
+
+def best_flags(keys: np.ndarray, score: np.ndarray) -> np.ndarray:
+    """True where ``score`` is the highest among rows with the same key (first on ties)."""
+    order = np.lexsort((-score, keys))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = keys[order][1:] != keys[order][:-1]
+    flags = np.zeros(len(keys), dtype=bool)
+    flags[order[first]] = True
+    return flags
+
+
+def overlaps_in_sql(db: StoreDB, a: DictionaryKey, b: DictionaryKey) -> tuple[Overlaps, str]:
+    params = {"a_model": a.model, "a_checkpoint": a.checkpoint, "a_layer": a.layer,
+              "b_model": b.model, "b_checkpoint": b.checkpoint, "b_layer": b.layer}
+    same = db.query(ask_sql("same_tokens"), params).to_pylist()[0]
+    params |= {"a_percentile": float(a.percentile), "b_percentile": float(b.percentile)}
+    if same["shared"] and not same["differing"]:
+        by, table = "positions", db.query(ask_sql("membership_overlap"), params)
+    else:
+        by, table = "character spans", db.query(ask_sql("membership_overlap_spans"), params)
+    if table.num_rows == 0:
+        raise UsageError(f"{a} and {b} share no stream positions: they were assigned over different "
+                         "streams (harvest both from the same corpus and assign them)")
+    cols = table.to_pydict()
+    return membership_scores(np.array(cols["region_a"], dtype=np.int64), np.array(cols["region_b"], dtype=np.int64),
+                             np.array(cols["overlap"])), by
+
+
+def ask_sql(name: str) -> str:
+    from ep_store.questions import questions
+
+    return questions()[name].sql
+
+
+PAIR_SCHEMA = pa.schema([
+    ("a", pa.string()), ("b", pa.string()), ("region_a", pa.int32()), ("region_b", pa.int32()),
+    ("cosine", pa.float64()), ("distance_theta", pa.float64()), ("precision", pa.float64()),
+    ("recall", pa.float64()), ("f1", pa.float64()), ("status", pa.string()),
+])
+
+
+def match(cfg: MatchConfig, store: Store) -> dict:
+    start = time.perf_counter()
+    a, b = DictionaryKey.parse(cfg.a), DictionaryKey.parse(cfg.b)
+    da, db_ = Dictionary.load(store, a), Dictionary.load(store, b)
+    if cfg.method == "vector" and da.width != db_.width:
+        raise UsageError(f"{a} has width {da.width} and {b} width {db_.width}: vector matching needs equal "
+                         "widths; use --method membership")
+    use_vector = cfg.method != "membership" and da.width == db_.width
+    overlaps, by = None, None
+    if cfg.method in ("membership", "both"):
+        sql = StoreDB(store)
+        sql.require(a)
+        sql.require(b)
+        overlaps, by = overlaps_in_sql(sql, a, b)
+
+    scores = {}
+    if overlaps is not None:
+        scores = {(int(r), int(s)): (p, q, f) for r, s, p, q, f in
+                  zip(overlaps.region_a, overlaps.region_b, overlaps.precision, overlaps.recall, overlaps.f1)}
+    if use_vector:
+        m = vector_match(da.exemplars.numpy(), db_.exemplars.numpy())
+        pairs = [(int(r), int(s), float(c)) for r, s, c in zip(m.rows_a, m.rows_b, m.cosine)]
+        preserved = [(r, s, c) for r, s, c in pairs if c >= cfg.cutoff]
+    else:
+        ra, rb = _f1_assignment(overlaps, len(da), len(db_))
+        pairs = [(int(r), int(s), None) for r, s in zip(ra, rb)]
+        preserved = [(r, s, c) for r, s, c in pairs if scores.get((r, s), (0, 0, 0))[2] >= cfg.f1_cutoff]
+    kept_a = {r for r, _, _ in preserved}
+    kept_b = {s for _, s, _ in preserved}
+    partner_cos = {r: c for r, _, c in pairs}
+
+    rows = []
+    for r, s, c in preserved:
+        rows.append(_row(a, b, r, s, c, da.theta, scores.get((r, s)), "preserved"))
+    for r in range(len(da)):
+        if r not in kept_a:
+            rows.append(_row(a, b, r, None, partner_cos.get(r), da.theta, None, "dropped"))
+    for s in range(len(db_)):
+        if s not in kept_b:
+            rows.append(_row(a, b, None, s, None, da.theta, None, "introduced"))
+    folder = store.matches_dir(f"{a.slug()}__{b.slug()}")
+    store.write_table(folder / "pairs.lance", pa.Table.from_pylist(rows, schema=PAIR_SCHEMA))
+    if overlaps is not None:
+        store.write_table(folder / "overlaps.lance", pa.table({
+            "a": [str(a)] * len(overlaps.region_a), "b": [str(b)] * len(overlaps.region_a),
+            "region_a": overlaps.region_a.astype(np.int32), "region_b": overlaps.region_b.astype(np.int32),
+            "overlap": overlaps.overlap, "precision": overlaps.precision, "recall": overlaps.recall,
+            "f1": overlaps.f1, "best_for_a": best_flags(overlaps.region_a, overlaps.f1),
+            "best_for_b": best_flags(overlaps.region_b, overlaps.f1),
+        }))
+    counts = {status: sum(1 for row in rows if row["status"] == status)
+              for status in ("preserved", "introduced", "dropped")}
+    summary = {"a": str(a), "b": str(b), "method": "vector" if use_vector else "membership",
+               "membership_by": by, **counts, "regions_a": len(da), "regions_b": len(db_),
+               "matched_cosines": [round(c, 4) for _, _, c in pairs if c is not None],
+               "seconds": round(time.perf_counter() - start, 3), "config": asdict(cfg)}
+    store.write_json(folder / "meta.json", summary)
+    return {k: v for k, v in summary.items() if k not in ("matched_cosines", "config")} | {"out": str(folder)}
+
+
+def _row(a, b, r, s, cosine, theta, score, status) -> dict:
+    p, q, f = score if score is not None else (None, None, None)
+    return {"a": str(a), "b": str(b), "region_a": r, "region_b": s, "cosine": cosine,
+            "distance_theta": None if cosine is None else (1.0 - cosine) / theta,
+            "precision": p, "recall": q, "f1": f, "status": status}
+
+
+def _f1_assignment(overlaps: Overlaps, n_a: int, n_b: int):
+    f1 = np.zeros((n_a, n_b))
+    f1[overlaps.region_a, overlaps.region_b] = overlaps.f1
+    return linear_sum_assignment(f1, maximize=True)
