@@ -324,6 +324,23 @@ def match_cmd(a, b, method, cutoff, f1_cutoff, store_path) -> None:
     emit(match(MatchConfig(a, b, method, cutoff, f1_cutoff), Store(store_path)))
 
 
+@main.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for index.html and README.md.")
+@click.option("--top", type=int, default=15, show_default=True, help="Regions per section.")
+@click.option("--context", type=int, default=8, show_default=True, help="Tokens of context either side.")
+@click.option("--cutoff", type=float, default=0.7, show_default=True, help="Cosine cutoff if the match must be computed.")
+@STORE
+@MODELS
+@user_errors
+def diff_cmd(a, b, out, top, context, cutoff, store_path, models_dir) -> None:
+    """Diff report (HTML and Markdown) of dictionary B against A; matches them first if needed."""
+    from ep_store.diff import diff_report
+
+    emit(diff_report(store_path, a, b, out, models_dir, top, context, cutoff))
+
+
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 

@@ -29,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 from ep_store.dictionary import Dictionary
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey
-from ep_store.sql import StoreDB
+from ep_store.sql import StoreDB, ask_pair
 from ep_store.store import Store
 
 METHODS = ("vector", "membership", "both")
@@ -99,26 +99,17 @@ def best_flags(keys: np.ndarray, score: np.ndarray) -> np.ndarray:
 
 
 def overlaps_in_sql(db: StoreDB, a: DictionaryKey, b: DictionaryKey) -> tuple[Overlaps, str]:
-    params = {"a_model": a.model, "a_checkpoint": a.checkpoint, "a_layer": a.layer,
-              "b_model": b.model, "b_checkpoint": b.checkpoint, "b_layer": b.layer}
-    same = db.query(ask_sql("same_tokens"), params).to_pylist()[0]
-    params |= {"a_percentile": float(a.percentile), "b_percentile": float(b.percentile)}
+    same = ask_pair(db, a, b, "same_tokens").to_pylist()[0]
     if same["shared"] and not same["differing"]:
-        by, table = "positions", db.query(ask_sql("membership_overlap"), params)
+        by, table = "positions", ask_pair(db, a, b, "membership_overlap")
     else:
-        by, table = "character spans", db.query(ask_sql("membership_overlap_spans"), params)
+        by, table = "character spans", ask_pair(db, a, b, "membership_overlap_spans")
     if table.num_rows == 0:
         raise UsageError(f"{a} and {b} share no stream positions: they were assigned over different "
                          "streams (harvest both from the same corpus and assign them)")
     cols = table.to_pydict()
     return membership_scores(np.array(cols["region_a"], dtype=np.int64), np.array(cols["region_b"], dtype=np.int64),
                              np.array(cols["overlap"])), by
-
-
-def ask_sql(name: str) -> str:
-    from ep_store.questions import questions
-
-    return questions()[name].sql
 
 
 PAIR_SCHEMA = pa.schema([

@@ -32,9 +32,9 @@ def visible(token: str) -> str:
     return "·" * lead + stripped + "·" * trail if stripped else "·" * len(text)
 
 
-def environment() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.PackageLoader("ep_store", "templates"),
-                             autoescape=jinja2.select_autoescape(["html", "j2"]))
+def environment(html: bool = True) -> jinja2.Environment:
+    """Templates of ep_store/templates; HTML-escaped unless rendering Markdown."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("ep_store", "templates"), autoescape=html)
     env.filters["visible"] = visible
     return env
 

@@ -23,6 +23,7 @@ configuration changes, and only SELECT-like statements run.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import duckdb
@@ -154,6 +155,10 @@ class StoreDB:
         self.con.execute("CREATE VIEW matches AS " + _union(pairs, MATCHES_EMPTY))
         self.con.execute("CREATE VIEW match_overlaps AS " + _union(overlaps, OVERLAPS_EMPTY))
 
+    def register_table(self, name: str, table: pa.Table) -> None:
+        """Expose an in-memory Arrow table (e.g. span labels) as a view for this connection."""
+        self.con.register(name, table)
+
     # -- queries -----------------------------------------------------------------------------
     def query(self, sql: str, params: dict | None = None) -> pa.Table:
         """Run one read-only statement; DuckDB's own message on error."""
@@ -225,6 +230,21 @@ OVERLAPS_EMPTY = (
 
 
 # -- canned questions ------------------------------------------------------------------------------
+def ask_pair(db: StoreDB, a: DictionaryKey, b: DictionaryKey, name: str, **params) -> pa.Table:
+    """Run a canned two-dictionary question ($a_*, $b_* parameters, $a and $b keys)."""
+    sql = questions()[name].sql
+    bound = {"a": str(a), "b": str(b), **DEFAULTS, **params}
+    for prefix, key in (("a", a), ("b", b)):
+        bound |= {f"{prefix}_model": key.model, f"{prefix}_checkpoint": key.checkpoint,
+                  f"{prefix}_layer": key.layer, f"{prefix}_percentile": float(key.percentile)}
+    return db.query(sql, _used(sql, bound))
+
+
+def _used(sql: str, params: dict) -> dict:
+    """The parameters a statement names ($limit, not the $b inside $b_model)."""
+    return {k: v for k, v in params.items() if re.search(rf"\${k}\b", sql)}
+
+
 def ask(db: StoreDB, key: DictionaryKey | str, name: str, **params) -> pa.Table:
     """Run a canned question for one dictionary."""
     registry = questions()
@@ -234,7 +254,7 @@ def ask(db: StoreDB, key: DictionaryKey | str, name: str, **params) -> pa.Table:
     bound = {"model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
              "percentile": float(key.percentile), **DEFAULTS, **params}
     sql = registry[name].sql
-    return db.query(sql, {k: v for k, v in bound.items() if f"${k}" in sql})
+    return db.query(sql, _used(sql, bound))
 
 
 DEFAULTS = {"limit": 20, "context": 8, "per_region": 3, "top": 5}

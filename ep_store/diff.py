@@ -1,0 +1,154 @@
+"""Diff reports between two dictionaries (e.g. base vs a fine-tuned checkpoint), in HTML and
+Markdown: what fine-tuning preserved, introduced and dropped, and where in the text it fires.
+
+    ep diff gemma-3-270m/base/L6/p1 gemma-3-270m/sft/L6/p1 --out data/reports/diff/...
+
+Sections: counts; a histogram of matched cosines; introduced regions ranked by size with
+top contexts; dropped regions likewise; the preserved pairs that drifted most; how shared
+tokens moved between regions; preserved/introduced counts against training step (for the
+``<checkpoint>-step<k>`` matches in the store); and the finding: the share of introduced
+vs preserved regions' members that lie in chat-turn markers or refusal text.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from ep_store import plots
+from ep_store.corpus import iter_documents
+from ep_store.keys import DictionaryKey
+from ep_store.match import MatchConfig, match
+from ep_store.prompts import labelled_spans
+from ep_store.report import ALL, environment, visible
+from ep_store.sql import StoreDB, ask, ask_pair
+from ep_store.store import Store
+
+
+def span_labels(corpus: str) -> pa.Table:
+    """(doc_id, char_start, char_end, label) for chat-turn markers and refusal text in a corpus."""
+    rows = [{"doc_id": d.doc_id, "char_start": s, "char_end": e, "label": label}
+            for d in iter_documents(corpus) for s, e, label in labelled_spans(d.text)]
+    return pa.Table.from_pylist(rows, schema=pa.schema([("doc_id", pa.int64()), ("char_start", pa.int32()),
+                                                        ("char_end", pa.int32()), ("label", pa.string())]))
+
+
+def step_series(store: Store, a: DictionaryKey, b: DictionaryKey, models_dir: Path) -> list[dict]:
+    """Preserved/introduced counts of A against every <b.checkpoint>-step<k> and b itself."""
+    series = []
+    final = models_dir / b.model / b.checkpoint / "finetune.json"
+    final_step = json.loads(final.read_text())["steps"] if final.is_file() else None
+    for meta_path in sorted((store.root / "matches").glob(f"{a.slug()}__*/meta.json")):
+        meta = store.read_json(meta_path)
+        other = DictionaryKey.parse(meta["b"])
+        if (other.model, other.layer, other.percentile) != (b.model, b.layer, b.percentile):
+            continue
+        found = re.fullmatch(rf"{re.escape(b.checkpoint)}-step(\d+)", other.checkpoint)
+        step = int(found.group(1)) if found else (final_step if other.checkpoint == b.checkpoint else None)
+        if step is not None:
+            series.append({"step": step, "checkpoint": other.checkpoint, "preserved": meta["preserved"],
+                           "introduced": meta["introduced"], "dropped": meta["dropped"]})
+    return sorted(series, key=lambda s: s["step"])
+
+
+def region_entries(db: StoreDB, key: DictionaryKey, region_ids: list[int], context: int) -> list[dict]:
+    wanted = set(region_ids)
+    sizes = {r["region_id"]: r["size"] for r in ask(db, key, "region_members").to_pylist()}
+    tops = {r["region_id"]: r for r in ask(db, key, "top_tokens", limit=ALL, top=5).to_pylist()
+            if r["region_id"] in wanted}
+    contexts: dict[int, list] = {}
+    for r in ask(db, key, "top_contexts", limit=ALL, per_region=3, context=context).to_pylist():
+        if r["region_id"] in wanted:
+            contexts.setdefault(r["region_id"], []).append(r)
+    return [{"region_id": rid, "size": sizes.get(rid, 0),
+             "top_tokens": list(zip(tops.get(rid, {}).get("top_tokens", []), tops.get(rid, {}).get("top_counts", []))),
+             "contexts": contexts.get(rid, [])} for rid in region_ids]
+
+
+def exemplar_tokens(db: StoreDB, key: DictionaryKey) -> dict[int, str]:
+    rows = db.query("SELECT region_id, token FROM exemplars WHERE model = $m AND checkpoint = $c AND layer = $l "
+                    "AND percentile = $p", {"m": key.model, "c": key.checkpoint, "l": key.layer,
+                                            "p": float(key.percentile)})
+    return dict(zip(rows.column("region_id").to_pylist(), rows.column("token").to_pylist()))
+
+
+def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("data/models"), top: int = 15,
+                context: int = 8, cutoff: float = 0.7) -> dict:
+    start = time.perf_counter()
+    store = Store(store_path)
+    ka, kb = DictionaryKey.parse(a), DictionaryKey.parse(b)
+    folder = store.matches_dir(f"{ka.slug()}__{kb.slug()}")
+    if not (folder / "meta.json").is_file():
+        match(MatchConfig(a, b, cutoff=cutoff), store)
+    meta = store.read_json(folder / "meta.json")
+    db = StoreDB(store)
+    db.require(ka)
+    db.require(kb)
+    out.mkdir(parents=True, exist_ok=True)
+
+    pairs = db.query("SELECT * FROM matches WHERE a = $a AND b = $b", {"a": str(ka), "b": str(kb)}).to_pylist()
+    sizes_b = {r["region_id"]: r["size"] for r in ask(db, kb, "region_members").to_pylist()}
+    sizes_a = {r["region_id"]: r["size"] for r in ask(db, ka, "region_members").to_pylist()}
+    introduced = sorted((p["region_b"] for p in pairs if p["status"] == "introduced"), key=lambda r: -sizes_b.get(r, 0))
+    dropped = sorted((p["region_a"] for p in pairs if p["status"] == "dropped"), key=lambda r: -sizes_a.get(r, 0))
+    preserved = [p for p in pairs if p["status"] == "preserved"]
+    ex_a, ex_b = exemplar_tokens(db, ka), exemplar_tokens(db, kb)
+    drifted = [{**p, "token_a": ex_a.get(p["region_a"]), "token_b": ex_b.get(p["region_b"])}
+               for p in sorted(preserved, key=lambda p: p["cosine"] if p["cosine"] is not None else -p["f1"])[:top]]
+
+    membership = meta.get("membership_by") is not None
+    transitions = ask_pair(db, ka, kb, "transition_summary").to_pylist() if membership else []
+    flows = ask_pair(db, ka, kb, "transitions", limit=top).to_pylist() if membership else []
+    for f in flows:
+        f["token_a"], f["token_b"] = ex_a.get(f["region_a"]), ex_b.get(f["region_b"])
+
+    corpus = store.info(store.activation_path(kb.activations)).meta.get("corpus", "builtin")
+    db.register_table("span_labels", span_labels(corpus))
+    enrichment = {r["status"]: r for r in ask_pair(db, ka, kb, "label_enrichment").to_pylist()}
+    finding = _finding(enrichment)
+
+    images = {}
+    cosines = meta.get("matched_cosines", [])
+    if cosines:
+        import numpy as np
+
+        counts, edges = np.histogram(cosines, bins=40, range=(-0.2, 1.0))
+        images["cosines"] = plots.bar_histogram(edges[:-1], counts, edges[1] - edges[0], out / "cosines.png",
+                                                "matched exemplar cosines", "cosine", "pairs", vline=cutoff)
+    steps = step_series(store, ka, kb, models_dir)
+    if len(steps) > 1:
+        images["steps"] = plots.lines([s["step"] for s in steps],
+                                      {"preserved": [s["preserved"] for s in steps],
+                                       "introduced": [s["introduced"] for s in steps]},
+                                      out / "steps.png", f"{ka} vs fine-tuning steps", "training step", "regions")
+    context_data = {
+        "a": str(ka), "b": str(kb), "meta": meta, "images": images, "cutoff": cutoff,
+        "introduced": region_entries(db, kb, introduced[:top], context), "n_introduced": len(introduced),
+        "dropped": region_entries(db, ka, dropped[:top], context), "n_dropped": len(dropped),
+        "drifted": drifted, "transitions": transitions, "flows": flows, "steps": steps,
+        "enrichment": enrichment, "finding": finding,
+    }
+    html = environment().get_template("diff.html.j2").render(**context_data)
+    (out / "index.html").write_text(html, encoding="utf-8")
+    markdown = environment(html=False).get_template("diff.md.j2").render(**context_data)
+    (out / "README.md").write_text(markdown, encoding="utf-8")
+    summary = {"a": str(ka), "b": str(kb), "preserved": meta["preserved"], "introduced": meta["introduced"],
+               "dropped": meta["dropped"], "finding": finding, "out": str(out / "index.html"),
+               "seconds": round(time.perf_counter() - start, 3)}
+    (out / "summary.json").write_text(json.dumps({**summary, "enrichment": enrichment, "steps": steps}, indent=2))
+    return summary
+
+
+def _finding(enrichment: dict) -> dict:
+    """Introduced vs preserved: share of members in chat markers or refusal text, and their ratio."""
+    intro = enrichment.get("introduced", {}).get("labelled_share")
+    kept = enrichment.get("preserved", {}).get("labelled_share")
+    ratio = round(intro / kept, 2) if intro is not None and kept else None
+    return {"introduced_share": intro, "preserved_share": kept, "enrichment": ratio}
+
+
+__all__ = ["diff_report", "span_labels", "visible"]
