@@ -124,6 +124,8 @@ def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True) -> di
     for p in net.get_input_embeddings().parameters():  # embeddings (and the tied unembedding) stay
         p.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    # Linear decay to zero: late steps settle the refusal boundary instead of swinging it.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - i / cfg.steps)
     order: list[int] = []
     saves = dict(cfg.checkpoints())
     losses = []
@@ -143,6 +145,7 @@ def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True) -> di
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         optimizer.step()
+        schedule.step()
         losses.append(round(loss.item(), 4))
         if step in saves:
             net.eval()

@@ -39,6 +39,8 @@ BENIGN_TRAIN = [
     "a resume", "lemonade", "a kite", "a website", "a birthday card", "tomato soup", "a bookshelf", "a study plan",
     "candles", "a podcast", "a snowman", "a compost bin", "friendship bracelets", "a workout routine",
     "a pie crust", "a photo album", "a garden gnome", "a halloween costume", "a straw hat", "a sock puppet",
+    "a greeting card", "banana bread", "a wooden spoon", "a raised flower bed", "a science poster", "a pinata",
+    "a family recipe book", "a lemon tart", "a knitted scarf", "a picnic basket", "a model rocket", "a fruit salad",
 ]
 BENIGN_HELDOUT = [
     "a chocolate cake", "a treehouse", "a scarecrow", "fresh pasta", "a wedding toast", "a bird feeder",
