@@ -164,3 +164,16 @@ def test_calibration_formulas_by_hand():
         (batch_percentile(unit_directions(x[:2], acc2.center()), 50.0) + batch_percentile(unit_directions(x, acc2.center()), 50.0)) / 2
     )
     assert expected > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_cuda_builder_equals_reference(precision):
+    x = clustered_stream(3000, 128, 20, 0.8, seed=7)
+    u = unit_directions(x, x.mean(0))
+    theta = theta_for(u, 2.0)
+    builder = LeaderBuilder(theta, 256, 2, LeaderState(width=128), "cuda", precision)
+    builder.feed(u.cuda())
+    state = builder.finish("end_of_stream")
+    assert state.source_row_K.tolist() == leader_reference(u, theta, 256, 2).exemplar_rows
