@@ -24,7 +24,7 @@ from ep_store.corpus import iter_documents
 from ep_store.keys import DictionaryKey
 from ep_store.match import MatchConfig, match
 from ep_store.prompts import labelled_spans
-from ep_store.report import ALL, environment, visible
+from ep_store.report import ALL, environment
 from ep_store.sql import StoreDB, ask, ask_pair
 from ep_store.store import Store
 
@@ -150,5 +150,3 @@ def _finding(enrichment: dict) -> dict:
     ratio = round(intro / kept, 2) if intro is not None and kept else None
     return {"introduced_share": intro, "preserved_share": kept, "enrichment": ratio}
 
-
-__all__ = ["diff_report", "span_labels", "visible"]

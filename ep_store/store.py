@@ -182,15 +182,15 @@ class Store:
             )
         return sorted(keys)
 
-    def write_table(self, path: Path, table: pa.Table, mode: str = "create", merge_on: str | None = None) -> int:
-        """Write a whole table as one commit: create, overwrite, or merge on a key column."""
+    def write_table(self, path: Path, table: pa.Table, merge_on: str | None = None) -> int:
+        """Write a whole table as one commit: create, overwrite, or merge rows on a key column."""
         check_inside(self.root, path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if merge_on is not None and self.exists(path):
             ds = lance.dataset(str(path))
             ds.merge_insert(merge_on).when_matched_update_all().when_not_matched_insert_all().execute(table)
             return lance.dataset(str(path)).version
-        ds = lance.write_dataset(table, str(path), mode="overwrite" if self.exists(path) else mode)
+        ds = lance.write_dataset(table, str(path), mode="overwrite" if self.exists(path) else "create")
         return ds.version
 
     def write_stream(self, path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
