@@ -193,13 +193,14 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
     if previous is not None and previous["build"] != cfg.defining():
         raise UsageError(f"{key} exists, built with {previous['build']}; pass --overwrite to rebuild it")
     device = resolve_device(cfg.device)
-    available = store.info(source).rows
+    source_info = store.info(source)
+    available = source_info.rows
     budget = min(cfg.max_tokens or available, available)
     start = time.perf_counter()
 
     if previous is None:
         calibration = calibrate_stream(store, source, cfg)
-        state = LeaderState(width=store.info(source).width)
+        state = LeaderState(width=source_info.width)
     else:
         calibration = Calibration(torch.tensor(previous["center"]), previous["theta"], cfg.percentile,
                                   previous["calibration"]["tokens"], previous["calibration"]["batches"])
@@ -249,7 +250,7 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
         "build": cfg.defining(),
         "builder": {"tokens": state.tokens, "new_in_open_batch": state.new_in_open_batch,
                     "quiet_batches": state.quiet_batches},
-        "activations": {"key": str(key.activations), "version": store.info(source).version},
+        "activations": {"key": str(key.activations), "version": source_info.version},
         "exemplars_version": version, "tags": info.tags, "ep_store_version": ep_store.__version__,
         # One entry per build: what the dictionary was at each Lance version (for --as-of).
         "history": (previous or {}).get("history", []) + [{

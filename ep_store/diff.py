@@ -55,9 +55,13 @@ def step_series(store: Store, a: DictionaryKey, b: DictionaryKey, models_dir: Pa
     return sorted(series, key=lambda s: s["step"])
 
 
-def region_entries(db: StoreDB, key: DictionaryKey, region_ids: list[int], context: int) -> list[dict]:
+def region_sizes(db: StoreDB, key: DictionaryKey) -> dict[int, int]:
+    return {r["region_id"]: r["size"] for r in ask(db, key, "region_members").to_pylist()}
+
+
+def region_entries(db: StoreDB, key: DictionaryKey, region_ids: list[int], sizes: dict[int, int],
+                   context: int) -> list[dict]:
     wanted = set(region_ids)
-    sizes = {r["region_id"]: r["size"] for r in ask(db, key, "region_members").to_pylist()}
     tops = {r["region_id"]: r for r in ask(db, key, "top_tokens", limit=ALL, top=5).to_pylist()
             if r["region_id"] in wanted}
     contexts: dict[int, list] = {}
@@ -91,8 +95,7 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
     out.mkdir(parents=True, exist_ok=True)
 
     pairs = db.query("SELECT * FROM matches WHERE a = $a AND b = $b", {"a": str(ka), "b": str(kb)}).to_pylist()
-    sizes_b = {r["region_id"]: r["size"] for r in ask(db, kb, "region_members").to_pylist()}
-    sizes_a = {r["region_id"]: r["size"] for r in ask(db, ka, "region_members").to_pylist()}
+    sizes_a, sizes_b = region_sizes(db, ka), region_sizes(db, kb)
     introduced = sorted((p["region_b"] for p in pairs if p["status"] == "introduced"), key=lambda r: -sizes_b.get(r, 0))
     dropped = sorted((p["region_a"] for p in pairs if p["status"] == "dropped"), key=lambda r: -sizes_a.get(r, 0))
     preserved = [p for p in pairs if p["status"] == "preserved"]
@@ -127,8 +130,8 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
                                       out / "steps.png", f"{ka} vs fine-tuning steps", "training step", "regions")
     context_data = {
         "a": str(ka), "b": str(kb), "meta": meta, "images": images, "cutoff": cutoff,
-        "introduced": region_entries(db, kb, introduced[:top], context), "n_introduced": len(introduced),
-        "dropped": region_entries(db, ka, dropped[:top], context), "n_dropped": len(dropped),
+        "introduced": region_entries(db, kb, introduced[:top], sizes_b, context), "n_introduced": len(introduced),
+        "dropped": region_entries(db, ka, dropped[:top], sizes_a, context), "n_dropped": len(dropped),
         "drifted": drifted, "transitions": transitions, "flows": flows, "steps": steps,
         "enrichment": enrichment, "finding": finding,
     }

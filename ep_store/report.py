@@ -17,7 +17,7 @@ import jinja2
 
 from ep_store import plots
 from ep_store.keys import DictionaryKey
-from ep_store.sql import StoreDB, ask, percentile_label
+from ep_store.sql import StoreDB, ask
 
 ALL = 2**31 - 1  # "no limit" for the canned questions
 
@@ -81,7 +81,7 @@ def dictionary_report(store, key: DictionaryKey | str, out: Path, context: int =
                                          vline=summary["theta"]),
     }
     html = environment().get_template("dictionary.html.j2").render(
-        key=str(key), summary=summary, percentile=percentile_label(key.percentile), images=images, cards=cards, context=context)
+        key=str(key), summary=summary, percentile=key.relpath().name, images=images, cards=cards, context=context)
     (out / "index.html").write_text(html, encoding="utf-8")
     (out / "regions.json").write_text(json.dumps(cards, default=str))
     return {"dictionary": str(key), "out": str(out / "index.html"), "regions": len(cards),

@@ -30,7 +30,7 @@ import duckdb
 import pyarrow as pa
 
 from ep_store.errors import UsageError
-from ep_store.keys import DictionaryKey, format_percentile
+from ep_store.keys import DictionaryKey
 from ep_store.questions import questions
 from ep_store.store import Store
 
@@ -259,6 +259,3 @@ def ask(db: StoreDB, key: DictionaryKey | str, name: str, **params) -> pa.Table:
 
 DEFAULTS = {"limit": 20, "context": 8, "per_region": 3, "top": 5}
 
-
-def percentile_label(p: float) -> str:
-    return f"p{format_percentile(p)}"
