@@ -1,13 +1,15 @@
 """The ``ep`` command: a thin click layer. Each subcommand builds a config and calls one
-library function; the last line it prints is a one-line JSON summary.
+library function.
 
-Bad input raises ``UsageError``, which becomes one line on stderr and exit code 2.
+Streams (issue 8, item 9): stdout carries only data (query results, listings), so
+``ep sql ... --format csv > f.csv`` is exactly the CSV; the one-line JSON summary that ends
+every command, progress bars, logs and errors go to stderr. Bad input raises
+``UsageError``, which becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import click
 
 from ep_store.errors import UsageError
+from ep_store.questions import DEFAULTS as QDEFAULTS
 
 STORE = click.option("--store", "store_path", type=click.Path(path_type=Path), default=Path("data/store"),
                      show_default=True, help="Root folder of the store.")
@@ -26,8 +29,10 @@ PROGRESS = click.option("--progress/--no-progress", default=True, help="Show pro
 
 
 def emit(summary: dict) -> None:
-    """The last line of every command: one line of JSON."""
-    click.echo(json.dumps(summary, default=str))
+    """The last line of every command: one line of strict JSON, on stderr (stdout is data)."""
+    from ep_store import jsonio
+
+    click.echo(jsonio.dumps(summary), err=True)
 
 
 def user_errors(fn):
@@ -234,29 +239,27 @@ def sql(query, fmt, output, as_of, store_path) -> None:
 @main.command()
 @click.argument("dictionary_key")
 @click.argument("question", required=False)
-@click.option("--limit", type=int, default=20, show_default=True, help="Regions to show.")
-@click.option("--context", type=int, default=8, show_default=True, help="Tokens of context either side.")
-@click.option("--per-region", type=int, default=3, show_default=True, help="Contexts per region.")
+@click.option("--against", default=None, help="Dictionary B of a pair question (KEY is A).")
+@click.option("--limit", type=int, default=None, help=f"Regions or rows to show [default: {QDEFAULTS['limit']}].")
+@click.option("--context", type=int, default=None, help=f"Tokens of context either side [default: {QDEFAULTS['context']}].")
+@click.option("--per-region", type=int, default=None, help=f"Contexts per region [default: {QDEFAULTS['per_region']}].")
+@click.option("--top", type=int, default=None, help=f"Top tokens per region [default: {QDEFAULTS['top']}].")
 @FORMAT
 @OUTPUT
 @AS_OF
 @STORE
 @user_errors
-def stats(dictionary_key, question, limit, context, per_region, fmt, output, as_of, store_path) -> None:
-    """Canned questions about one dictionary; without QUESTION, list them."""
-    from ep_store.questions import questions
-    from ep_store.sql import StoreDB, ask
+def stats(dictionary_key, question, against, limit, context, per_region, top, fmt, output, as_of, store_path) -> None:
+    """Canned questions about one dictionary (or a pair, with --against); without QUESTION, list them."""
+    from ep_store.sql import StoreDB, ask_any, question_table
 
     db = StoreDB(store_path, as_of)
     key = db.require(dictionary_key)
     if question is None:
-        table = db.query("SELECT * FROM dictionaries WHERE key = $key", {"key": str(key)})
-        for q in questions().values():
-            click.echo(f"{q.name}: {q.description}")
-        show(table, fmt, output, {"questions": list(questions())})
+        show(question_table(), fmt, output, {"dictionary": str(key)})
         return
-    table = ask(db, key, question, limit=limit, context=context, per_region=per_region)
-    show(table, fmt, output, {"dictionary": str(key), "question": question})
+    table = ask_any(db, str(key), question, against, limit=limit, context=context, per_region=per_region, top=top)
+    show(table, fmt, output, {"dictionary": str(key), "question": question, "against": against})
 
 
 # -- reports -------------------------------------------------------------------------------------
@@ -301,8 +304,9 @@ def finetune(model, base, to, steps, save_every, batch_size, lr, seed, metrics, 
 
     summary = run(FinetuneConfig(model, base, to, steps, save_every, batch_size, lr, seed), models_dir, progress)
     if metrics is not None:
-        metrics.parent.mkdir(parents=True, exist_ok=True)
-        metrics.write_text(json.dumps(summary, indent=2) + "\n")
+        from ep_store import jsonio
+
+        jsonio.write(metrics, summary)
     emit(summary)
 
 
@@ -344,8 +348,9 @@ def diff_cmd(a, b, out, top, context, cutoff, store_path, models_dir) -> None:
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 
-    lines = "\n".join(f"  {q.name}: {q.description}" for q in questions().values())
-    stats.help = f"{stats.help}\n\n\b\nQuestions:\n{lines}"
+    single = "\n".join(f"  {q.usage()}" for q in questions().values() if not q.pair)
+    pair = "\n".join(f"  {q.usage()}" for q in questions().values() if q.pair)
+    stats.help = f"{stats.help}\n\n\b\nQuestions about one dictionary:\n{single}\n\n\b\nPair questions (A = KEY):\n{pair}"
 
 
 _list_questions_in_help()

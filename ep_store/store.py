@@ -18,6 +18,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 
+from ep_store import jsonio
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey, check_inside, from_segment
 
@@ -138,7 +139,7 @@ class Store:
     def append_activations(self, key: ActivationKey, table: pa.Table, meta: dict) -> int:
         """Append one chunk of rows as one commit; creates the dataset on first write."""
         path = self.activation_path(key)
-        table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+        table = table.replace_schema_metadata({META_KEY: jsonio.dumps(meta, sort_keys=True).encode()})
         if self.exists(path):
             width = self.info(path).width
             new_width = table.schema.field("vector").type.list_size
@@ -206,7 +207,7 @@ class Store:
     def write_json(path: Path, payload: dict) -> None:
         """Write JSON atomically (temp file + rename)."""
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(jsonio.dumps(payload, indent=2, sort_keys=True) + "\n")
         tmp.replace(path)
 
     @staticmethod
