@@ -105,7 +105,8 @@ def parse_layers(text: str) -> tuple[int, ...]:
 @main.command()
 @click.option("--model", required=True, help="Model name (local folder or hub id).")
 @click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
-@click.option("--layers", required=True, help="Comma-separated 0-based blocks, e.g. 6,12.")
+@click.option("--layers", required=True, multiple=True,
+              help="0-based blocks, comma-separated and/or repeated: 6,12 or --layers 6 --layers 12.")
 @click.option("--corpus", default="builtin", show_default=True, help="builtin and/or .txt/.jsonl/.parquet files, comma-separated.")
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens to store.")
 @click.option("--ctx", type=int, default=128, show_default=True, help="Tokens per context (BOS not counted).")
@@ -124,7 +125,7 @@ def harvest(model, checkpoint, layers, corpus, max_tokens, ctx, batch_size, dtyp
     from ep_store.harvest import harvest as run
     from ep_store.store import Store
 
-    cfg = HarvestConfig(model, checkpoint, parse_layers(layers), corpus, max_tokens, ctx, batch_size,
+    cfg = HarvestConfig(model, checkpoint, parse_layers(",".join(layers)), corpus, max_tokens, ctx, batch_size,
                         device, dtype, overwrite)
     summary = run(cfg, Store(store_path), models_dir, progress)
     summary.pop("config")
@@ -343,6 +344,23 @@ def diff_cmd(a, b, out, top, context, cutoff, store_path, models_dir) -> None:
     from ep_store.diff import diff_report
 
     emit(diff_report(store_path, a, b, out, models_dir, top, context, cutoff))
+
+
+# -- digests (issue 8, item 20) -------------------------------------------------------------------
+@store.command("digest")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--metrics", type=click.Path(path_type=Path), default=None,
+              help="Also write the digests to this JSON file (a DVC metric).")
+@user_errors
+def store_digest(paths, metrics) -> None:
+    """Digest of the logical content of Lance datasets, files or folders: rows and values in
+    stored order, independent of file names, fragment layout and timestamps."""
+    from ep_store.digest import digests
+
+    found = digests(list(paths), metrics)
+    for path, d in found.items():
+        click.echo(f"{d['digest']}\t{d.get('rows', '')}\t{path}")
+    emit({"paths": len(found), "metrics": str(metrics) if metrics else None})
 
 
 def _list_questions_in_help() -> None:
