@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -69,21 +70,34 @@ def test_any_changed_value_changes_the_digest(tmp_path):
             != base, name
 
 
-def test_harvest_and_build_twice_give_the_same_digests(models_dir, tmp_path):
-    """Determinism on CPU, as README states: harvest and build of the tiny model, run twice."""
-    found = []
-    for run, batch in (("a", 8), ("b", 8)):
-        store = Store(tmp_path / run)
-        harvest(HarvestConfig("tiny", "base", (1, 2), max_tokens=600, ctx=32, batch_size=batch, device="cpu"),
+def test_stages_run_twice_give_the_same_digests(models_dir, tmp_path):
+    """Determinism on CPU, as README states: harvest, build, assign, match and the dictionary
+    report of the tiny model, run twice into the same paths (as dvc repro does)."""
+    from ep_store.diff import diff_report
+    from ep_store.match import MatchConfig, match
+    from ep_store.report import dictionary_report
+
+    root, found = tmp_path / "run", []
+    a, b = "tiny/base/L1/p10", "tiny/base/L2/p10"
+    for _ in range(2):
+        shutil.rmtree(root, ignore_errors=True)
+        store = Store(root / "store")
+        harvest(HarvestConfig("tiny", "base", (1, 2), max_tokens=600, ctx=32, batch_size=8, device="cpu"),
                 store, models_dir, progress=False)
-        build(BuildConfig("tiny", "base", 2, 10.0, calibration_tokens=300, calibration_batch=100, batch_size=128,
-                          saturation_window=50, device="cpu"), store, progress=False)
-        folder = store.dictionary_dir(next(iter(store.list_dictionaries())))
-        found.append({"activations": digest(store.root / "activations"), "exemplars": digest(folder / "exemplars.lance"),
-                      "assignments": digest(folder / "assignments.lance"), "meta": digest(folder / "meta.json")})
+        for layer in (1, 2):
+            build(BuildConfig("tiny", "base", layer, 10.0, calibration_tokens=300, calibration_batch=100,
+                              batch_size=128, saturation_window=50, device="cpu"), store, progress=False)
+        match(MatchConfig(a, b, "both"), store)
+        dictionary_report(store.root, b, root / "report")
+        diff_report(store.root, a, b, root / "diff", models_dir)
+        folder = store.dictionary_dir(store.list_dictionaries()[1])
+        found.append({name: digest(path) for name, path in {
+            "harvest": store.root / "activations", "build": folder / "exemplars.lance", "meta": folder / "meta.json",
+            "assign": folder / "assignments.lance", "match": store.root / "matches", "report": root / "report",
+            "diff": root / "diff"}.items()})
         time.sleep(1.1)
+    assert found[0]["harvest"]["rows"] == 1200 and found[0]["harvest"]["parts"] == 2
     assert found[0] == found[1]
-    assert found[0]["activations"]["rows"] == 1200 and found[0]["activations"]["parts"] == 2
 
 
 def test_cli_digest_and_metrics(tmp_path):
