@@ -229,7 +229,10 @@ def show(table, fmt: str, output: Path | None, summary: dict) -> None:
 def sql(query, fmt, output, as_of, store_path) -> None:
     """Run one read-only SQL query over the store's views.
 
-    Views: dictionaries, exemplars, exemplar_vectors, assignments, tokens, saturation, matches.
+    \b
+    Views: dictionaries, exemplars, exemplar_vectors, exemplar_vectors_d<width>, assignments,
+    tokens, saturation, matches, match_overlaps.
+    Data goes to stdout, the summary line to stderr; writes are refused.
     """
     from ep_store.sql import StoreDB
 

@@ -181,6 +181,18 @@ def test_written_metadata_is_strict_json(paired):
         strict_loads(path.read_text())
 
 
+def test_views_named_in_help_are_the_views(paired):
+    """The same kind as item 12: what help lists exists, and what exists is listed."""
+    import re
+
+    help_text = " ".join(cli(["sql", "--help"]).output.split())
+    named = set(re.search(r"Views: ([^.]*)\.", help_text).group(1).replace(" ", "").split(","))
+    views = {r["view_name"] for r in StoreDB(paired).query(
+        "SELECT view_name FROM duckdb_views() WHERE NOT internal").to_pylist() if not r["view_name"].startswith("_")}
+    views = {re.sub(r"_d\d+$", "_d<width>", v) for v in views}
+    assert named == views
+
+
 # -- item 12: questions run where they are listed ------------------------------------------------
 def test_declared_parameters_are_duckdbs():
     for q in questions().values():
