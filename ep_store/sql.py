@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 # Statement types that only read, or whose side effects the connection's locks refuse.
 READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.PRAGMA, duckdb.StatementType.CALL}
-_EXPLAIN = re.compile(r"^\s*EXPLAIN(\s+ANALY[SZ]E)?\b", re.IGNORECASE)
+# EXPLAIN [ANALYZE] after any leading whitespace and comments (DuckDB keeps them in the text).
+_EXPLAIN = re.compile(r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*EXPLAIN(?:\s+ANALY[SZ]E)?\b", re.IGNORECASE | re.DOTALL)
 _LOCKED = ("configuration has been locked", "Permission Error", "disabled by configuration")
 TOKEN_COLUMNS = ["doc_id", "pos", "token_id", "token", "char_start", "char_end"]
 EXEMPLAR_COLUMNS = ["region_id", "member_count", "coherence", "source_row", "doc_id", "pos", "token"]
@@ -210,7 +211,9 @@ class StoreDB:
         if kind == duckdb.StatementType.MULTI and self._is_subquery(statement.query):
             return None  # PIVOT: DuckDB rewrites it into an enum type plus a SELECT
         if kind == duckdb.StatementType.EXPLAIN:
-            inner = _EXPLAIN.sub("", statement.query, count=1)
+            inner, found = _EXPLAIN.subn("", statement.query, count=1)
+            if not found:
+                return "EXPLAIN in a form not understood is refused"
             try:
                 parsed = self.con.extract_statements(inner)
             except duckdb.Error:

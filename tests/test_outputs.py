@@ -245,6 +245,7 @@ READS = [
     "SHOW exemplars",
     "EXPLAIN SELECT * FROM exemplars",
     "EXPLAIN ANALYZE SELECT count(*) FROM assignments",
+    "/* lead */ -- comments\n explain  analyse SELECT 1",
     "PRAGMA show_tables",
     "PRAGMA table_info('exemplars')",
     "CALL pragma_version()",
@@ -280,6 +281,7 @@ WRITES = [
     ("VACUUM", "VACUUM"),
     ("EXPLAIN ANALYZE CREATE TABLE x AS SELECT 1", "EXPLAIN of a write"),
     ("EXPLAIN INSERT INTO exemplars SELECT * FROM exemplars", "EXPLAIN of a write"),
+    ("/* c */ EXPLAIN ANALYZE -- x\n CREATE TABLE x AS SELECT 1", "EXPLAIN of a write"),
     ("SELECT * FROM read_csv('/etc/hostname')", "Permission Error"),
 ]
 
