@@ -55,9 +55,13 @@ def _fallback(value):
 
 
 def write(path: str | Path, value, *, indent: int | None = 2, sort_keys: bool = False) -> None:
-    """Write ``value`` as strict JSON (plus a newline) atomically: temp file, then rename."""
+    """Write ``value`` as strict JSON (plus a newline) atomically: a temp file of this process,
+    flushed to disk, then renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(dumps(value, indent=indent, sort_keys=sort_keys) + "\n", encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(dumps(value, indent=indent, sort_keys=sort_keys) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
