@@ -127,3 +127,41 @@ def test_edited_dag_connects_finetune_to_its_checkpoints(edited_repo):
     expected = {k for k, v in harvests.items() if k.startswith("harvest@") and
                 any(d.startswith("data/models/gemma-3-270m/") for d in v["deps"])}
     assert expected and expected <= from_finetune
+
+
+def test_rerun_shows_no_metrics_diff(tmp_path, models_dir):
+    """Item 20 end to end with real DVC: a stage that harvests the tiny model and records its
+    digest, committed, then forced to rerun: Lance files are new, `dvc metrics diff` is empty;
+    a changed parameter gives a different digest there."""
+    import os
+    import sys
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    python = f"PYTHONPATH={ROOT} {sys.executable} -m ep_store"
+    (repo / "params.yaml").write_text("max_tokens: 300\n")
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"harvest": {
+        "cmd": f"{python} harvest --model tiny --checkpoint base --layers 1 --max-tokens ${{max_tokens}} --ctx 32 "
+               f"--batch-size 2 --device cpu --store store --models-dir {models_dir} --no-progress && "
+               f"{python} store digest store/activations --metrics digests/harvest.json",
+        "params": ["max_tokens"], "outs": ["store"],
+        "metrics": [{"digests/harvest.json": {"cache": False}}]}}}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(*args):
+        done = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr + done.stdout
+        return done.stdout
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    run("dvc", "repro", "-q")
+    lance_files = {p.name for p in (repo / "store").rglob("*.lance") if p.is_file()}
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first run")
+    run("dvc", "repro", "-q", "--force")
+    assert {p.name for p in (repo / "store").rglob("*.lance") if p.is_file()} != lance_files  # new files
+    assert run("dvc", "metrics", "diff").strip() == ""
+    (repo / "params.yaml").write_text("max_tokens: 200\n")
+    run("dvc", "repro", "-q")
+    assert "digest" in run("dvc", "metrics", "diff")
