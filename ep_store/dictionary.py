@@ -142,10 +142,10 @@ def calibrate_stream(store: Store, path: Path, cfg: BuildConfig) -> Calibration:
         acc = acc or CenterAccumulator(x.shape[1])
         acc.add(x)
     if acc is None or acc.count < 2:
-        hint = ("once --skip-nonfinite dropped the non-finite rows; re-harvest with finite values "
+        hint = (" once --skip-nonfinite dropped the non-finite rows; re-harvest with finite values "
                 "(ep harvest --dtype float32 --storage-dtype float32)" if cfg.skip_nonfinite
                 else "; raise --calibration-tokens or harvest more tokens")
-        raise UsageError(f"{path} has fewer than two calibration tokens {hint}")
+        raise UsageError(f"{path} has fewer than two calibration tokens{hint}")
     center = acc.center()
     theta, used = mean_theta([
         batch_percentile(unit_directions(x, center), cfg.percentile)
