@@ -272,3 +272,13 @@ def test_float16_storage_in_range_and_old_float16_datasets_still_read(models_dir
     b = build(BuildConfig("new", "base", 1, 5.0, calibration_batch=100, batch_size=100, device="cpu"), store,
               progress=False)
     assert (a["regions"], a["theta"]) == (b["regions"], b["theta"])
+
+
+def test_build_on_all_nonfinite_names_the_cause(tmp_path):
+    store = Store(tmp_path / "store")
+    write_activations(store, ActivationKey("syn", "inf", 0), np.full((20, 8), np.inf, np.float32), np.float16)
+    cfg = BuildConfig("syn", "inf", 0, 1.0, calibration_batch=10, device="cpu", skip_nonfinite=True)
+    with pytest.raises(UsageError, match="once --skip-nonfinite dropped the non-finite rows; re-harvest"):
+        build(cfg, store, progress=False)
+    with pytest.raises(UsageError, match="--storage-dtype float32"):
+        build(BuildConfig("syn", "inf", 0, 1.0, calibration_batch=10, device="cpu"), store, progress=False)

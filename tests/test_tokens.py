@@ -244,3 +244,15 @@ def test_blocks_not_found_names_the_model_class(arch_models_dir):
 
     with pytest.raises(UsageError, match=type(PretrainedConfig()).__name__):
         models.block_count(PretrainedConfig())
+
+
+def test_model_without_causal_lm_names_its_class(tmp_path, tiny_tokenizer):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    folder = tmp_path / "models" / "t5" / "base"
+    T5ForConditionalGeneration(T5Config(vocab_size=len(tiny_tokenizer), d_model=32, d_ff=64, num_layers=2, num_heads=2,
+                                        d_kv=16)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    with pytest.raises(UsageError, match="T5Config"):
+        harvest(HarvestConfig("t5", "base", (1,), max_tokens=50, device="cpu"), Store(tmp_path / "store"),
+                tmp_path / "models", progress=False)
