@@ -282,3 +282,25 @@ def test_build_on_all_nonfinite_names_the_cause(tmp_path):
         build(cfg, store, progress=False)
     with pytest.raises(UsageError, match="--storage-dtype float32"):
         build(BuildConfig("syn", "inf", 0, 1.0, calibration_batch=10, device="cpu"), store, progress=False)
+
+
+@pytest.mark.real_model
+def test_real_gemma_layer12_beyond_float16(gemma_models_dir, tmp_path):
+    """Gemma 3 270M layer 12 on the builtin topic 'atom-literals' (stream row 4,355 of the
+    builtin corpus): position 113 reaches |a| = 79,690, beyond float16's 65,504."""
+    from pydoc_data.topics import topics
+
+    corpus = tmp_path / "atom.jsonl"
+    corpus.write_text(json.dumps({"text": topics["atom-literals"]}) + "\n")
+    key = ActivationKey("gemma-3-270m", "base", 12)
+    cfg = dict(corpus=str(corpus), max_tokens=128, ctx=128, batch_size=1, device="cpu")
+    small = Store(tmp_path / "f16")
+    with pytest.raises(UsageError, match="exceed float16's range"):
+        harvest(HarvestConfig("gemma-3-270m", "base", (12,), storage_dtype="float16", **cfg), small, gemma_models_dir,
+                progress=False)
+    assert not small.exists(small.activation_path(key))  # refused before writing
+    full = Store(tmp_path / "f32")
+    harvest(HarvestConfig("gemma-3-270m", "base", (12,), **cfg), full, gemma_models_dir, progress=False)
+    x = arrow_to_vectors(full.read_table(full.activation_path(key)).column("vector"))
+    assert x.shape[0] == 128 and np.isfinite(x).all()
+    assert np.flatnonzero(np.abs(x).max(axis=1) > 65504).tolist() == [113]
