@@ -23,6 +23,7 @@ class Calibration(NamedTuple):
     percentile: float
     tokens: int
     batches: int
+    scale: float | None = None  # median |a - c| over the calibration tokens: steering's unit (issue 9)
 
 
 class CenterAccumulator:
@@ -51,6 +52,11 @@ def unit_directions(x_ND: torch.Tensor, center_D: torch.Tensor) -> torch.Tensor:
     return centered / centered.norm(dim=1, keepdim=True)
 
 
+def median_norm(norms_N: torch.Tensor) -> float:
+    """Median (numpy's, the mean of the middle two for even N) of ``|a - c|`` values."""
+    return float(torch.quantile(norms_N.to(torch.float64).reshape(-1), 0.5))
+
+
 def linear_percentile(values: torch.Tensor, p: float) -> float:
     """p-th percentile with linear interpolation (numpy's default method)."""
     ordered = values.reshape(-1).to(torch.float64).sort().values
@@ -75,4 +81,5 @@ def calibrate(batches, percentile: float) -> Calibration:
         acc.add(x)
     center = acc.center()
     thetas = [batch_percentile(unit_directions(x, center), percentile) for x in batches if x.shape[0] >= 2]
-    return Calibration(center, sum(thetas) / len(thetas), percentile, acc.count, len(thetas))
+    scale = median_norm(torch.cat([(x.to(torch.float32) - center).norm(dim=1) for x in batches]))
+    return Calibration(center, sum(thetas) / len(thetas), percentile, acc.count, len(thetas), scale)

@@ -30,7 +30,13 @@ from tqdm import tqdm
 
 import ep_store
 from ep_store.assign import Assignment, nearest_exemplar
-from ep_store.calibrate import Calibration, CenterAccumulator, batch_percentile, unit_directions
+from ep_store.calibrate import (
+    Calibration,
+    CenterAccumulator,
+    batch_percentile,
+    median_norm,
+    unit_directions,
+)
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.leader import PRECISIONS, LeaderBuilder, LeaderState
@@ -135,12 +141,13 @@ def calibrate_stream(store: Store, path: Path, cfg: BuildConfig) -> Calibration:
     if acc is None or acc.count < 2:
         raise UsageError(f"{path} has fewer than two calibration tokens; harvest more tokens first")
     center = acc.center()
-    thetas = [
-        batch_percentile(unit_directions(x, center), cfg.percentile)
-        for x, _ in stream_vectors(store, path, cfg.calibration_batch, cfg.calibration_tokens, cfg.skip_nonfinite)
-        if x.shape[0] >= 2
-    ]
-    return Calibration(center, float(np.mean(thetas)), cfg.percentile, acc.count, len(thetas))
+    thetas, norms = [], []
+    for x, _ in stream_vectors(store, path, cfg.calibration_batch, cfg.calibration_tokens, cfg.skip_nonfinite):
+        norms.append((x - center).norm(dim=1))  # steering's scale (issue 9)
+        if x.shape[0] >= 2:
+            thetas.append(batch_percentile(unit_directions(x, center), cfg.percentile))
+    return Calibration(center, float(np.mean(thetas)), cfg.percentile, acc.count, len(thetas),
+                       median_norm(torch.cat(norms)))
 
 
 # -- saving and loading the builder state ---------------------------------------------------------
@@ -203,7 +210,8 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
         state = LeaderState(width=source_info.width)
     else:
         calibration = Calibration(torch.tensor(previous["center"]), previous["theta"], cfg.percentile,
-                                  previous["calibration"]["tokens"], previous["calibration"]["batches"])
+                                  previous["calibration"]["tokens"], previous["calibration"]["batches"],
+                                  previous.get("scale"))
         state = state_from_store(store.read_table(folder / EXEMPLARS), previous)
         if state.stop_reason != "saturated":
             state.stop_reason = None  # budget or stream ran out last time: go on
@@ -244,6 +252,7 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
     meta = {
         "key": str(key), "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
         "percentile": cfg.percentile, "theta": calibration.theta, "center": calibration.center_D.tolist(),
+        "scale": calibration.scale,
         "width": state.width, "regions": state.regions, "tokens": state.tokens,
         "stop_reason": state.stop_reason, "saturation_curve": state.new_per_batch,
         "calibration": {"tokens": calibration.tokens, "batches": calibration.batches, "batch": cfg.calibration_batch},
