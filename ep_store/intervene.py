@@ -100,6 +100,8 @@ class Edit:
         return self._cast[slot]
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "ablate" and self.Q_DK.shape[1] == 0:
+            return x  # nothing to remove: the identity, bit for bit (not (x - c) + c)
         if self.kind == "ablate":
             Q, c = self.tensors(x)
             return ablate(x, Q, c)
