@@ -341,6 +341,40 @@ def diff_cmd(a, b, out, top, context, cutoff, store_path, models_dir) -> None:
     emit(diff_report(store_path, a, b, out, models_dir, top, context, cutoff))
 
 
+# -- interventions (issue 9) ---------------------------------------------------------------------
+@main.command("generate")
+@click.option("--model", required=True, help="Model name (local folder or hub id).")
+@click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
+@click.option("--prompts", "prompts_path", type=click.Path(path_type=Path), required=True,
+              help=".txt (one prompt per line) or .jsonl (a prompt or instruction field).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output .jsonl: prompt, completion, refused.")
+@click.option("--chat", is_flag=True, help="Apply the model's chat template (Gemma turn format for our Gemma).")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Tokens per completion at most.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per batch (left-padded).")
+@click.option("--ablate", multiple=True, help="KEY:ID[,ID...]: ablate these regions' directions (repeatable).")
+@click.option("--steer", multiple=True, help="KEY:REGION=ALPHA: add alpha x median|a-c| along the region (repeatable).")
+@click.option("--basis", type=click.Choice(["exemplar", "mean"]), default="exemplar", show_default=True,
+              help="Region direction: the exemplar or the mean-member direction.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Compute dtype.")
+@DEVICE
+@STORE
+@MODELS
+@PROGRESS
+@user_errors
+def generate_cmd(model, checkpoint, prompts_path, out, chat, max_new_tokens, batch_size, ablate, steer, basis, dtype,
+                 device, store_path, models_dir, progress) -> None:
+    """Greedy generation, optionally with regions ablated or steered at their layer's output."""
+    from ep_store.generate import GenerateConfig, generate
+    from ep_store.store import Store
+
+    cfg = GenerateConfig(model, checkpoint, prompts_path, out, chat, max_new_tokens, batch_size, ablate, steer,
+                         basis, device, dtype)
+    summary = generate(cfg, Store(store_path), models_dir, progress)
+    summary.pop("config")
+    click.echo(json.dumps(summary, default=str), err=True)  # data goes to --out; the summary to stderr
+
+
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 

@@ -169,9 +169,10 @@ def steering_scale(store, dictionary) -> float:
 
 
 # -- the hook plumbing ----------------------------------------------------------------------------
-def check_edits(net: torch.nn.Module, edits: Sequence[Edit]) -> None:
-    """UsageError unless every edit's layer exists in ``net`` and its width is the model's."""
-    n, width = net.config.num_hidden_layers, net.config.hidden_size
+def check_edits(config, edits: Sequence[Edit]) -> None:
+    """UsageError unless every edit's layer exists in the model (its ``transformers`` config)
+    and its width is the model's (checkable before the weights are loaded)."""
+    n, width = config.num_hidden_layers, config.hidden_size
     for edit in edits:
         if not 0 <= edit.layer < n:
             raise UsageError(f"layer {edit.layer} is out of range: the model has blocks 0..{n - 1}")
@@ -192,7 +193,7 @@ def _hook(edit: Edit):
 @contextlib.contextmanager
 def intervene(net: torch.nn.Module, edits: Sequence[Edit]) -> Iterator[torch.nn.Module]:
     """Apply ``edits`` to ``net`` inside the block; every hook comes off on exit, also on error."""
-    check_edits(net, edits)
+    check_edits(net.config, edits)
     blocks = decoder_layers(net)
     handles = []
     try:
