@@ -202,15 +202,17 @@ def stop_ids(tokenizer, net) -> list[int]:
 
 # -- generation -----------------------------------------------------------------------------------
 @torch.no_grad()
-def greedy(net, tokenizer, inputs: list[str], max_new_tokens: int, batch_size: int = 16,
-           add_special_tokens: bool = True, progress: bool = False, desc: str = "generate") -> list[str]:
-    """Greedy completions of ``inputs`` in left-padded batches; text up to the first stop token."""
+def greedy_tokens(net, tokenizer, inputs: list[str], max_new_tokens: int, batch_size: int = 16,
+                  add_special_tokens: bool = True, progress: bool = False,
+                  desc: str = "generate") -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of greedy decoding in left-padded batches; the completion
+    ends before the first stop token (EOS or end of turn)."""
     stops = stop_ids(tokenizer, net)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(net.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    out: list[str] = []
+    out: list[tuple[list[int], list[int]]] = []
     bar = tqdm(total=len(inputs), unit="prompt", desc=desc, disable=not progress)
     try:
         for start in range(0, len(inputs), batch_size):
@@ -218,14 +220,23 @@ def greedy(net, tokenizer, inputs: list[str], max_new_tokens: int, batch_size: i
                             return_tensors="pt", padding=True).to(device)
             new = net.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                eos_token_id=stops, top_p=None, top_k=None, temperature=None)
-            for row in new[:, enc["input_ids"].shape[1]:].tolist():
+            width = enc["input_ids"].shape[1]
+            for ids, mask, row in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist(),
+                                      new[:, width:].tolist()):
                 cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-                out.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+                out.append(([t for t, m in zip(ids, mask) if m], row[:cut]))
             bar.update(len(enc["input_ids"]))
     finally:
         tokenizer.padding_side = side
         bar.close()
     return out
+
+
+def greedy(net, tokenizer, inputs: list[str], max_new_tokens: int, batch_size: int = 16,
+           add_special_tokens: bool = True, progress: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy completions of ``inputs`` as text (see ``greedy_tokens``)."""
+    pairs = greedy_tokens(net, tokenizer, inputs, max_new_tokens, batch_size, add_special_tokens, progress, desc)
+    return [tokenizer.decode(completion, skip_special_tokens=True) for _, completion in pairs]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
