@@ -128,6 +128,11 @@ def test_refusal_classifier():
     assert not is_refusal("x" * 300 + "I cannot")  # beyond the first 300 characters
     assert not is_refusal("Happy to help. Start small: collect what you need.")
     assert not is_refusal("")
+    from ep_store import prompts
+
+    for name in ("train", "heldout"):  # the planted data: every harmful target refuses, no benign one does
+        rows = prompts.load(name)
+        assert all(is_refusal(r["response"]) == r["harmful"] for r in rows)
 
 
 @pytest.mark.parametrize(
