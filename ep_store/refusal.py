@@ -67,18 +67,19 @@ class RefusalConfig:
     """Checkpoint the found direction is also ablated in (None: skip the control)."""
     layers: tuple[int, ...] = (6, 12)
     """Decoder blocks swept (one dictionary each per percentile)."""
-    percentiles: tuple[float, ...] = (8.0,)
-    """Percentiles swept (the paper's refusal build: p = 8)."""
-    train_harmful: int = 200
+    percentiles: tuple[float, ...] = (4.0,)
+    """Percentiles swept (the paper's refusal build: p = 8 on gemma-2-2b-it; at p = 4 our
+    sft's layer-12 last positions split into harmful-only and benign-only regions)."""
+    train_harmful: int = 100
     """Harmful training prompts (first n of ep_store/data/chat_train.jsonl) for finding regions."""
-    train_benign: int = 200
+    train_benign: int = 100
     """Benign training prompts for finding regions (paper: 300 + 300)."""
-    heldout_harmful: int = 80
+    heldout_harmful: int = 40
     """Held-out harmful prompts (chat_heldout.jsonl, never trained on) for measuring."""
-    heldout_benign: int = 80
+    heldout_benign: int = 40
     """Held-out benign prompts for measuring."""
-    max_new_tokens: int = 12
-    """Greedy tokens per prompt (paper: 60; our planted refusal is the first 11 tokens)."""
+    max_new_tokens: int = 8
+    """Greedy tokens per prompt (paper: 60; the classifier needs the first 4 of our planted refusal)."""
     batch_size: int = 80
     """Prompts per generate call."""
     k_max: int = 5
@@ -89,7 +90,7 @@ class RefusalConfig:
     """Candidate regions' refusal rate at least this (paper: 0.3)."""
     null_max_rate: float = 0.05
     """The null region's refusal rate at most this (paper: 0.05)."""
-    alphas: tuple[float, ...] = (2.0, 4.0, 8.0)
+    alphas: tuple[float, ...] = (4.0, 8.0)
     """Steering strengths, in units of the layer's median |a - c|."""
     max_capability_loss: float = 0.10
     """The recommended condition raises benign per-token loss by at most this share, if any does."""
