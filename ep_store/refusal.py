@@ -1,6 +1,6 @@
 """The refusal study (issue 9): does refusal live in one EP region of our fine-tuned model?
 
-    ep refusal --model gemma-3-270m --checkpoint sft --control base --layers 6,12 --percentiles 8 \\
+    ep refusal --model gemma-3-270m --checkpoint sft --control base --layers 6,12 --percentiles 4 \\
         --work-store data/store/refusal --metrics data/metrics/refusal.json --report data/reports/refusal
 
 Protocol (the paper's refusal experiment, DESIGN.md "How the paper measured its claims"):
