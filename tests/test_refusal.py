@@ -146,3 +146,24 @@ def test_study_refuses(chat_models, tmp_path, over, needle):
     with pytest.raises(UsageError, match=needle):
         refusal_study(small(**over), tmp_path / "work", tmp_path / "main", chat_models, metrics, None, progress=False)
     assert not metrics.exists() and not (tmp_path / "work").exists()
+
+
+def test_params_mirror_the_config_and_the_stage_passes_them():
+    import dataclasses
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["refusal"]
+    cmd = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["refusal"]["cmd"]
+    fields = {f.name: f.default for f in dataclasses.fields(RefusalConfig)}
+    for name, value in params.items():
+        assert f"${{refusal.{name}}}" in cmd, name
+        if name == "work_store":
+            continue
+        default = fields[name]  # every param is a config field
+        if isinstance(default, tuple):
+            value = tuple(type(default[0])(x) for x in str(value).split(","))
+        assert value == default, name  # and the defaults agree
+    assert list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])[-1] == "refusal"
