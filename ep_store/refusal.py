@@ -70,13 +70,13 @@ class RefusalConfig:
     percentiles: tuple[float, ...] = (4.0,)
     """Percentiles swept (the paper's refusal build: p = 8 on gemma-2-2b-it; at p = 4 our
     sft's layer-12 last positions split into harmful-only and benign-only regions)."""
-    train_harmful: int = 100
+    train_harmful: int = 60
     """Harmful training prompts (first n of ep_store/data/chat_train.jsonl) for finding regions."""
-    train_benign: int = 100
+    train_benign: int = 60
     """Benign training prompts for finding regions (paper: 300 + 300)."""
-    heldout_harmful: int = 40
+    heldout_harmful: int = 30
     """Held-out harmful prompts (chat_heldout.jsonl, never trained on) for measuring."""
-    heldout_benign: int = 40
+    heldout_benign: int = 30
     """Held-out benign prompts for measuring."""
     max_new_tokens: int = 8
     """Greedy tokens per prompt (paper: 60; the classifier needs the first 4 of our planted refusal)."""
@@ -90,8 +90,9 @@ class RefusalConfig:
     """Candidate regions' refusal rate at least this (paper: 0.3)."""
     null_max_rate: float = 0.05
     """The null region's refusal rate at most this (paper: 0.05)."""
-    alphas: tuple[float, ...] = (4.0, 8.0)
-    """Steering strengths, in units of the layer's median |a - c|."""
+    alphas: tuple[float, ...] = (0.5, 1.0)
+    """Steering strengths, in units of the layer's median |a - c| (alpha 4 at layer 12 of our sft
+    turned benign answers into repeated tokens, not refusals)."""
     max_capability_loss: float = 0.10
     """The recommended condition raises benign per-token loss by at most this share, if any does."""
     match_percentile: float = 1.0
