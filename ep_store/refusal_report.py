@@ -25,8 +25,10 @@ def refusal_curves(sweep: dict, unhooked: float, path: Path) -> str | None:
               "unhooked": [unhooked] * len(ks)}
     if by["null"]:
         series["null (k=1)"] = [by["null"][1]] * len(ks)
+    styles = {"unhooked": {"ls": "--", "color": "gray", "lw": 2.5},
+              "null (k=1)": {"ls": ":", "marker": "x", "color": "C3"}}
     return plots.lines(ks, series, path, f"{sweep['dictionary']}: ablation", "k (regions ablated)",
-                       "held-out harmful refusal")
+                       "held-out harmful refusal", styles)
 
 
 def table_rows(result: dict) -> list[dict]:
