@@ -32,6 +32,7 @@ class Calibration(NamedTuple):
     percentile: float
     tokens: int
     batches: int
+    scale: float | None = None  # median |a - c| over the calibration tokens: steering's unit (issue 9)
 
 
 class CenterAccumulator:
@@ -73,6 +74,11 @@ def unit_directions(x_ND: torch.Tensor, center_D: torch.Tensor) -> torch.Tensor:
 def degenerate(u_ND: torch.Tensor) -> torch.Tensor:
     """(N,) bool: rows with no direction (non-finite input or equal to the center)."""
     return ~torch.isfinite(u_ND).all(dim=1)
+
+
+def median_norm(norms_N: torch.Tensor) -> float:
+    """Median (numpy's, the mean of the middle two for even N) of ``|a - c|`` values."""
+    return float(torch.quantile(norms_N.to(torch.float64).reshape(-1), 0.5))
 
 
 def linear_percentile(values: torch.Tensor, p: float) -> float:
@@ -121,4 +127,5 @@ def calibrate(batches, percentile: float) -> Calibration:
     center = acc.center()
     theta, used = mean_theta([batch_percentile(unit_directions(x, center), percentile) for x in batches],
                              batches[0].shape[0])
-    return Calibration(center, theta, percentile, acc.count, used)
+    scale = median_norm(torch.cat([(x.to(torch.float32) - center).norm(dim=1) for x in batches]))
+    return Calibration(center, theta, percentile, acc.count, used, scale)

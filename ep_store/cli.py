@@ -369,6 +369,94 @@ def store_digest(paths, metrics) -> None:
         click.echo(f"{d['digest']}\t{d.get('rows', '')}\t{path}")
     emit({"paths": len(found), "metrics": str(metrics) if metrics else None})
 
+# -- interventions (issue 9) ---------------------------------------------------------------------
+@main.command("generate")
+@click.option("--model", required=True, help="Model name (local folder or hub id).")
+@click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
+@click.option("--prompts", "prompts_path", type=click.Path(path_type=Path), required=True,
+              help=".txt (one prompt per line) or .jsonl (a prompt or instruction field).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output .jsonl: prompt, completion, refused.")
+@click.option("--chat", is_flag=True, help="Apply the model's chat template (Gemma turn format for our Gemma).")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Tokens per completion at most.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per batch (left-padded).")
+@click.option("--ablate", multiple=True, help="KEY:ID[,ID...]: ablate these regions' directions (repeatable).")
+@click.option("--steer", multiple=True, help="KEY:REGION=ALPHA: add alpha x median|a-c| along the region (repeatable).")
+@click.option("--basis", type=click.Choice(["exemplar", "mean"]), default="exemplar", show_default=True,
+              help="Region direction: the exemplar or the mean-member direction.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Compute dtype.")
+@DEVICE
+@STORE
+@MODELS
+@PROGRESS
+@user_errors
+def generate_cmd(model, checkpoint, prompts_path, out, chat, max_new_tokens, batch_size, ablate, steer, basis, dtype,
+                 device, store_path, models_dir, progress) -> None:
+    """Greedy generation, optionally with regions ablated or steered at their layer's output."""
+    from ep_store.generate import GenerateConfig, generate
+    from ep_store.store import Store
+
+    cfg = GenerateConfig(model, checkpoint, prompts_path, out, chat, max_new_tokens, batch_size, ablate, steer,
+                         basis, device, dtype)
+    summary = generate(cfg, Store(store_path), models_dir, progress)
+    summary.pop("config")
+    emit(summary)  # data goes to --out; the summary to stderr
+
+
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a comma-separated list of numbers, e.g. 2,4,8") from None
+
+
+@main.command("refusal")
+@click.option("--model", default="gemma-3-270m", show_default=True, help="Model under study.")
+@click.option("--checkpoint", default="sft", show_default=True, help="Fine-tuned checkpoint studied.")
+@click.option("--control", default="base", show_default=True, help="Checkpoint the found direction is also ablated in ('' to skip).")
+@click.option("--layers", default="6,12", show_default=True, help="Blocks swept, comma-separated.")
+@click.option("--percentiles", default="4", show_default=True, help="Percentiles swept, comma-separated.")
+@click.option("--train-harmful", type=int, default=60, show_default=True, help="Harmful training prompts for finding regions.")
+@click.option("--train-benign", type=int, default=60, show_default=True, help="Benign training prompts for finding regions.")
+@click.option("--heldout-harmful", type=int, default=30, show_default=True, help="Held-out harmful prompts for measuring.")
+@click.option("--heldout-benign", type=int, default=30, show_default=True, help="Held-out benign prompts for measuring.")
+@click.option("--max-new-tokens", type=int, default=8, show_default=True, help="Greedy tokens per prompt.")
+@click.option("--batch-size", type=int, default=80, show_default=True, help="Prompts per generate call.")
+@click.option("--k-max", type=int, default=5, show_default=True, help="Ablate the top k = 1..k-max candidates.")
+@click.option("--min-members", type=int, default=5, show_default=True, help="Prompts a region needs.")
+@click.option("--min-rate", type=float, default=0.3, show_default=True, help="Candidate refusal rate at least.")
+@click.option("--null-max-rate", type=float, default=0.05, show_default=True, help="Null region refusal rate at most.")
+@click.option("--alphas", default="0.5,1", show_default=True, help="Steering strengths (units of median |a-c|).")
+@click.option("--match-percentile", type=float, default=1.0, show_default=True, help="Pipeline dictionaries' p for the match join.")
+@click.option("--max-capability-loss", type=float, default=0.10, show_default=True,
+              help="The recommended condition raises benign loss by at most this share, if any does.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Compute dtype.")
+@click.option("--work-store", type=click.Path(path_type=Path), default=Path("data/store/refusal"), show_default=True,
+              help="Store of the study's own activations and dictionaries.")
+@click.option("--metrics", type=click.Path(path_type=Path), default=Path("data/metrics/refusal.json"), show_default=True,
+              help="Metrics JSON to write.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=Path("data/reports/refusal"),
+              show_default=True, help="Folder for index.html, README.md and plots.")
+@DEVICE
+@STORE
+@MODELS
+@PROGRESS
+@user_errors
+def refusal_cmd(model, checkpoint, control, layers, percentiles, train_harmful, train_benign, heldout_harmful,
+                heldout_benign, max_new_tokens, batch_size, k_max, min_members, min_rate, null_max_rate, alphas,
+                match_percentile, max_capability_loss, dtype, work_store, metrics, report_dir, device, store_path, models_dir,
+                progress) -> None:
+    """The refusal study: find refusal regions, ablate and steer them, write metrics and a report."""
+    from ep_store.refusal import RefusalConfig, refusal_study
+
+    cfg = RefusalConfig(model, checkpoint, control or None, parse_layers(layers),
+                        parse_floats(percentiles, "--percentiles"), train_harmful, train_benign, heldout_harmful,
+                        heldout_benign, max_new_tokens, batch_size, k_max, min_members, min_rate, null_max_rate,
+                        parse_floats(alphas, "--alphas"), max_capability_loss, match_percentile, device=device,
+                        dtype=dtype)
+    emit(refusal_study(cfg, work_store, store_path, models_dir, metrics, report_dir, progress))
+
 
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions

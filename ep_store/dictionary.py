@@ -36,6 +36,7 @@ from ep_store.calibrate import (
     batch_percentile,
     degenerate,
     mean_theta,
+    median_norm,
     unit_directions,
 )
 from ep_store.errors import UsageError
@@ -147,11 +148,12 @@ def calibrate_stream(store: Store, path: Path, cfg: BuildConfig) -> Calibration:
                 else "; raise --calibration-tokens or harvest more tokens")
         raise UsageError(f"{path} has fewer than two calibration tokens{hint}")
     center = acc.center()
-    theta, used = mean_theta([
-        batch_percentile(unit_directions(x, center), cfg.percentile)
-        for x, _ in stream_vectors(store, path, cfg.calibration_batch, cfg.calibration_tokens, cfg.skip_nonfinite)
-    ], cfg.calibration_batch)
-    return Calibration(center, theta, cfg.percentile, acc.count, used)
+    thetas, norms = [], []
+    for x, _ in stream_vectors(store, path, cfg.calibration_batch, cfg.calibration_tokens, cfg.skip_nonfinite):
+        norms.append((x - center).norm(dim=1))  # steering's scale (issue 9)
+        thetas.append(batch_percentile(unit_directions(x, center), cfg.percentile))
+    theta, used = mean_theta(thetas, cfg.calibration_batch)
+    return Calibration(center, theta, cfg.percentile, acc.count, used, median_norm(torch.cat(norms)))
 
 
 # -- saving and loading the builder state ---------------------------------------------------------
@@ -214,7 +216,8 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
         state = LeaderState(width=source_info.width)
     else:
         calibration = Calibration(torch.tensor(previous["center"]), previous["theta"], cfg.percentile,
-                                  previous["calibration"]["tokens"], previous["calibration"]["batches"])
+                                  previous["calibration"]["tokens"], previous["calibration"]["batches"],
+                                  previous.get("scale"))
         state = state_from_store(store.read_table(folder / EXEMPLARS), previous)
         if state.stop_reason != "saturated":
             state.stop_reason = None  # budget or stream ran out last time: go on
@@ -258,6 +261,7 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
     meta = {
         "key": str(key), "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
         "percentile": cfg.percentile, "theta": calibration.theta, "center": calibration.center_D.tolist(),
+        "scale": calibration.scale,
         "width": state.width, "regions": state.regions, "tokens": state.tokens,
         "stop_reason": state.stop_reason, "saturation_curve": state.new_per_batch,
         "calibration": {"tokens": calibration.tokens, "batches": calibration.batches, "batch": cfg.calibration_batch},

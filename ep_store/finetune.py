@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ep_store import jsonio, models, prompts
 from ep_store.corpus import encode, special_prefix
 from ep_store.errors import UsageError
+from ep_store.refusal_classifier import is_refusal
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ def refusal_rates(net, tokenizer, rows: list[dict], max_new_tokens: int, batch_s
                            pad_token_id=tokenizer.pad_token_id)
         answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     tokenizer.padding_side = "right"
-    refused = [prompts.is_refusal(a) for a in answers]
+    refused = [is_refusal(a) for a in answers]
     harmful = [r for r, row in zip(refused, rows) if row["harmful"]]
     benign = [r for r, row in zip(refused, rows) if not row["harmful"]]
     return {"harmful_refused": round(sum(harmful) / max(len(harmful), 1), 4),
