@@ -107,20 +107,24 @@ def parse_layers(text: str) -> tuple[int, ...]:
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per forward pass and commit.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype.")
 @click.option("--overwrite", is_flag=True, help="Replace existing datasets instead of resuming.")
+@click.option("--storage-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Stored vector dtype (float16 halves bytes; batches beyond its range are refused).")
+@click.option("--bos", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="BOS before each context: auto follows the tokenizer's convention.")
 @DEVICE
 @STORE
 @MODELS
 @PROGRESS
 @user_errors
-def harvest(model, checkpoint, layers, corpus, max_tokens, ctx, batch_size, dtype, overwrite, device,
-            store_path, models_dir, progress) -> None:
+def harvest(model, checkpoint, layers, corpus, max_tokens, ctx, batch_size, dtype, overwrite, storage_dtype, bos,
+            device, store_path, models_dir, progress) -> None:
     """Harvest residual-stream activations into versioned Lance tables."""
     from ep_store.harvest import HarvestConfig
     from ep_store.harvest import harvest as run
     from ep_store.store import Store
 
     cfg = HarvestConfig(model, checkpoint, parse_layers(layers), corpus, max_tokens, ctx, batch_size,
-                        device, dtype, overwrite)
+                        device, dtype, overwrite, storage_dtype, bos)
     summary = run(cfg, Store(store_path), models_dir, progress)
     summary.pop("config")
     emit(summary)

@@ -30,7 +30,14 @@ from tqdm import tqdm
 
 import ep_store
 from ep_store.assign import Assignment, nearest_exemplar
-from ep_store.calibrate import Calibration, CenterAccumulator, batch_percentile, unit_directions
+from ep_store.calibrate import (
+    Calibration,
+    CenterAccumulator,
+    batch_percentile,
+    degenerate,
+    mean_theta,
+    unit_directions,
+)
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.leader import PRECISIONS, LeaderBuilder, LeaderState
@@ -80,6 +87,8 @@ class BuildConfig:
         for name in ("calibration_tokens", "calibration_batch", "batch_size", "saturation_window"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.calibration_batch < 2:  # theta is a percentile of within-batch pairs (issue 8, item 6)
+            raise UsageError("--calibration-batch must be at least 2: theta is a percentile of pairs within a batch")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UsageError("--max-tokens must be at least 1")
         if self.precision not in PRECISIONS:
@@ -133,14 +142,16 @@ def calibrate_stream(store: Store, path: Path, cfg: BuildConfig) -> Calibration:
         acc = acc or CenterAccumulator(x.shape[1])
         acc.add(x)
     if acc is None or acc.count < 2:
-        raise UsageError(f"{path} has fewer than two calibration tokens; harvest more tokens first")
+        hint = (" once --skip-nonfinite dropped the non-finite rows; re-harvest with finite values "
+                "(ep harvest --dtype float32 --storage-dtype float32)" if cfg.skip_nonfinite
+                else "; raise --calibration-tokens or harvest more tokens")
+        raise UsageError(f"{path} has fewer than two calibration tokens{hint}")
     center = acc.center()
-    thetas = [
+    theta, used = mean_theta([
         batch_percentile(unit_directions(x, center), cfg.percentile)
         for x, _ in stream_vectors(store, path, cfg.calibration_batch, cfg.calibration_tokens, cfg.skip_nonfinite)
-        if x.shape[0] >= 2
-    ]
-    return Calibration(center, float(np.mean(thetas)), cfg.percentile, acc.count, len(thetas))
+    ], cfg.calibration_batch)
+    return Calibration(center, theta, cfg.percentile, acc.count, used)
 
 
 # -- saving and loading the builder state ---------------------------------------------------------
@@ -212,7 +223,7 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
     builder = LeaderBuilder(calibration.theta, cfg.batch_size, cfg.saturation_window, state, device, cfg.precision)
     center = calibration.center_D.to(device)
     consumed_before = state.tokens
-    seen = 0  # rows streamed so far (after dropping non-finite ones)
+    seen = 0  # rows streamed so far (after dropping non-finite rows and rows equal to the center)
     exhausted = True
     bar = tqdm(total=budget, initial=state.tokens, unit="tok", desc=f"build {key}", disable=not progress)
     # Read in large chunks (fewer Lance calls); the builder cuts them at batch boundaries.
@@ -221,12 +232,15 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
         if builder.state.stop_reason is not None or builder.state.tokens >= budget:
             exhausted = False
             break
-        skip = max(0, min(x.shape[0], consumed_before - seen))  # rows a previous build consumed
-        seen += x.shape[0]
-        take = min(x.shape[0] - skip, budget - builder.state.tokens)
+        u = unit_directions(x.to(device), center)
+        keep = ~degenerate(u)  # a row equal to the center has no direction: no region (issue 8, item 7)
+        if not keep.all():
+            u, rows = u[keep], rows[keep.cpu()]
+        skip = max(0, min(u.shape[0], consumed_before - seen))  # rows a previous build consumed
+        seen += u.shape[0]
+        take = min(u.shape[0] - skip, budget - builder.state.tokens)
         if take > 0:
-            u = unit_directions(x[skip : skip + take].to(device), center)
-            bar.update(builder.feed(u, rows[skip : skip + take]))
+            bar.update(builder.feed(u[skip : skip + take], rows[skip : skip + take]))
     bar.close()
     stream_done = exhausted and builder.state.tokens == seen
     state = builder.finish("end_of_stream" if stream_done else "max_tokens")
@@ -310,7 +324,13 @@ class Dictionary:
         return unit_directions(x_ND, self.center.to(x_ND.device))
 
     def assign(self, x_ND):
-        """(region_ids, distances) of raw activations; numpy in, numpy out; torch in, torch out."""
+        """(region_N, distance_N) of raw activations x_ND; numpy in, numpy out; torch in, torch out.
+
+        region_N is int64, distance_N float32 cosine distance in [0, 2]. A row with NaN/inf
+        values or equal to the center gets region -1 (``assign.UNASSIGNED``) and distance NaN,
+        exactly as ``ep assign`` stores it (issue 8, item 7). Raises UsageError on a width
+        mismatch.
+        """
         as_numpy = isinstance(x_ND, np.ndarray)
         x = torch.from_numpy(np.asarray(x_ND, dtype=np.float32)) if as_numpy else x_ND
         if x.shape[-1] != self.width:
@@ -356,12 +376,10 @@ def assign_dataset(store: Store, key: DictionaryKey | str, activations: Activati
     def batches():
         for batch in store.scan(source, columns=["doc_id", "pos", "vector"], batch_size=batch_rows):
             x = torch.from_numpy(arrow_to_vectors(batch.column("vector"))).to(dev)
+            # Degenerate rows (non-finite, or equal to the center) get region -1, distance NaN.
             result = nearest_exemplar(unit_directions(x, center), E)
             distance = result.distance_N.cpu().numpy()
-            # Non-finite rows (kept by --skip-nonfinite builds) get region -1, distance NaN.
-            bad = ~torch.isfinite(x).all(dim=1).cpu().numpy()
             region = result.region_N.cpu().numpy().astype(np.int32)
-            region[bad], distance[bad] = -1, np.nan
             bar.update(x.shape[0])
             yield pa.record_batch([batch.column("doc_id"), batch.column("pos"), pa.array(region),
                                    pa.array(distance, pa.float32())], schema=ASSIGNMENT_SCHEMA)

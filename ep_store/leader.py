@@ -30,9 +30,15 @@ SCREEN_MARGIN = {torch.float32: 1e-3, torch.bfloat16: 1.6e-2}
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+# Tie rule (issue 8, item 5): float32 unit directions have |u|^2 = 1 +- ~1e-7, so identical
+# rows sit up to ~1e-7 apart; distances at or below TIE_DISTANCE count as equal, so identical
+# vectors always share one region, even when theta is 0. Thetas above it are unaffected.
+TIE_DISTANCE = 1e-6
+
+
 def covered(sim64: torch.Tensor, theta: float) -> torch.Tensor:
-    """The rule's comparison: an exemplar covers u iff 1 - u.e <= theta (float64 sims)."""
-    return (1.0 - sim64) <= theta
+    """The rule's comparison: an exemplar covers u iff clamp(1 - u.e, 0, 2) <= max(theta, TIE_DISTANCE)."""
+    return (1.0 - sim64).clamp(0.0, 2.0) <= max(theta, TIE_DISTANCE)
 
 
 class ReferenceResult(NamedTuple):
@@ -166,7 +172,7 @@ class LeaderBuilder:
 
     def _add(self, u_BD: torch.Tensor, rows_B: torch.Tensor) -> int:
         B, k = u_BD.shape[0], self._k
-        threshold = 1.0 - self.theta  # covered iff sim >= threshold (checked exactly below)
+        threshold = 1.0 - max(self.theta, TIE_DISTANCE)  # covered iff sim >= threshold (checked exactly below)
         if k:
             # Kept in the screening dtype: the margin also covers rounding the result.
             sim_BK = u_BD.to(self.dtype) @ self._E_screen[:k].T

@@ -18,6 +18,7 @@ USER = "<start_of_turn>user\n"
 MODEL = "<start_of_turn>model\n"
 END = "<end_of_turn>\n"
 MARKERS = ("<start_of_turn>user", "<start_of_turn>model", "<end_of_turn>")
+CONTROL = ("<start_of_turn>", "<end_of_turn>")  # chat-format strings that are control tokens, not text
 
 
 @cache

@@ -30,11 +30,11 @@ def naive_tokens_per_s(cfg: HarvestConfig, models_dir: Path) -> float:
     contexts = take_tokens(iter_contexts(list(iter_documents(cfg.corpus)), tok, cfg.ctx), cfg.max_tokens)
     tokens, seconds = 0, 0.0
     for batch in batched(contexts, cfg.batch_size):
-        ids, mask, first = batch_inputs(batch, tok.bos_token_id, tok.pad_token_id or 0)
+        ids, mask, first = batch_inputs(batch, cfg.prefix_ids(tok), tok.pad_token_id or 0)
         start = time.perf_counter()
         with torch.inference_mode():
             out = net(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-            kept = out.hidden_states[cfg.layers[0] + 1][:, first:][mask[:, first:].bool()].half().numpy()
+            kept = out.hidden_states[cfg.layers[0] + 1][:, first:][mask[:, first:].bool()].float().numpy()
         seconds += time.perf_counter() - start
         tokens += kept.shape[0]
     return tokens / seconds
