@@ -117,7 +117,7 @@ def harvest_shard(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     cfg: h.HarvestConfig = spec["config"]
-    runner = h.BatchRunner(cfg, spec["models_dir"])
+    runner = h.BatchRunner(cfg, spec["models_dir"], spec["prefix_ids"])
     fragments = {layer: [] for layer in cfg.layers}
     pending: dict[int, list[pa.Table]] = {layer: [] for layer in cfg.layers}
     forward_s = write_s = 0.0
@@ -129,9 +129,9 @@ def harvest_shard(spec: dict) -> dict:
             pending[layer] = []
 
     try:
-        for batch, skip in spec["work"]:
+        for row, batch, skip in spec["work"]:
             t0 = time.perf_counter()
-            tables = runner.tables(batch, [layer for layer in cfg.layers if skip[layer] is not None])
+            tables = runner.tables(batch, [layer for layer in cfg.layers if skip[layer] is not None], row)
             t1 = time.perf_counter()
             for layer, table in tables.items():
                 pending[layer].append(table.slice(skip[layer]))
@@ -146,8 +146,7 @@ def harvest_shard(spec: dict) -> dict:
         write_s += time.perf_counter() - t1
     finally:
         runner.close()
-    return {"fragments": fragments, "forward_seconds": forward_s, "write_seconds": write_s, "tokens": tokens,
-            "nonfinite": runner.nonfinite}
+    return {"fragments": fragments, "forward_seconds": forward_s, "write_seconds": write_s, "tokens": tokens}
 
 
 def ray_harvest(cfg, store, models_dir: Path, ray_cfg: RayConfig, progress: bool = True) -> dict:
@@ -159,13 +158,13 @@ def ray_harvest(cfg, store, models_dir: Path, ray_cfg: RayConfig, progress: bool
     work = plan.todo()
     if not work:
         return plan.summary(new_tokens=0, seconds=time.perf_counter() - start)
-    shards = contiguous_shards(work, [sum(len(c.token_ids) for c in batch) for batch, _ in work], ray_cfg.workers)
+    shards = contiguous_shards(work, [sum(len(c.token_ids) for c in batch) for _, batch, _ in work], ray_cfg.workers)
     paths = {layer: str(store.activation_path(key)) for layer, key in plan.keys.items()}
     with ray_session(ray_cfg) as ray:
         task = ray.remote(harvest_shard).options(num_cpus=1, num_gpus=ray_cfg.num_gpus,
                                                  max_retries=ray_cfg.max_retries)
-        specs = [{"config": cfg, "models_dir": models_dir, "paths": paths, "work": shard, "threads": 1}
-                 for shard in shards]
+        specs = [{"config": cfg, "models_dir": models_dir, "paths": paths, "work": shard, "threads": 1,
+                  "prefix_ids": plan.prefix_ids} for shard in shards]
         results = ray.get([task.remote(spec) for spec in specs])
     if os.environ.get(FAIL_BEFORE_COMMIT):
         os._exit(137)  # crash test: every fragment written, nothing committed
