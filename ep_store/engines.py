@@ -102,6 +102,25 @@ def contiguous_shards(items: list, weights: list[int], parts: int) -> list[list]
     return shards
 
 
+def run_harvest(cfg, store, models_dir: Path, ray_cfg: RayConfig | None, progress: bool = True) -> dict:
+    """Harvest with the local engine (``ray_cfg`` None) or with Ray tasks."""
+    from ep_store.harvest import harvest
+
+    if ray_cfg is None:
+        return harvest(cfg, store, models_dir, progress)
+    return ray_harvest(cfg, store, models_dir, ray_cfg, progress)
+
+
+def run_assign(store, dictionary: str, activations: str | None, device: str, ray_cfg: RayConfig | None,
+               progress: bool = True) -> dict:
+    """Assign with the local engine (``ray_cfg`` None) or with Ray tasks (CPU workers)."""
+    from ep_store.dictionary import assign_dataset
+
+    if ray_cfg is None:
+        return assign_dataset(store, dictionary, activations, device, progress=progress)
+    return ray_assign(store, dictionary, activations, ray_cfg)
+
+
 # -- harvest ------------------------------------------------------------------------------------
 def harvest_shard(spec: dict) -> dict:
     """One Ray task: load the model once, forward its batches, write fragments per layer.
