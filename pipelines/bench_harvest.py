@@ -87,7 +87,7 @@ def main(model, checkpoint, layer, tokens, models_dir, out, ray_workers):
         "speedup": round(summary["tokens_per_s"] / naive, 2),
         "write_share": summary["write_share"],
         "bytes_written": summary["bytes_written"],
-        "vector_bytes": summary["vector_bytes_per_token"] // summary.get("width", 640) if "width" in summary else 4,
+        "vector_bytes_per_token": summary["vector_bytes_per_token"],
     }
     if ray_workers:
         result["ray"] = ray_figures(cfg, models_dir, ray_workers, summary["tokens_per_s"])
