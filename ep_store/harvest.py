@@ -31,7 +31,6 @@ with no token missing or repeated.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -44,7 +43,7 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from ep_store import models
+from ep_store import jsonio, models
 from ep_store.corpus import Context, iter_contexts, iter_documents, special_prefix
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey
@@ -335,7 +334,7 @@ def activation_schema(width: int, storage_dtype: str, meta: dict) -> pa.Schema:
     vector = pa.list_(pa.from_numpy_dtype(STORAGE_DTYPES[storage_dtype]), width)
     return pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()), ("token_id", pa.int32()), ("token", pa.string()),
                       ("char_start", pa.int32()), ("char_end", pa.int32()), ("vector", vector)],
-                     metadata={META_KEY: json.dumps(meta, sort_keys=True).encode()})
+                     metadata={META_KEY: jsonio.dumps(meta, sort_keys=True).encode()})
 
 
 class BatchRunner:

@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from ep_store.dictionary import BuildConfig, assign_dataset, build
-from ep_store.engines import FAIL_BEFORE_COMMIT, RayConfig, contiguous_shards, ray_assign, ray_harvest
+from ep_store.engines import (
+    FAIL_BEFORE_COMMIT,
+    RayConfig,
+    contiguous_shards,
+    ray_assign,
+    ray_harvest,
+)
 from ep_store.harvest import HarvestConfig, harvest
 from ep_store.keys import ActivationKey
 from ep_store.store import Store
