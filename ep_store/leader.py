@@ -195,7 +195,9 @@ class LeaderBuilder:
             self._append(u_BD[new_rows], rows_B[new_rows.cpu()].tolist())
             # Tokens after a new exemplar in this batch may sit nearer to it (it existed when
             # they arrived); tokens before it may not.
-            sim_BN = u_BD @ self._E[k : k + n_new].T
+            # In the screening dtype, like sim_BK: a batch cut in two (a build continued mid-batch)
+            # then counts members exactly as one pass does (issue 8; seen with bf16 screening).
+            sim_BN = (u_BD.to(self.dtype) @ self._E_screen[k : k + n_new].T).float()
             sim_BN[torch.arange(B, device=self.device)[:, None] < new_rows[None, :]] = -2.0
             best_new_sim, best_new = sim_BN.max(dim=1)
             take_new = best_new_sim > best_sim_B

@@ -178,6 +178,10 @@ def load(model: str, checkpoint: str, models_dir: Path, device: str = "cpu", dty
     try:
         net = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError) as err:
+        if not kwargs and isinstance(err, ValueError):  # a local folder transformers has no causal LM for
+            first = str(err).strip().splitlines()[0]
+            raise UsageError(f"{model}/{checkpoint} is not a causal language model transformers can load "
+                             f"({first}); harvest needs a decoder-only text model") from None
         raise _hub_error(model, checkpoint, models_dir, err) from None
     net.eval().to(resolve_device(device))
     return net, tokenizer

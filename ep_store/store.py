@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 META_KEY = b"ep_store"  # schema-metadata entry holding the JSON that produced a dataset
 
 
-def vectors_to_arrow(x_ND: np.ndarray, dtype=np.float16) -> pa.FixedSizeListArray:
-    """(N, D) array -> Arrow fixed_size_list<dtype>[D]."""
+def vectors_to_arrow(x_ND: np.ndarray, dtype=np.float32) -> pa.FixedSizeListArray:
+    """(N, D) array -> Arrow fixed_size_list<dtype>[D] (float32 by default: float16 cannot hold
+    every model's range, issue 8 item 8; callers that choose float16 check the range first)."""
     x_ND = np.ascontiguousarray(x_ND, dtype=dtype)
     return pa.FixedSizeListArray.from_arrays(pa.array(x_ND.reshape(-1)), x_ND.shape[1])
 
