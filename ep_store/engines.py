@@ -233,7 +233,7 @@ def ray_assign(store, dictionary: str, activations: str | None, ray_cfg: RayConf
     with ray_session(ray_cfg) as ray:
         task = ray.remote(assign_shard).options(num_cpus=1, max_retries=ray_cfg.max_retries)
         specs = [{"store": str(store.root), "dictionary": str(job.key), "activations": str(job.target),
-                  "out": str(job.staging), "fragment_ids": shard, "threads": 1} for shard in shards]
+                  "out": str(job.path), "fragment_ids": shard, "threads": 1} for shard in shards]
         results = ray.get([task.remote(spec) for spec in specs])
     if os.environ.get(FAIL_BEFORE_COMMIT):
         os._exit(137)

@@ -24,7 +24,7 @@ from ep_store.engines import (
 )
 from ep_store.harvest import HarvestConfig, harvest
 from ep_store.keys import ActivationKey
-from ep_store.store import Store
+from ep_store.store import Store, fragment_ids
 
 ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +113,9 @@ def test_driver_killed_before_commit_leaves_the_previous_version(ray_local, tmp_
 
 
 def test_ray_assign_equals_local_assign(ray_local, tmp_path, models_dir):
-    store = Store(tmp_path / "store")
-    harvest(config(max_tokens=2500, layers=(1,)), store, models_dir, progress=False)
+    store = Store(tmp_path / "store")  # harvested by Ray: one fragment per shard, so two tasks
+    ray_harvest(config(max_tokens=2500, layers=(1,)), store, models_dir, RayConfig(workers=2), progress=False)
+    assert len(fragment_ids(store.activation_path(ActivationKey("tiny", "base", 1)))) >= 2
     build(BuildConfig("tiny", "base", 1, 10.0, calibration_batch=256, batch_size=256), store,
           assign=False, progress=False)
     local = assign_dataset(store, "tiny/base/L1/p10", progress=False)
