@@ -28,6 +28,27 @@ DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), de
 PROGRESS = click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 
 
+def engine_options(fn):
+    """--engine local|ray and the Ray options (issue 13), shared by harvest and assign."""
+    fn = click.option("--num-gpus", type=float, default=0.0, show_default=True,
+                      help="Ray: GPUs per task.")(fn)
+    fn = click.option("--workers", type=int, default=2, show_default=True, help="Ray: tasks (shards) to run.")(fn)
+    fn = click.option("--address", default="local", show_default=True,
+                      help="Ray: local (start in-process), auto (running cluster) or ray://HOST:PORT.")(fn)
+    fn = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                      help="Run in this process, or as Ray tasks writing Lance fragments with one commit.")(fn)
+    return fn
+
+
+def ray_config(engine: str, address: str, workers: int, num_gpus: float):
+    """The Ray engine's config, or None for the local engine."""
+    if engine == "local":
+        return None
+    from ep_store.engines import RayConfig
+
+    return RayConfig(address, workers, num_gpus)
+
+
 def emit(summary: dict) -> None:
     """The last line of every command: one line of strict JSON, on stderr (stdout is data)."""
     from ep_store import jsonio
@@ -121,18 +142,19 @@ def parse_layers(text: str) -> tuple[int, ...]:
 @STORE
 @MODELS
 @PROGRESS
+@engine_options
 @user_errors
 def harvest(model, checkpoint, layers, corpus, max_tokens, ctx, batch_size, dtype, overwrite, storage_dtype, bos,
-            device, store_path, models_dir, progress) -> None:
+            device, store_path, models_dir, progress, engine, address, workers, num_gpus) -> None:
     """Harvest residual-stream activations into versioned Lance tables."""
+    from ep_store.engines import run_harvest
     from ep_store.harvest import HarvestConfig
-    from ep_store.harvest import harvest as run
     from ep_store.store import Store
 
     cfg = HarvestConfig(model, checkpoint, parse_layers(",".join(layers)), corpus, max_tokens, ctx, batch_size,
                         device, dtype, overwrite, storage_dtype, bos)
-    summary = run(cfg, Store(store_path), models_dir, progress)
-    summary.pop("config")
+    summary = run_harvest(cfg, Store(store_path), models_dir, ray_config(engine, address, workers, num_gpus), progress)
+    summary.pop("config", None)
     emit(summary)
 
 
@@ -194,13 +216,15 @@ def build(model, checkpoint, layer, percentile, calibration_tokens, calibration_
 @DEVICE
 @STORE
 @PROGRESS
+@engine_options
 @user_errors
-def assign(dictionary_key, activations, device, store_path, progress) -> None:
+def assign(dictionary_key, activations, device, store_path, progress, engine, address, workers, num_gpus) -> None:
     """Write nearest-exemplar regions and distances for every token of an activation dataset."""
-    from ep_store.dictionary import assign_dataset
+    from ep_store.engines import run_assign
     from ep_store.store import Store
 
-    emit(assign_dataset(Store(store_path), dictionary_key, activations, device, progress=progress))
+    emit(run_assign(Store(store_path), dictionary_key, activations, device,
+                    ray_config(engine, address, workers, num_gpus), progress))
 
 
 # -- SQL -----------------------------------------------------------------------------------------

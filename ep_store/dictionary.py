@@ -43,7 +43,7 @@ from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.leader import PRECISIONS, LeaderBuilder, LeaderState
 from ep_store.models import resolve_device
-from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.store import Store, arrow_to_vectors, commit_fragments, vectors_to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -357,42 +357,84 @@ def assignment_path(store: Store, key: DictionaryKey, activations: ActivationKey
     return folder / "foreign" / activations.relpath()
 
 
+ASSIGN_COLUMNS = ["doc_id", "pos", "vector"]
+
+
+@dataclass
+class AssignJob:
+    """One assignment of an activation dataset to a dictionary, validated and pinned to the
+    dataset's current version. The local engine streams it in this process; the Ray engine
+    (ep_store.engines) runs ``assign_batch`` in tasks over fragments; both commit once."""
+
+    store: Store
+    key: DictionaryKey
+    target: ActivationKey
+    dictionary: Dictionary
+    source: Path
+    source_version: int
+    rows: int
+    device: torch.device
+
+    @classmethod
+    def open(cls, store: Store, key: DictionaryKey | str, activations: ActivationKey | str | None,
+             device: str) -> AssignJob:
+        """Raises UsageError for an unknown dictionary or dataset, or widths that differ."""
+        key = key if isinstance(key, DictionaryKey) else DictionaryKey.parse(key)
+        dictionary = Dictionary.load(store, key)
+        target = key.activations if activations is None else (
+            activations if isinstance(activations, ActivationKey) else ActivationKey.parse(activations))
+        source = store.activation_path(target)
+        if not store.exists(source):
+            raise UsageError(f"no activations {target} in {store.root}; run ep harvest first")
+        info = store.info(source)
+        if info.width != dictionary.width:
+            raise UsageError(f"{target} has width {info.width} but {key} has width {dictionary.width}; "
+                             "assign activations of the same model and layer width")
+        return cls(store, key, target, dictionary, source, info.version, info.rows, resolve_device(device))
+
+    @property
+    def path(self) -> Path:
+        return assignment_path(self.store, self.key, self.target)
+
+    @property
+    def schema(self) -> pa.Schema:
+        provenance = {"dictionary": str(self.key), "activations": str(self.target),
+                      "activations_version": self.source_version}
+        return ASSIGNMENT_SCHEMA.with_metadata({b"ep_store": jsonio.dumps(provenance).encode()})
+
+    def assign_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """Assignment rows (doc_id, pos, region_id, distance) of one record batch of activations.
+
+        Degenerate rows (non-finite, or equal to the center) get region -1, distance NaN."""
+        x = torch.from_numpy(arrow_to_vectors(batch.column("vector"))).to(self.device)
+        result = nearest_exemplar(unit_directions(x, self.dictionary.center.to(self.device)),
+                                  self.dictionary.exemplars.to(self.device))
+        region = result.region_N.cpu().numpy().astype(np.int32)
+        return pa.record_batch([batch.column("doc_id"), batch.column("pos"), pa.array(region),
+                                pa.array(result.distance_N.cpu().numpy(), pa.float32())], schema=ASSIGNMENT_SCHEMA)
+
+    def commit(self, fragments: list[dict]) -> int:
+        """One commit making ``fragments`` (in order) the whole assignments dataset (Ray engine)."""
+        read_version = self.store.info(self.path).version if self.store.exists(self.path) else None
+        return commit_fragments(self.path, fragments, self.schema, read_version, append=False)
+
+
 def assign_dataset(store: Store, key: DictionaryKey | str, activations: ActivationKey | str | None = None,
                    device: str = "auto", batch_rows: int = 16384, progress: bool = True) -> dict:
-    """Assign every token of an activation dataset; one Lance commit, bounded memory."""
-    key = key if isinstance(key, DictionaryKey) else DictionaryKey.parse(key)
-    dictionary = Dictionary.load(store, key)
-    target = key.activations if activations is None else (
-        activations if isinstance(activations, ActivationKey) else ActivationKey.parse(activations))
-    source = store.activation_path(target)
-    if not store.exists(source):
-        raise UsageError(f"no activations {target} in {store.root}; run ep harvest first")
-    info = store.info(source)
-    if info.width != dictionary.width:
-        raise UsageError(f"{target} has width {info.width} but {key} has width {dictionary.width}; "
-                         "assign activations of the same model and layer width")
-    dev = resolve_device(device)
-    E = dictionary.exemplars.to(dev)
-    center = dictionary.center.to(dev)
+    """Assign every token of an activation dataset; one Lance commit, bounded memory.
+
+    Raises UsageError for an unknown dictionary or dataset, or widths that differ."""
+    job = AssignJob.open(store, key, activations, device)
     start = time.perf_counter()
-    bar = tqdm(total=info.rows, unit="tok", desc=f"assign {target}", disable=not progress)
+    bar = tqdm(total=job.rows, unit="tok", desc=f"assign {job.target}", disable=not progress)
 
     def batches():
-        for batch in store.scan(source, columns=["doc_id", "pos", "vector"], batch_size=batch_rows):
-            x = torch.from_numpy(arrow_to_vectors(batch.column("vector"))).to(dev)
-            # Degenerate rows (non-finite, or equal to the center) get region -1, distance NaN.
-            result = nearest_exemplar(unit_directions(x, center), E)
-            distance = result.distance_N.cpu().numpy()
-            region = result.region_N.cpu().numpy().astype(np.int32)
-            bar.update(x.shape[0])
-            yield pa.record_batch([batch.column("doc_id"), batch.column("pos"), pa.array(region),
-                                   pa.array(distance, pa.float32())], schema=ASSIGNMENT_SCHEMA)
+        for batch in store.scan(job.source, columns=ASSIGN_COLUMNS, batch_size=batch_rows, version=job.source_version):
+            bar.update(batch.num_rows)
+            yield job.assign_batch(batch)
 
-    path = assignment_path(store, key, target)
-    provenance = {"dictionary": str(key), "activations": str(target), "activations_version": info.version}
-    schema = ASSIGNMENT_SCHEMA.with_metadata({b"ep_store": jsonio.dumps(provenance).encode()})
-    version = store.write_stream(path, schema, batches())
+    version = store.write_stream(job.path, job.schema, batches())
     bar.close()
     seconds = time.perf_counter() - start
-    return {"dictionary": str(key), "activations": str(target), "tokens": info.rows, "version": version,
-            "seconds": round(seconds, 3), "tokens_per_s": round(info.rows / max(seconds, 1e-9), 1)}
+    return {"dictionary": str(job.key), "activations": str(job.target), "tokens": job.rows, "version": version,
+            "seconds": round(seconds, 3), "tokens_per_s": round(job.rows / max(seconds, 1e-9), 1)}

@@ -43,11 +43,11 @@ import pyarrow as pa
 import torch
 from tqdm import tqdm
 
-from ep_store import models
+from ep_store import jsonio, models
 from ep_store.corpus import Context, iter_contexts, iter_documents, special_prefix
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey
-from ep_store.store import Store, vectors_to_arrow
+from ep_store.store import META_KEY, Store, commit_fragments, vectors_to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -252,77 +252,170 @@ def prepare_keys(cfg: HarvestConfig, store: Store, config, prefix_ids: list[int]
     return held
 
 
-def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool = True) -> dict:
-    """Harvest ``cfg`` into ``store``; returns the run summary."""
+@dataclass
+class HarvestPlan:
+    """Everything decided before the first forward pass: the stream, the keys and what each
+    layer already holds. The local loop and the Ray engine (ep_store.engines) run the same
+    plan, so they store the same rows."""
+
+    cfg: HarvestConfig
+    store: Store
+    documents: list
+    tokenizer: object
+    prefix_ids: list[int]
+    held: dict[int, int]
+    """Rows each layer's dataset already holds (0 when new or overwritten)."""
+    config: object
+    """The model's config (block count, width)."""
+
+    @property
+    def keys(self) -> dict[int, ActivationKey]:
+        return {L: ActivationKey(self.cfg.model, self.cfg.checkpoint, L) for L in self.cfg.layers}
+
+    def meta(self, layer: int) -> dict:
+        return self.cfg.stream_meta(layer, self.prefix_ids)
+
+    def batches(self) -> Iterator[tuple[int, list[Context]]]:
+        """(first stream row, contexts) of every batch of the stream prefix, in order."""
+        contexts = take_tokens(iter_contexts(self.documents, self.tokenizer, self.cfg.ctx), self.cfg.max_tokens)
+        row = 0
+        for batch in batched(contexts, self.cfg.batch_size):
+            yield row, batch
+            row += sum(len(c.token_ids) for c in batch)
+
+    def todo(self) -> list[tuple[int, list[Context], dict[int, int | None]]]:
+        """(first stream row, contexts, rows to skip per layer) of every batch with rows still
+        to store; a layer whose rows are all held has skip None."""
+        work = []
+        for row, batch in self.batches():
+            n = sum(len(c.token_ids) for c in batch)
+            skip = {L: (max(0, self.held[L] - row) if self.held[L] < row + n else None) for L in self.cfg.layers}
+            if any(v is not None for v in skip.values()):
+                work.append((row, batch, skip))
+        return work
+
+    def commit(self, layer: int, fragments: list[dict]) -> int:
+        """One Lance commit of a layer's fragments (Ray engine): append, or create/replace."""
+        path = self.store.activation_path(self.keys[layer])
+        exists = self.store.exists(path) and not self.cfg.overwrite
+        schema = activation_schema(models.hidden_size(self.config), self.cfg.storage_dtype, self.meta(layer))
+        read_version = self.store.info(path).version if self.store.exists(path) else None
+        return commit_fragments(path, fragments, schema, read_version, append=exists)
+
+    def summary(self, new_tokens: int, seconds: float) -> dict:
+        return {
+            "datasets": [str(k) for k in self.keys.values()],
+            "tokens": new_tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(new_tokens / seconds, 1) if new_tokens and seconds else 0.0,
+            "storage_dtype": self.cfg.storage_dtype,
+            "vector_bytes_per_token": models.hidden_size(self.config)
+            * np.dtype(STORAGE_DTYPES[self.cfg.storage_dtype]).itemsize,
+            "prefix_ids": self.prefix_ids,
+        }
+
+
+def plan(cfg: HarvestConfig, store: Store, models_dir: Path) -> HarvestPlan:
+    """Read the corpus and validate everything (layers, limits, existing datasets) before
+    any weights are loaded or anything is written. Raises UsageError."""
     documents = list(iter_documents(cfg.corpus))  # read it all first: a bad file fails before any write
     if not documents:
         raise UsageError(f"corpus {cfg.corpus!r} holds no text; pass builtin or a non-empty file")
     config = models.load_config(cfg.model, cfg.checkpoint, models_dir)
     tokenizer = models.load_tokenizer(cfg.model, cfg.checkpoint, models_dir)
     prefix_ids = cfg.prefix_ids(tokenizer)
-    held = prepare_keys(cfg, store, config, prefix_ids)  # all checks before loading weights
+    held = prepare_keys(cfg, store, config, prefix_ids)
     models.resolve_device(cfg.device)
-    net, tokenizer = models.load(cfg.model, cfg.checkpoint, models_dir, cfg.device, cfg.dtype)
-    blocks = models.decoder_layers(net)
-    keys = {L: ActivationKey(cfg.model, cfg.checkpoint, L) for L in cfg.layers}
+    return HarvestPlan(cfg, store, documents, tokenizer, prefix_ids, held, config)
+
+
+def activation_schema(width: int, storage_dtype: str, meta: dict) -> pa.Schema:
+    """Schema of an activation dataset, with the stream metadata that produced it."""
+    vector = pa.list_(pa.from_numpy_dtype(STORAGE_DTYPES[storage_dtype]), width)
+    return pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()), ("token_id", pa.int32()), ("token", pa.string()),
+                      ("char_start", pa.int32()), ("char_end", pa.int32()), ("vector", vector)],
+                     metadata={META_KEY: jsonio.dumps(meta, sort_keys=True).encode()})
+
+
+class BatchRunner:
+    """The model, loaded once, turning one batch of contexts into one table per layer.
+
+    Both engines call this, so a batch gives the same rows whichever engine runs it."""
+
+    def __init__(self, cfg: HarvestConfig, models_dir: Path, prefix_ids: list[int]):
+        self.cfg, self.prefix_ids = cfg, prefix_ids
+        self.net, tokenizer = models.load(cfg.model, cfg.checkpoint, models_dir, cfg.device, cfg.dtype)
+        self.device = next(self.net.parameters()).device
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.capture = LayerCapture(models.decoder_layers(self.net), cfg.layers)
+        self.keys = {L: ActivationKey(cfg.model, cfg.checkpoint, L) for L in cfg.layers}
+
+    def tables(self, batch: list[Context], layers: list[int], stream_row: int = 0) -> dict[int, pa.Table]:
+        """Rows of every real token of ``batch`` (no BOS, no padding) for each of ``layers``.
+
+        Every layer is checked (storable) before any table is returned: a refused batch
+        writes nothing."""
+        ids, mask, first = batch_inputs(batch, self.prefix_ids, self.pad_id)
+        with torch.inference_mode():
+            hidden = self.capture.run(self.net, ids.to(self.device), mask.to(self.device))
+        keep = mask[:, first:].bool().reshape(-1).to(self.device)  # real tokens only, in row order
+        vectors = {L: storable(hidden[L][:, first:].reshape(-1, hidden[L].shape[-1])[keep],
+                               self.cfg, self.keys[L], stream_row) for L in layers}
+        columns = metadata_columns(batch)
+        dtype = STORAGE_DTYPES[self.cfg.storage_dtype]
+        return {L: pa.table({**columns, "vector": vectors_to_arrow(vectors[L], dtype)}) for L in layers}
+
+    def close(self) -> None:
+        self.capture.remove()
+
+
+def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool = True) -> dict:
+    """Harvest ``cfg`` into ``store`` in this process; returns the run summary.
+
+    One Lance commit per layer per batch; a rerun resumes after the rows already held.
+    Raises UsageError for bad input (before anything is written)."""
+    plan_ = plan(cfg, store, models_dir)
+    runner = BatchRunner(cfg, models_dir, plan_.prefix_ids)
+    keys = plan_.keys
     if cfg.overwrite:
         for key in keys.values():
             store.remove(store.activation_path(key))
     bytes_before = sum(_dir_bytes(store.activation_path(k)) for k in keys.values())
-
-    device = next(net.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    capture = LayerCapture(blocks, cfg.layers)
-    contexts = take_tokens(iter_contexts(documents, tokenizer, cfg.ctx), cfg.max_tokens)
-
-    stream_row = new_tokens = 0
+    held = dict(plan_.held)
+    total = new_tokens = 0
     forward_s = write_s = 0.0
     start = time.perf_counter()
     bar = tqdm(total=cfg.max_tokens, unit="tok", desc=f"harvest {cfg.model}/{cfg.checkpoint}", disable=not progress)
     try:
-        for batch in batched(contexts, cfg.batch_size):
+        for stream_row, batch in plan_.batches():
             n = sum(len(c.token_ids) for c in batch)
             todo = [L for L in cfg.layers if held[L] < stream_row + n]
             if todo:
                 t0 = time.perf_counter()
-                ids, mask, first = batch_inputs(batch, prefix_ids, pad_id)
-                with torch.inference_mode():
-                    hidden = capture.run(net, ids.to(device), mask.to(device))
-                keep = mask[:, first:].bool().reshape(-1)  # real tokens only, in row order
-                vectors = {L: storable(hidden[L][:, first:].reshape(-1, hidden[L].shape[-1])[keep.to(device)],
-                                       cfg, keys[L], stream_row) for L in todo}  # every layer checked before any write
-                columns = metadata_columns(batch)
+                tables = runner.tables(batch, todo, stream_row)
                 t1 = time.perf_counter()
                 for L in todo:
                     skip = max(0, held[L] - stream_row)  # rows of this batch already stored
-                    table = pa.table({**columns, "vector": vectors_to_arrow(vectors[L], STORAGE_DTYPES[cfg.storage_dtype])}
-                                     ).slice(skip)
-                    store.append_activations(keys[L], table, cfg.stream_meta(L, prefix_ids))
+                    store.append_activations(keys[L], tables[L].slice(skip), plan_.meta(L))
                     held[L] = stream_row + n
                 write_s += time.perf_counter() - t1
                 forward_s += t1 - t0
                 new_tokens += n
-            stream_row += n
             bar.update(n)
+            total = stream_row + n
     finally:
         bar.close()
-        capture.remove()
-    if stream_row == 0:
+        runner.close()
+    if total == 0:
         raise UsageError(f"corpus {cfg.corpus!r} produced no tokens")
     seconds = time.perf_counter() - start
     bytes_written = sum(_dir_bytes(store.activation_path(k)) for k in keys.values()) - bytes_before
     return {
-        "datasets": [str(k) for k in keys.values()],
-        "tokens": new_tokens,
-        "tokens_total": stream_row,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(new_tokens / seconds, 1) if new_tokens else 0.0,
+        **plan_.summary(new_tokens, seconds),
+        "tokens_total": total,
         "forward_seconds": round(forward_s, 3),
         "write_seconds": round(write_s, 3),
         "write_share": round(write_s / seconds, 4) if seconds else 0.0,
         "bytes_written": bytes_written,
-        "storage_dtype": cfg.storage_dtype,
-        "vector_bytes_per_token": models.hidden_size(config) * np.dtype(STORAGE_DTYPES[cfg.storage_dtype]).itemsize,
-        "prefix_ids": prefix_ids,
         "config": asdict(cfg),
     }

@@ -288,3 +288,48 @@ def _feed_digest(streams: dict, name: str, array: pa.Array) -> None:
         feed(f"{name}.values", np.ascontiguousarray(filled.to_numpy(zero_copy_only=False)).tobytes())
     else:  # anything else: a canonical text per value
         feed(f"{name}.text", "\0".join(repr(v) for v in array.to_pylist()).encode() + b"\0")
+
+
+# -- fragments: many writers, one commit (issue 13) ------------------------------------------------
+# Workers (Ray tasks) write data files with `write_fragments` and return their metadata as
+# JSON; one process commits them in stream order with `commit_fragments`. Until that commit
+# the files are invisible: an interrupted job leaves the dataset at its previous version, and
+# the orphaned files are removed by Lance's cleanup (or simply never referenced).
+
+
+def write_fragments(path: Path, table: pa.Table) -> list[dict]:
+    """Write ``table`` as uncommitted data files of the dataset at ``path``; their metadata."""
+    from lance.fragment import write_fragments as lance_write_fragments
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return [fragment.to_json() for fragment in lance_write_fragments(table, str(path), schema=table.schema)]
+
+
+def commit_fragments(path: Path, fragments: list[dict], schema: pa.Schema, read_version: int | None,
+                     append: bool) -> int:
+    """One commit of ``fragments`` in the given order: append them, or make them the
+    dataset's whole content (creating it when ``read_version`` is None).
+
+    ``read_version`` is the version the job planned against. Lance retries concurrent
+    commits that do not conflict; the per-key writer lock keeps two jobs of one key apart.
+    """
+    from lance.fragment import FragmentMetadata
+
+    metadata = [FragmentMetadata.from_json(jsonio.dumps(f)) for f in fragments]
+    if append and read_version is not None:
+        operation = lance.LanceOperation.Append(metadata)
+    else:
+        operation = lance.LanceOperation.Overwrite(schema, metadata)
+    return lance.LanceDataset.commit(str(path), operation, read_version=read_version).version
+
+
+def fragment_ids(path: Path, version: int | str | None = None) -> list[int]:
+    """Ids of the dataset's fragments, in stored order."""
+    return [f.fragment_id for f in Store.dataset(path, version).get_fragments()]
+
+
+def scan_fragment(path: Path, fragment_id: int, columns: list[str], batch_size: int = 16384,
+                  version: int | str | None = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of one fragment, in stored order, reading only ``columns``."""
+    fragment = Store.dataset(path, version).get_fragment(fragment_id)
+    yield from fragment.to_batches(columns=columns, batch_size=batch_size)

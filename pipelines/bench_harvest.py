@@ -39,6 +39,30 @@ def naive_tokens_per_s(cfg: HarvestConfig, models_dir: Path) -> float:
     return tokens / seconds
 
 
+def ray_figures(cfg: HarvestConfig, models_dir: Path, workers: int, local_tok_s: float) -> dict:
+    """The Ray engine on the same tokens: startup, end-to-end tok/s, and its overhead vs local."""
+    import ray
+
+    from ep_store.engines import RayConfig, ray_harvest
+
+    start = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    startup = time.perf_counter() - start
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = ray_harvest(cfg, Store(Path(tmp) / "store"), models_dir, RayConfig(workers=workers), progress=False)
+    finally:
+        ray.shutdown()
+    return {
+        "workers": workers, "ray_init_seconds": round(startup, 2),
+        "tokens_per_s": summary["tokens_per_s"],  # plan + tasks (each loads the model) + commit
+        "local_tokens_per_s": local_tok_s,
+        "speedup_vs_local": round(summary["tokens_per_s"] / local_tok_s, 2),
+        "task_forward_seconds": summary["forward_seconds"], "task_write_seconds": summary["write_seconds"],
+        "note": "one task per worker, 1 thread each; local uses every core in one process",
+    }
+
+
 @click.command()
 @click.option("--model", default="gemma-3-270m")
 @click.option("--checkpoint", default="base")
@@ -46,8 +70,9 @@ def naive_tokens_per_s(cfg: HarvestConfig, models_dir: Path) -> float:
 @click.option("--tokens", type=int, default=6144, help="Tokens per run (same batches for both).")
 @click.option("--models-dir", type=click.Path(path_type=Path), default=Path("data/models"))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/metrics/bench_harvest.json"))
-def main(model, checkpoint, layer, tokens, models_dir, out):
-    """Harvest vs naive full forward on the same batches; writes JSON."""
+@click.option("--ray-workers", type=int, default=2, help="Ray path: tasks (0 skips it).")
+def main(model, checkpoint, layer, tokens, models_dir, out, ray_workers):
+    """Harvest vs naive full forward on the same batches, and the Ray engine vs local; writes JSON."""
     torch.manual_seed(0)
     cfg = HarvestConfig(model, checkpoint, (layer,), "builtin", tokens, 128, 16, "cpu", "float32")
     naive = naive_tokens_per_s(cfg, models_dir)
@@ -61,7 +86,10 @@ def main(model, checkpoint, layer, tokens, models_dir, out):
         "speedup": round(summary["tokens_per_s"] / naive, 2),
         "write_share": summary["write_share"],
         "bytes_written": summary["bytes_written"],
+        "vector_bytes_per_token": summary["vector_bytes_per_token"],
     }
+    if ray_workers:
+        result["ray"] = ray_figures(cfg, models_dir, ray_workers, summary["tokens_per_s"])
     jsonio.write(out, result)
     click.echo(jsonio.dumps(result), err=True)
 
