@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +22,9 @@ import torch
 from tqdm import tqdm
 
 from ep_store import models
-from ep_store.corpus import Document, iter_contexts
+from ep_store.corpus import Context, Document, iter_contexts
 from ep_store.errors import UsageError
-from ep_store.harvest import LayerCapture, batch_inputs, batched
+from ep_store.harvest import LayerCapture, TokenText, batch_inputs, batched
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,15 @@ class TokenActivations:
     """Activations of every real token of a list of texts, in text order.
 
     ``x_ND[layer]`` float32 (N tokens, D); ``text_N`` index of each token's text;
-    ``token_id_N`` its token id; ``n_texts`` texts in all (a text may have no tokens).
+    ``token_id_N`` its token id; ``token_text`` id -> decoded text; ``n_texts`` texts in
+    all (a text may have no tokens).
     """
 
     x_ND: dict[int, np.ndarray]
     text_N: np.ndarray
     token_id_N: np.ndarray
     n_texts: int
+    token_text: dict[int, str] = field(default_factory=dict)
 
     def tokens_of(self, texts: np.ndarray) -> np.ndarray:
         """Boolean mask (N,) of the tokens that belong to the given text indices."""
@@ -53,7 +55,8 @@ def token_activations(model: str, checkpoint: str, layers: Sequence[int], texts:
     """Run ``model``/``checkpoint`` over ``texts`` and keep blocks ``layers``' outputs.
 
     Each text is tokenised without special tokens and cut to its first
-    ``max_tokens_per_text`` tokens (one context; harvest's code path). Raises UsageError
+    ``max_tokens_per_text`` tokens (one context; harvest's code path); a text may also be
+    a list of token ids. Raises UsageError
     when a layer is out of range or the model cannot be found.
     """
     config = models.load_config(model, checkpoint, models_dir)
@@ -64,9 +67,7 @@ def token_activations(model: str, checkpoint: str, layers: Sequence[int], texts:
     net, tokenizer = models.load(model, checkpoint, models_dir, device, dtype)
     dev = next(net.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    documents = [Document(i, f"text:{i}", t) for i, t in enumerate(texts)]
-    # One context per text: its first max_tokens_per_text tokens (iter_contexts yields start 0 first).
-    contexts = [c for c in iter_contexts(documents, tokenizer, max_tokens_per_text) if c.start_pos == 0]
+    contexts = first_contexts(texts, tokenizer, max_tokens_per_text)
     capture = LayerCapture(models.decoder_layers(net), layers)
     parts: dict[int, list[np.ndarray]] = {L: [] for L in layers}
     text_ids, token_ids = [], []
@@ -87,7 +88,27 @@ def token_activations(model: str, checkpoint: str, layers: Sequence[int], texts:
         capture.remove()
     width = config.hidden_size
     x = {L: np.concatenate(p) if p else np.zeros((0, width), np.float32) for L, p in parts.items()}
-    return TokenActivations(x, np.asarray(text_ids, np.int64), np.asarray(token_ids, np.int64), len(texts))
+    decode = TokenText(tokenizer)
+    token_text = {int(t): decode(int(t)) for t in set(token_ids)}
+    return TokenActivations(x, np.asarray(text_ids, np.int64), np.asarray(token_ids, np.int64), len(texts), token_text)
+
+
+def first_contexts(texts: Sequence, tokenizer, max_tokens: int) -> list[Context]:
+    """One context per text: its first ``max_tokens`` tokens (tokenised as harvest does).
+
+    A text given as a list of token ids (e.g. uniformly random ids for the OOD check) is
+    used as is; empty texts yield no context.
+    """
+    contexts, strings = [], []
+    for i, t in enumerate(texts):
+        if isinstance(t, str):
+            strings.append(Document(i, f"text:{i}", t))
+        elif len(t):
+            ids = [int(v) for v in t[:max_tokens]]
+            contexts.append(Context(i, 0, ids, [(0, 0)] * len(ids)))
+    # iter_contexts yields each document's contexts in order, the one at position 0 first
+    contexts += [c for c in iter_contexts(strings, tokenizer, max_tokens) if c.start_pos == 0]
+    return sorted(contexts, key=lambda c: c.doc_id)
 
 
 def pool_per_text(values_NF: np.ndarray, text_N: np.ndarray, n_texts: int) -> np.ndarray:
@@ -141,3 +162,69 @@ def dictionary_features(x_ND: np.ndarray, text_N: np.ndarray, n_texts: int, dict
         "ep_onehot": occupancy_per_text(region_N, text_N, n_texts, len(dictionary)),
         "ep_signed": signed_per_text(raw, dictionary.center.numpy(), dictionary.exemplars.numpy()),
     }
+
+
+def load_dictionaries(store, keys: Sequence[str], model: str | None = None, checkpoint: str | None = None):
+    """Dictionaries ``keys`` and the (model, checkpoint) their texts run through.
+
+    Every dictionary must come from one model; by default the texts run through the
+    dictionaries' own checkpoint. ``model``/``checkpoint`` override it (e.g. a base
+    dictionary read on a fine-tuned checkpoint's activations); a model other than the
+    dictionaries' is a UsageError (issue 10, bad input).
+    """
+    from ep_store.dictionary import Dictionary
+
+    if not keys:
+        raise UsageError("pass at least one --dictionary KEY (<model>/<checkpoint>/L<layer>/p<p>)")
+    dicts = [Dictionary.load(store, k) for k in keys]
+    sources = {(d.key.model, d.key.checkpoint) for d in dicts}
+    if len({m for m, _ in sources}) > 1:
+        raise UsageError(f"dictionaries come from several models ({', '.join(sorted(m for m, _ in sources))}); "
+                         "evaluate one model per run")
+    own_model = dicts[0].key.model
+    if model is not None and model != own_model:
+        raise UsageError(f"{dicts[0].key} was built from {own_model}, not {model}; run the texts through "
+                         f"{own_model} (drop --model) or pick a dictionary of {model}")
+    if checkpoint is None and len(sources) > 1:
+        raise UsageError("dictionaries come from several checkpoints; pass --checkpoint to run one of them")
+    return dicts, own_model, checkpoint or dicts[0].key.checkpoint
+
+
+@dataclass
+class TextRun:
+    """What an evaluation needs about how texts become tokens."""
+
+    models_dir: Path = Path("data/models")
+    """Folder of local model checkpoints."""
+    max_tokens_per_text: int = 64
+    """Tokens kept per text (its first ones), bounding the cost on 2 CPU cores."""
+    batch_size: int = 16
+    """Texts per forward pass."""
+    device: str = "auto"
+    """auto, cpu or cuda."""
+    progress: bool = False
+    """Show a progress bar over forward batches."""
+
+    def __post_init__(self):
+        if self.max_tokens_per_text < 1 or self.batch_size < 1:
+            raise UsageError("--max-tokens-per-text and --batch-size must be positive")
+
+
+def run_texts(dicts, model: str, checkpoint: str, texts: Sequence, run: TextRun) -> TokenActivations:
+    """Token activations at every dictionary's layer (one forward for all); width checked."""
+    layers = sorted({d.key.layer for d in dicts})
+    acts = token_activations(model, checkpoint, layers, texts, run.models_dir, run.max_tokens_per_text,
+                             run.batch_size, run.device, progress=run.progress)
+    for d in dicts:
+        if acts.x_ND[d.key.layer].shape[1] != d.width:
+            raise UsageError(f"{model}/{checkpoint} layer {d.key.layer} has width "
+                             f"{acts.x_ND[d.key.layer].shape[1]} but {d.key} has width {d.width}")
+    return acts
+
+
+def top_tokens(region_N: np.ndarray, token_id_N: np.ndarray, token_text: dict[int, str], region: int,
+               n: int = 5) -> list[list]:
+    """[[token, count], ...] most frequent tokens assigned to ``region`` among evaluated tokens."""
+    ids, counts = np.unique(token_id_N[region_N == region], return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:n]
+    return [[token_text.get(int(ids[i]), str(ids[i])), int(counts[i])] for i in order]

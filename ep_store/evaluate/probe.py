@@ -200,3 +200,103 @@ def sparse_probe(features: Mapping[str, np.ndarray], labels: Sequence, cfg: Prob
             rows.append(ProbeRow(f"{task}/{positive}" if task else positive, positive, k, len(train), len(test),
                                  acc, auc, chosen, baseline))
     return ProbeResult(rows, names, cfg.baseline, asdict(cfg))
+
+
+# -- the `ep eval probe` stage --------------------------------------------------------------------
+@dataclass
+class ProbeEvalConfig:
+    dictionaries: tuple[str, ...]
+    """Dictionary keys of one model (layers and percentiles may differ): one forward for all."""
+    data: str = "builtin"
+    """builtin, built-in task names (comma-separated, see ep_store.evaluate.tasks), or a .jsonl/.csv/.parquet file."""
+    text_field: str = "text"
+    """Field of a data file holding the text."""
+    label_field: str = "label"
+    """Field of a data file holding the class label."""
+    model: str | None = None
+    """Model to run the texts through (default: the dictionaries'; another model is bad input)."""
+    checkpoint: str | None = None
+    """Checkpoint to run the texts through (default: the dictionaries')."""
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """The SAEBench protocol constants."""
+    top_tokens_k: int = 5
+    """Report the regions chosen at this k with their top tokens."""
+
+
+def _plot_by_k(records_by_dict: dict[str, list[dict]], out) -> dict[str, str]:
+    from ep_store import plots
+
+    images = {}
+    for key, means in records_by_dict.items():
+        ks = [str(m["k"]) for m in means]
+        series = {name: [m[name] for m in means] for name in ("raw_accuracy", "raw_topk_accuracy",
+                                                               "ep_onehot_accuracy", "ep_signed_accuracy")
+                  if name in means[0]}
+        slug = key.replace("/", "~")
+        images[key] = plots.lines(ks, series, out / f"accuracy_by_k~{slug}.png", f"{key}: sparse probing",
+                                  "k (features)", "mean test accuracy")
+    return images
+
+
+def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None) -> dict:
+    """``ep eval probe``: sparse probing of raw vs EP one-hot vs EP signed for each dictionary.
+
+    Writes ``out``/metrics.json (per task and k, and means per k), accuracy_by_k~<key>.png,
+    chosen_regions.json (regions chosen at ``top_tokens_k`` with their top tokens); returns
+    the one-line summary. All input checks run before the model is loaded or anything written.
+    """
+    from ep_store.evaluate import features, tasks
+    from ep_store.evaluate.output import dumps, output_folder, write_metrics
+
+    dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
+    task_list = tasks.probe_tasks(cfg.data, cfg.text_field, cfg.label_field)
+    for t in task_list:
+        try:
+            check_labels(t.labels, cfg.probe.min_per_class)
+        except UsageError as err:
+            raise UsageError(f"task {t.name}: {err}") from None
+    texts = list(dict.fromkeys(text for t in task_list for text in t.texts))
+    index = {text: i for i, text in enumerate(texts)}
+    acts = features.run_texts(dicts, model, checkpoint, texts, run)
+    records, means, chosen, metrics = {}, {}, {}, {}
+    for d in dicts:
+        key = str(d.key)
+        x = acts.x_ND[d.key.layer]
+        pooled = features.dictionary_features(x, acts.text_N, acts.n_texts, d)
+        region_N, _ = d.assign(x)
+        records[key], metrics[key], chosen[key] = [], {}, {}
+        results = []
+        for t in task_list:
+            rows = np.array([index[text] for text in t.texts])
+            result = sparse_probe({n: X[rows] for n, X in pooled.items()}, t.labels, cfg.probe, task=t.name)
+            results.append(result)
+            records[key] += result.records()
+            metrics[key][t.name] = {f"k{m['k']}": _headline(m) for m in result.mean_by_k()}
+            for r in result.rows:
+                if r.k == cfg.top_tokens_k:
+                    chosen[key][r.task] = {name: [{"region_id": k, "top_tokens": features.top_tokens(
+                        region_N, acts.token_id_N, acts.token_text, k)} for k in r.chosen[name]]
+                        for name in ("ep_onehot", "ep_signed")}
+        means[key] = ProbeResult([r for res in results for r in res.rows], results[0].names, cfg.probe.baseline).mean_by_k()
+        metrics[key]["all_tasks"] = {f"k{m['k']}": _headline(m) for m in means[key]}
+    with output_folder(out) as tmp:
+        images = _plot_by_k(means, tmp)
+        (tmp / "metrics.json").write_text(dumps({"records": records, "mean_by_k": means, "metrics": metrics,
+                                                 "model": model, "checkpoint": checkpoint,
+                                                 "texts": len(texts), "tokens": int(len(acts.text_N)),
+                                                 "tasks": {t.name: len(t.texts) for t in task_list},
+                                                 "config": asdict(cfg), "plots": images}))
+        (tmp / "chosen_regions.json").write_text(dumps(chosen))
+    write_metrics(metrics_path, metrics)
+    return {"dictionaries": [str(d.key) for d in dicts], "model": f"{model}/{checkpoint}", "texts": len(texts),
+            "tokens": int(len(acts.text_N)), "tasks": len(records[str(dicts[0].key)]) // len(cfg.probe.ks),
+            "out": str(out),
+            "retention_onehot_k1": {k: v["all_tasks"].get("k1", {}).get("retention_onehot") for k, v in metrics.items()}}
+
+
+HEADLINE = ("raw_accuracy", "raw_topk_accuracy", "ep_onehot_accuracy", "ep_signed_accuracy",
+            "retention_onehot", "retention_signed")
+
+
+def _headline(mean: dict) -> dict:
+    return {name: round(mean[name], 4) for name in HEADLINE if name in mean}
