@@ -400,6 +400,24 @@ def eval_probe(dictionaries, data, text_field, label_field, ks, model, checkpoin
     emit_eval(run_probe_eval(cfg, Store(store_path), run, out, metrics_path))
 
 
+@eval_group.command("concepts")
+@click.option("--data", default="builtin", show_default=True,
+              help="builtin, or a .jsonl/.csv/.parquet file with concept/text/label "
+                   "(or AxBench's output_concept/output/category).")
+@click.option("--test-fraction", type=float, default=0.5, show_default=True, help="Held-out share per concept.")
+@eval_options
+@user_errors
+def eval_concepts(dictionaries, data, test_fraction, model, checkpoint, max_tokens_per_text, batch_size, out,
+                  metrics_path, seed, device, store_path, models_dir, progress) -> None:
+    """AxBench latent concept detection: AUROC of the best region vs difference of means."""
+    from ep_store.evaluate.concepts import ConceptConfig, ConceptEvalConfig, run_concept_eval
+    from ep_store.store import Store
+
+    cfg = ConceptEvalConfig(tuple(dictionaries), data, model, checkpoint, ConceptConfig(test_fraction, seed=seed))
+    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
+    emit_eval(run_concept_eval(cfg, Store(store_path), run, out, metrics_path))
+
+
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 
