@@ -348,7 +348,7 @@ def eval_group() -> None:
 
 
 EVAL_DICTS = click.option("--dictionary", "dictionaries", multiple=True, required=True,
-                          help="<model>/<checkpoint>/L<layer>/p<p>; repeat for several of one model (one forward).")
+                          help="<model>/<checkpoint>/L<layer>/p<p>; repeat (or comma-separate) for several of one model: one forward.")
 EVAL_RUN = [
     click.option("--model", default=None, help="Run the texts through this model (default: the dictionaries').",),
     click.option("--checkpoint", default=None, help="Run the texts through this checkpoint (default: the dictionaries')."),
@@ -357,6 +357,8 @@ EVAL_RUN = [
     click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for metrics.json and plots."),
     click.option("--metrics", "metrics_path", type=click.Path(path_type=Path), default=None,
                  help="Also write the headline metrics here (for dvc metrics show)."),
+    click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
+                 help="Also copy the PNG plots, alone, into this folder (for dvc plots show)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits."),
     DEVICE, STORE, MODELS, PROGRESS,
 ]
@@ -366,6 +368,11 @@ def eval_options(fn):
     for option in reversed(EVAL_RUN):
         fn = option(fn)
     return EVAL_DICTS(fn)
+
+
+def _keys(dictionaries) -> tuple[str, ...]:
+    """--dictionary may repeat and may hold comma-separated keys."""
+    return tuple(k.strip() for d in dictionaries for k in d.split(",") if k.strip())
 
 
 def _text_run(models_dir, max_tokens_per_text, batch_size, device, progress):
@@ -389,15 +396,15 @@ def emit_eval(summary: dict) -> None:
 @eval_options
 @user_errors
 def eval_probe(dictionaries, data, text_field, label_field, ks, model, checkpoint, max_tokens_per_text, batch_size,
-               out, metrics_path, seed, device, store_path, models_dir, progress) -> None:
+               out, metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
     """SAEBench sparse probing: raw residual vs EP one-hot vs EP signed projection, per task and k."""
     from ep_store.evaluate.probe import ProbeConfig, ProbeEvalConfig, run_probe_eval
     from ep_store.store import Store
 
     probe = ProbeConfig(ks=tuple(k.strip() for k in ks.split(",") if k.strip()), seed=seed)
-    cfg = ProbeEvalConfig(tuple(dictionaries), data, text_field, label_field, model, checkpoint, probe)
+    cfg = ProbeEvalConfig(_keys(dictionaries), data, text_field, label_field, model, checkpoint, probe)
     run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
-    emit_eval(run_probe_eval(cfg, Store(store_path), run, out, metrics_path))
+    emit_eval(run_probe_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
 
 
 @eval_group.command("concepts")
@@ -408,14 +415,14 @@ def eval_probe(dictionaries, data, text_field, label_field, ks, model, checkpoin
 @eval_options
 @user_errors
 def eval_concepts(dictionaries, data, test_fraction, model, checkpoint, max_tokens_per_text, batch_size, out,
-                  metrics_path, seed, device, store_path, models_dir, progress) -> None:
+                  metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
     """AxBench latent concept detection: AUROC of the best region vs difference of means."""
     from ep_store.evaluate.concepts import ConceptConfig, ConceptEvalConfig, run_concept_eval
     from ep_store.store import Store
 
-    cfg = ConceptEvalConfig(tuple(dictionaries), data, model, checkpoint, ConceptConfig(test_fraction, seed=seed))
+    cfg = ConceptEvalConfig(_keys(dictionaries), data, model, checkpoint, ConceptConfig(test_fraction, seed=seed))
     run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
-    emit_eval(run_concept_eval(cfg, Store(store_path), run, out, metrics_path))
+    emit_eval(run_concept_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
 
 
 @eval_group.command("ood")
@@ -427,15 +434,15 @@ def eval_concepts(dictionaries, data, test_fraction, model, checkpoint, max_toke
 @eval_options
 @user_errors
 def eval_ood(dictionaries, in_corpus, ood_corpus, documents, model, checkpoint, max_tokens_per_text, batch_size, out,
-             metrics_path, seed, device, store_path, models_dir, progress) -> None:
+             metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
     """Nearest-exemplar distance as an OOD score: within-theta rate, quantiles, AUROC per set."""
     from ep_store.evaluate.ood import OODConfig, run_ood_eval
     from ep_store.store import Store
 
     files = tuple(p.strip() for p in ood_corpus.split(",") if p.strip())
-    cfg = OODConfig(tuple(dictionaries), in_corpus, files, documents, seed=seed, model=model, checkpoint=checkpoint)
+    cfg = OODConfig(_keys(dictionaries), in_corpus, files, documents, seed=seed, model=model, checkpoint=checkpoint)
     run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
-    emit_eval(run_ood_eval(cfg, Store(store_path), run, out, metrics_path))
+    emit_eval(run_ood_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
 
 
 def _list_questions_in_help() -> None:

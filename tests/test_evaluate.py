@@ -186,3 +186,18 @@ def test_ood_auroc_orders_random_over_shuffled_over_heldout(gemma_models_dir, tm
     sets = json.loads((tmp_path / "out" / "metrics.json").read_text())["metrics"][key]
     assert sets["random_tokens"]["auroc_tokens"] > sets["shuffled"]["auroc_tokens"] > sets["heldout"]["auroc_tokens"]
     assert abs(sets["heldout"]["auroc_tokens"] - 0.5) < 0.15
+
+
+def test_pipeline_evaluates_dictionaries_the_pipeline_builds():
+    import yaml
+
+    from ep_store.keys import DictionaryKey
+    from tests.conftest import ROOT
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    built = {(t["model"], t["checkpoint"], L, float(p)) for t in params["harvest"]["targets"]
+             for L in params["build"]["layers"] for p in params["build"]["percentiles"]}
+    for target in params["evaluate"]["targets"]:
+        keys = [DictionaryKey.parse(k) for k in target["dictionaries"].split(",")]
+        assert keys and all((k.model, k.checkpoint) == (target["model"], target["checkpoint"]) for k in keys)
+        assert all((k.model, k.checkpoint, k.layer, float(k.percentile)) in built for k in keys)

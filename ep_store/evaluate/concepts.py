@@ -131,14 +131,14 @@ class ConceptEvalConfig:
     """The AxBench protocol constants."""
 
 
-def run_concept_eval(cfg: ConceptEvalConfig, store, run, out, metrics_path=None) -> dict:
+def run_concept_eval(cfg: ConceptEvalConfig, store, run, out, metrics_path=None, plots_dir=None) -> dict:
     """``ep eval concepts``: writes ``out``/metrics.json (per concept and mean AUROC, EP vs
     difference of means) and auroc.png; returns the one-line summary."""
     import torch
 
     from ep_store import plots
     from ep_store.evaluate import features, tasks
-    from ep_store.evaluate.output import dumps, output_folder, write_metrics
+    from ep_store.evaluate.output import copy_images, dumps, output_folder, write_metrics
 
     dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
     rows = tasks.concept_rows(cfg.data)
@@ -167,5 +167,6 @@ def run_concept_eval(cfg: ConceptEvalConfig, store, run, out, metrics_path=None)
             "checkpoint": checkpoint, "texts": len(texts), "tokens": int(len(acts.text_N)),
             "config": asdict(cfg), "plots": [image]}))
     write_metrics(metrics_path, metrics)
+    copy_images(out, plots_dir)
     return {"dictionaries": list(metrics), "model": f"{model}/{checkpoint}", "concepts": len(results[str(dicts[0].key)].concepts),
             "texts": len(texts), "out": str(out), "metrics": metrics}

@@ -154,11 +154,11 @@ def _histograms(per_set: dict[str, np.ndarray], theta: float, path: Path, title:
     return plots._save(fig, path)
 
 
-def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None) -> dict:
+def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None, plots_dir=None) -> dict:
     """``ep eval ood``: writes ``out``/metrics.json (per dictionary and set) and one overlaid
     histogram per dictionary; returns the one-line summary."""
     from ep_store.evaluate import features
-    from ep_store.evaluate.output import dumps, output_folder, write_metrics
+    from ep_store.evaluate.output import copy_images, dumps, output_folder, write_metrics
 
     dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
     reference, heldout = in_distribution(cfg.in_corpus, cfg.documents)
@@ -198,6 +198,7 @@ def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None) -> dict:
             "theta": {k: r.theta for k, r in results.items()}, "model": model, "checkpoint": checkpoint,
             "config": asdict(cfg), "plots": images}))
     write_metrics(metrics_path, metrics)
+    copy_images(out, plots_dir)
     return {"dictionaries": list(metrics), "model": f"{model}/{checkpoint}", "sets": list(dist), "out": str(out),
             "auroc_tokens": {k: {n: v.get("auroc_tokens") for n, v in m.items() if n != "reference"}
                              for k, m in metrics.items()}}

@@ -61,3 +61,12 @@ def write_metrics(path: Path | None, metrics: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(dumps(metrics))
     tmp.replace(path)
+
+
+def copy_images(out: Path, plots_dir: Path | None) -> None:
+    """Also put ``out``'s PNGs, alone, in ``plots_dir`` (a DVC ``plots:`` folder), replacing it."""
+    if plots_dir is None or Path(plots_dir) == Path(out):
+        return
+    with output_folder(Path(plots_dir)) as tmp:
+        for png in sorted(Path(out).glob("*.png")):
+            shutil.copy2(png, tmp / png.name)

@@ -238,7 +238,7 @@ def _plot_by_k(records_by_dict: dict[str, list[dict]], out) -> dict[str, str]:
     return images
 
 
-def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None) -> dict:
+def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None, plots_dir=None) -> dict:
     """``ep eval probe``: sparse probing of raw vs EP one-hot vs EP signed for each dictionary.
 
     Writes ``out``/metrics.json (per task and k, and means per k), accuracy_by_k~<key>.png,
@@ -246,7 +246,7 @@ def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None) -> 
     the one-line summary. All input checks run before the model is loaded or anything written.
     """
     from ep_store.evaluate import features, tasks
-    from ep_store.evaluate.output import dumps, output_folder, write_metrics
+    from ep_store.evaluate.output import copy_images, dumps, output_folder, write_metrics
 
     dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
     task_list = tasks.probe_tasks(cfg.data, cfg.text_field, cfg.label_field)
@@ -288,6 +288,7 @@ def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None) -> 
                                                  "config": asdict(cfg), "plots": images}))
         (tmp / "chosen_regions.json").write_text(dumps(chosen))
     write_metrics(metrics_path, metrics)
+    copy_images(out, plots_dir)
     return {"dictionaries": [str(d.key) for d in dicts], "model": f"{model}/{checkpoint}", "texts": len(texts),
             "tokens": int(len(acts.text_N)), "tasks": len(records[str(dicts[0].key)]) // len(cfg.probe.ks),
             "out": str(out),
