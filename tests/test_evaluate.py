@@ -201,3 +201,15 @@ def test_pipeline_evaluates_dictionaries_the_pipeline_builds():
         keys = [DictionaryKey.parse(k) for k in target["dictionaries"].split(",")]
         assert keys and all((k.model, k.checkpoint) == (target["model"], target["checkpoint"]) for k in keys)
         assert all((k.model, k.checkpoint, k.layer, float(k.percentile)) in built for k in keys)
+
+
+def test_eval_links_from_reports(tmp_path):
+    from ep_store.evaluate.output import eval_links
+    from ep_store.keys import DictionaryKey
+
+    key = DictionaryKey.parse("gemma-3-270m/base/L6/p1")
+    out = tmp_path / "data" / "reports" / "dictionaries" / "gemma-3-270m" / "base" / "L6" / "p1"
+    links = dict(eval_links(out, [key]))
+    assert links["probe: gemma-3-270m~base"] == "../../../../../evals/probe/gemma-3-270m~base/index.html"
+    assert len(links) == 3
+    assert eval_links(tmp_path / "elsewhere", [key]) == []

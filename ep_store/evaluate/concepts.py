@@ -138,7 +138,13 @@ def run_concept_eval(cfg: ConceptEvalConfig, store, run, out, metrics_path=None,
 
     from ep_store import plots
     from ep_store.evaluate import features, tasks
-    from ep_store.evaluate.output import copy_images, dumps, output_folder, write_metrics
+    from ep_store.evaluate.output import (
+        copy_images,
+        dumps,
+        output_folder,
+        write_index,
+        write_metrics,
+    )
 
     dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
     rows = tasks.concept_rows(cfg.data)
@@ -166,6 +172,7 @@ def run_concept_eval(cfg: ConceptEvalConfig, store, run, out, metrics_path=None,
             "metrics": metrics, "concepts": {k: r.concepts for k, r in results.items()}, "model": model,
             "checkpoint": checkpoint, "texts": len(texts), "tokens": int(len(acts.text_N)),
             "config": asdict(cfg), "plots": [image]}))
+        write_index(tmp, f"Concept detection: {model}/{checkpoint}", metrics, [image])
     write_metrics(metrics_path, metrics)
     copy_images(out, plots_dir)
     return {"dictionaries": list(metrics), "model": f"{model}/{checkpoint}", "concepts": len(results[str(dicts[0].key)].concepts),

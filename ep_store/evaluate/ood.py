@@ -158,7 +158,13 @@ def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None, plots_dir=N
     """``ep eval ood``: writes ``out``/metrics.json (per dictionary and set) and one overlaid
     histogram per dictionary; returns the one-line summary."""
     from ep_store.evaluate import features
-    from ep_store.evaluate.output import copy_images, dumps, output_folder, write_metrics
+    from ep_store.evaluate.output import (
+        copy_images,
+        dumps,
+        output_folder,
+        write_index,
+        write_metrics,
+    )
 
     dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
     reference, heldout = in_distribution(cfg.in_corpus, cfg.documents)
@@ -197,6 +203,7 @@ def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None, plots_dir=N
             "metrics": metrics, "sets": {k: r.sets for k, r in results.items()},
             "theta": {k: r.theta for k, r in results.items()}, "model": model, "checkpoint": checkpoint,
             "config": asdict(cfg), "plots": images}))
+        write_index(tmp, f"OOD distance: {model}/{checkpoint}", metrics, images)
     write_metrics(metrics_path, metrics)
     copy_images(out, plots_dir)
     return {"dictionaries": list(metrics), "model": f"{model}/{checkpoint}", "sets": list(dist), "out": str(out),

@@ -70,3 +70,48 @@ def copy_images(out: Path, plots_dir: Path | None) -> None:
     with output_folder(Path(plots_dir)) as tmp:
         for png in sorted(Path(out).glob("*.png")):
             shutil.copy2(png, tmp / png.name)
+
+
+EVALS = ("probe", "concepts", "ood")  # folder names under <reports>/evals/ (the eval_* DVC stages)
+
+
+def eval_links(out: Path, keys) -> list[tuple[str, str]]:
+    """(label, relative href) of the evaluation pages of dictionaries ``keys`` for a report
+    written to ``out``: ``<reports>/evals/<eval>/<model>~<checkpoint>/index.html`` where
+    ``<reports>`` is the nearest parent of ``out`` named ``reports`` (the pipeline's layout).
+    Empty when ``out`` lies under no such folder."""
+    out = Path(out).resolve()
+    root = next((p for p in [out, *out.parents] if p.name == "reports"), None)
+    if root is None:
+        return []
+    links = []
+    for key in keys:
+        slug = f"{key.model}~{key.checkpoint}"
+        for name in EVALS:
+            target = root / "evals" / name / slug / "index.html"
+            links.append((f"{name}: {slug}", os.path.relpath(target, out)))
+    return list(dict.fromkeys(links))
+
+
+def _flat(prefix: str, value, rows: list) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix} / {k}" if prefix else str(k), v, rows)
+    else:
+        rows.append((prefix, value))
+
+
+def write_index(folder: Path, title: str, metrics: dict, images: list[str]) -> None:
+    """A small index.html: the headline metrics as a table and the plots."""
+    import jinja2
+
+    rows: list = []
+    _flat("", strict(metrics), rows)
+    page = jinja2.Environment(autoescape=True).from_string(
+        "<!doctype html><meta charset='utf-8'><title>{{ title }}</title>"
+        "<style>body{font:14px system-ui;margin:1.5em auto;max-width:1100px}td{padding:1px 10px}"
+        "img{width:48%;min-width:320px;border:1px solid #ddd}</style><h1>{{ title }}</h1>"
+        "<p><a href='metrics.json'>metrics.json</a></p><table>{% for k, v in rows %}<tr><td>{{ k }}</td>"
+        "<td>{{ v }}</td></tr>{% endfor %}</table>{% for i in images %}<img src='{{ i }}'>{% endfor %}"
+    ).render(title=title, rows=rows, images=images)
+    (Path(folder) / "index.html").write_text(page, encoding="utf-8")

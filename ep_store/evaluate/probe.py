@@ -246,7 +246,13 @@ def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None, plo
     the one-line summary. All input checks run before the model is loaded or anything written.
     """
     from ep_store.evaluate import features, tasks
-    from ep_store.evaluate.output import copy_images, dumps, output_folder, write_metrics
+    from ep_store.evaluate.output import (
+        copy_images,
+        dumps,
+        output_folder,
+        write_index,
+        write_metrics,
+    )
 
     dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
     task_list = tasks.probe_tasks(cfg.data, cfg.text_field, cfg.label_field)
@@ -287,6 +293,8 @@ def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None, plo
                                                  "tasks": {t.name: len(t.texts) for t in task_list},
                                                  "config": asdict(cfg), "plots": images}))
         (tmp / "chosen_regions.json").write_text(dumps(chosen))
+        write_index(tmp, f"Sparse probing: {model}/{checkpoint}", {k: v["all_tasks"] for k, v in metrics.items()},
+                    list(images.values()))
     write_metrics(metrics_path, metrics)
     copy_images(out, plots_dir)
     return {"dictionaries": [str(d.key) for d in dicts], "model": f"{model}/{checkpoint}", "texts": len(texts),
