@@ -46,7 +46,8 @@ def test_forward_reproduces_harvested_vectors(tiny_store, models_dir):
     assert acts.x_ND[1].shape == stored.shape
     assert np.array_equal(acts.text_N, doc[keep])
     assert np.array_equal(acts.token_id_N, table.column("token_id").to_numpy()[keep])
-    np.testing.assert_allclose(acts.x_ND[1].astype(np.float16).astype(np.float32), stored, rtol=0, atol=1e-6)
+    # the store may hold float16 (rounding) or float32 (exact) vectors
+    np.testing.assert_allclose(acts.x_ND[1], stored, rtol=1e-3, atol=1e-3)
 
 
 def test_pooled_features_equal_brute_force_over_stored_assignments(built_store):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ep_store import models
 from ep_store.corpus import Context, Document, iter_contexts
 from ep_store.errors import UsageError
-from ep_store.harvest import LayerCapture, TokenText, batch_inputs, batched
+from ep_store.harvest import LayerCapture, batch_inputs, batched
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ def token_activations(model: str, checkpoint: str, layers: Sequence[int], texts:
     net, tokenizer = models.load(model, checkpoint, models_dir, device, dtype)
     dev = next(net.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prefix = context_prefix(tokenizer)
     contexts = first_contexts(texts, tokenizer, max_tokens_per_text)
     capture = LayerCapture(models.decoder_layers(net), layers)
     parts: dict[int, list[np.ndarray]] = {L: [] for L in layers}
@@ -74,7 +75,7 @@ def token_activations(model: str, checkpoint: str, layers: Sequence[int], texts:
     try:
         for batch in tqdm(list(batched(contexts, batch_size)), desc=f"forward {model}/{checkpoint}",
                           unit="batch", disable=not progress):
-            ids, mask, first = batch_inputs(batch, tokenizer.bos_token_id, pad_id)
+            ids, mask, first = batch_inputs(batch, prefix, pad_id)
             with torch.inference_mode():
                 hidden = capture.run(net, ids.to(dev), mask.to(dev))
             keep = mask[:, first:].bool().reshape(-1).to(dev)  # real tokens only, in row order
@@ -88,9 +89,24 @@ def token_activations(model: str, checkpoint: str, layers: Sequence[int], texts:
         capture.remove()
     width = config.hidden_size
     x = {L: np.concatenate(p) if p else np.zeros((0, width), np.float32) for L, p in parts.items()}
-    decode = TokenText(tokenizer)
-    token_text = {int(t): decode(int(t)) for t in set(token_ids)}
+    token_text = {int(t): tokenizer.decode([int(t)]) for t in set(token_ids)}
     return TokenActivations(x, np.asarray(text_ids, np.int64), np.asarray(token_ids, np.int64), len(texts), token_text)
+
+
+def context_prefix(tokenizer):
+    """What harvest puts before each context: since issue 8 (``corpus.special_prefix``) the
+    tokenizer's own BOS convention as a list of ids; before it, the BOS id (or None)."""
+    try:
+        from ep_store.corpus import special_prefix
+    except ImportError:
+        return tokenizer.bos_token_id
+    return special_prefix(tokenizer)
+
+
+def _id_context(doc_id: int, ids: list[int]) -> Context:
+    """A context of given token ids (no text: empty offsets and token strings)."""
+    extra = [[""] * len(ids)] if "tokens" in Context.__dataclass_fields__ else []  # issue 8 adds token strings
+    return Context(doc_id, 0, ids, [(0, 0)] * len(ids), *extra)
 
 
 def first_contexts(texts: Sequence, tokenizer, max_tokens: int) -> list[Context]:
@@ -105,7 +121,7 @@ def first_contexts(texts: Sequence, tokenizer, max_tokens: int) -> list[Context]
             strings.append(Document(i, f"text:{i}", t))
         elif len(t):
             ids = [int(v) for v in t[:max_tokens]]
-            contexts.append(Context(i, 0, ids, [(0, 0)] * len(ids)))
+            contexts.append(_id_context(i, ids))
     # iter_contexts yields each document's contexts in order, the one at position 0 first
     contexts += [c for c in iter_contexts(strings, tokenizer, max_tokens) if c.start_pos == 0]
     return sorted(contexts, key=lambda c: c.doc_id)
