@@ -348,7 +348,8 @@ def eval_group() -> None:
 
 
 EVAL_DICTS = click.option("--dictionary", "dictionaries", multiple=True, required=True,
-                          help="<model>/<checkpoint>/L<layer>/p<p>; repeat (or comma-separate) for several of one model: one forward.")
+                          help="<model>/<checkpoint>/L<layer>/p<p>, or <model>/<checkpoint>/all; repeat (or comma-separate) "
+                               "for several of one model: one forward.")
 EVAL_RUN = [
     click.option("--model", default=None, help="Run the texts through this model (default: the dictionaries').",),
     click.option("--checkpoint", default=None, help="Run the texts through this checkpoint (default: the dictionaries')."),

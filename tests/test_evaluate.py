@@ -13,6 +13,7 @@ import pytest
 
 from ep_store.corpus import iter_documents
 from ep_store.dictionary import BuildConfig, Dictionary, build
+from ep_store.errors import UsageError
 from ep_store.evaluate import features
 from ep_store.evaluate.concepts import ConceptEvalConfig, run_concept_eval
 from ep_store.evaluate.features import TextRun
@@ -189,19 +190,18 @@ def test_ood_auroc_orders_random_over_shuffled_over_heldout(gemma_models_dir, tm
     assert abs(sets["heldout"]["auroc_tokens"] - 0.5) < 0.15
 
 
-def test_pipeline_evaluates_dictionaries_the_pipeline_builds():
+def test_pipeline_evaluates_checkpoints_the_pipeline_builds(built_store):
     import yaml
 
-    from ep_store.keys import DictionaryKey
+    from ep_store.evaluate.features import expand_keys
     from tests.conftest import ROOT
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    built = {(t["model"], t["checkpoint"], L, float(p)) for t in params["harvest"]["targets"]
-             for L in params["build"]["layers"] for p in params["build"]["percentiles"]}
-    for target in params["evaluate"]["targets"]:
-        keys = [DictionaryKey.parse(k) for k in target["dictionaries"].split(",")]
-        assert keys and all((k.model, k.checkpoint) == (target["model"], target["checkpoint"]) for k in keys)
-        assert all((k.model, k.checkpoint, k.layer, float(k.percentile)) in built for k in keys)
+    harvested = {(t["model"], t["checkpoint"]) for t in params["harvest"]["targets"]}
+    assert {(t["model"], t["checkpoint"]) for t in params["evaluate"]["targets"]} <= harvested
+    assert expand_keys(built_store, ["tiny/base/all"]) == [KEY]
+    with pytest.raises(UsageError, match="no dictionaries match"):
+        expand_keys(built_store, ["tiny/other/all"])
 
 
 def test_eval_links_from_reports(tmp_path):

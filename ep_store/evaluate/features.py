@@ -180,6 +180,28 @@ def dictionary_features(x_ND: np.ndarray, text_N: np.ndarray, n_texts: int, dict
     }
 
 
+ALL_OF = "/all"  # <model>/<checkpoint>/all: every dictionary of that checkpoint in the store
+
+
+def expand_keys(store, keys: Sequence[str]) -> list[str]:
+    """Keys with ``<model>/<checkpoint>/all`` replaced by every such dictionary in the store
+    (so a pipeline stage names a checkpoint, and params keep one list of layers)."""
+    from ep_store.store import Store
+
+    store = store if isinstance(store, Store) else Store(store)
+    out = []
+    for key in keys:
+        if not key.endswith(ALL_OF):
+            out.append(key)
+            continue
+        found = [str(k) for k in store.list_dictionaries() if f"{k.model}/{k.checkpoint}" == key[: -len(ALL_OF)]]
+        if not found:
+            known = ", ".join(str(k) for k in store.list_dictionaries()) or "none"
+            raise UsageError(f"no dictionaries match {key} in {store.root} (known: {known})")
+        out += found
+    return list(dict.fromkeys(out))
+
+
 def load_dictionaries(store, keys: Sequence[str], model: str | None = None, checkpoint: str | None = None):
     """Dictionaries ``keys`` and the (model, checkpoint) their texts run through.
 
@@ -192,7 +214,7 @@ def load_dictionaries(store, keys: Sequence[str], model: str | None = None, chec
 
     if not keys:
         raise UsageError("pass at least one --dictionary KEY (<model>/<checkpoint>/L<layer>/p<p>)")
-    dicts = [Dictionary.load(store, k) for k in keys]
+    dicts = [Dictionary.load(store, k) for k in expand_keys(store, keys)]
     sources = {(d.key.model, d.key.checkpoint) for d in dicts}
     if len({m for m, _ in sources}) > 1:
         raise UsageError(f"dictionaries come from several models ({', '.join(sorted(m for m, _ in sources))}); "
