@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from ep_store import jsonio, plots
 from ep_store.corpus import iter_documents
+from ep_store.evaluate.output import eval_links
 from ep_store.keys import DictionaryKey
 from ep_store.match import MatchConfig, match
 from ep_store.prompts import labelled_spans
@@ -133,7 +134,7 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
         "introduced": region_entries(db, kb, introduced[:top], sizes_b, context), "n_introduced": len(introduced),
         "dropped": region_entries(db, ka, dropped[:top], sizes_a, context), "n_dropped": len(dropped),
         "drifted": drifted, "transitions": transitions, "flows": flows, "steps": steps,
-        "enrichment": enrichment, "finding": finding,
+        "enrichment": enrichment, "finding": finding, "evals": eval_links(out, [ka, kb]),
     }
     html = environment().get_template("diff.html.j2").render(**context_data)
     (out / "index.html").write_text(html, encoding="utf-8")

@@ -79,8 +79,11 @@ def dictionary_report(store, key: DictionaryKey | str, out: Path, context: int =
                                          f"{key}: distance to nearest exemplar", "cosine distance", "tokens",
                                          vline=summary["theta"]),
     }
+    from ep_store.evaluate.output import eval_links
+
     html = environment().get_template("dictionary.html.j2").render(
-        key=str(key), summary=summary, percentile=key.relpath().name, images=images, cards=cards, context=context)
+        key=str(key), summary=summary, percentile=key.relpath().name, images=images, cards=cards, context=context,
+        evals=eval_links(out, [key]))
     (out / "index.html").write_text(html, encoding="utf-8")
     (out / "regions.json").write_text(jsonio.dumps(cards))
     return {"dictionary": str(key), "out": str(out / "index.html"), "regions": len(cards),
