@@ -8,7 +8,12 @@ of decoder block ``layer`` (0-based), the point TransformerLens calls
 
 Each batch is appended as one Lance commit per layer. The stream of rows is deterministic
 (corpus, tokenizer, ctx), so a rerun skips the rows each layer already holds and resumes
-with no token missing or repeated.
+with no token missing or repeated. A resume first proves it continues the same stream
+(issue 8, A4): the tokenizer and weights fingerprints stored with the dataset must match,
+and the stored rows' (doc_id, pos, token_id, token, char span) must equal the new stream's
+prefix; otherwise it stops with exit 2 and says to pass --overwrite. One harvest per key
+at a time (writer locks, exit 2 naming the other process), and each dataset is compacted
+into few fragments at the end (a compaction version: same rows, same order).
 
     ep harvest --model gemma-3-270m --checkpoint base --layers 6,12 --corpus builtin \
         --max-tokens 20000 --ctx 128 --batch-size 16 --store data/store
@@ -17,6 +22,7 @@ with no token missing or repeated.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -187,7 +193,7 @@ def prepare_keys(cfg: HarvestConfig, store: Store, n_blocks: int) -> dict[int, i
         held[layer] = 0
         if store.exists(path) and not cfg.overwrite:
             info = store.info(path)
-            if info.meta != cfg.stream_meta(layer):
+            if {k: v for k, v in info.meta.items() if k != "fingerprint"} != cfg.stream_meta(layer):
                 raise UsageError(
                     f"{path} was harvested with other options ({info.meta}); pass --overwrite to replace it"
                 )
@@ -196,7 +202,23 @@ def prepare_keys(cfg: HarvestConfig, store: Store, n_blocks: int) -> dict[int, i
 
 
 def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool = True) -> dict:
-    """Harvest ``cfg`` into ``store``; returns the run summary."""
+    """Harvest ``cfg`` into ``store``; returns the run summary.
+
+    Holds the writer lock of every key it writes (UsageError, exit 2, naming the process
+    that holds one), and compacts each dataset at the end (issue 8, A2 and A3).
+    """
+    keys = [ActivationKey(cfg.model, cfg.checkpoint, L) for L in cfg.layers]
+    with contextlib.ExitStack() as locks:
+        for key in keys:
+            locks.enter_context(store.lock(store.activation_path(key), f"activations {key}"))
+        summary = _harvest_locked(cfg, store, models_dir, progress)
+        summary["compaction"] = {str(k): store.compact(store.activation_path(k)) for k in keys
+                                 if store.exists(store.activation_path(k))}
+    return summary
+
+
+def _open(cfg: HarvestConfig, store: Store, models_dir: Path):
+    """Checks, model and tokenizer, resume proof; (documents, held rows per layer, net, tokenizer, fingerprint)."""
     documents = list(iter_documents(cfg.corpus))  # read it all first: a bad file fails before any write
     if not documents:
         raise UsageError(f"corpus {cfg.corpus!r} holds no text; pass builtin or a non-empty file")
@@ -204,11 +226,19 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
     held = prepare_keys(cfg, store, config.num_hidden_layers)  # all checks before loading weights
     models.resolve_device(cfg.device)
     net, tokenizer = models.load(cfg.model, cfg.checkpoint, models_dir, cfg.device, cfg.dtype)
+    fingerprint = stream_fingerprint(net, tokenizer)
+    if cfg.overwrite:
+        for layer in cfg.layers:
+            store.remove(store.activation_path(ActivationKey(cfg.model, cfg.checkpoint, layer)))
+    else:
+        check_same_stream(cfg, store, held, fingerprint, documents, tokenizer)
+    return documents, held, net, tokenizer, fingerprint
+
+
+def _harvest_locked(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool) -> dict:
+    documents, held, net, tokenizer, fingerprint = _open(cfg, store, models_dir)
     blocks = models.decoder_layers(net)
     keys = {L: ActivationKey(cfg.model, cfg.checkpoint, L) for L in cfg.layers}
-    if cfg.overwrite:
-        for key in keys.values():
-            store.remove(store.activation_path(key))
     bytes_before = sum(_dir_bytes(store.activation_path(k)) for k in keys.values())
 
     device = next(net.parameters()).device
@@ -244,7 +274,7 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
                 for L in todo:
                     skip = max(0, held[L] - stream_row)  # rows of this batch already stored
                     table = pa.table({**columns, "vector": vectors_to_arrow(vectors[L])}).slice(skip)
-                    store.append_activations(keys[L], table, cfg.stream_meta(L))
+                    store.append_activations(keys[L], table, {**cfg.stream_meta(L), "fingerprint": fingerprint})
                     held[L] = stream_row + n
                 write_s += time.perf_counter() - t1
                 forward_s += t1 - t0
@@ -261,6 +291,10 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
     for layer, n in overflow.items():
         if n:
             log.warning("%s: %d vectors overflowed float16 and are stored as inf", keys[layer], n)
+    return _summary(cfg, keys, new_tokens, stream_row, seconds, forward_s, write_s, bytes_written, overflow)
+
+
+def _summary(cfg, keys, new_tokens, stream_row, seconds, forward_s, write_s, bytes_written, overflow) -> dict:
     return {
         "datasets": [str(k) for k in keys.values()],
         "tokens": new_tokens,
@@ -274,3 +308,105 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
         "nonfinite_vectors": {str(keys[L]): n for L, n in overflow.items() if n},
         "config": asdict(cfg),
     }
+
+
+# -- resume proof (issue 8, A4) -------------------------------------------------------------------
+STREAM_INT_COLUMNS = ("doc_id", "pos", "token_id", "char_start", "char_end")
+
+
+def stream_fingerprint(net: torch.nn.Module, tokenizer) -> dict:
+    """Identity of what the stored rows depend on beside the harvest options.
+
+    tokenizer: sha256 of its class, special tokens and, for fast tokenizers, its whole
+    JSON (vocabulary, merges, normalizer, pre-tokenizer, post-processor, added tokens);
+    else its sorted vocabulary. model: sha256 of the config and of every parameter's name,
+    shape, dtype and a strided sample of up to 4,096 of its values. It is computed from the
+    loaded weights, not from files: copying or re-saving a checkpoint (new mtimes, other
+    shards) does not trip it, and it costs a few ms instead of a pass over every byte,
+    while any fine-tune moves essentially every value of the tensors it trains, so a
+    sample of each tensor catches it.
+    """
+    tok = hashlib.sha256(type(tokenizer).__name__.encode())
+    tok.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tok.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    model = hashlib.sha256(net.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().numpy()
+            model.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+            model.update(sample.tobytes())
+    return {"tokenizer": tok.hexdigest(), "model": model.hexdigest()}
+
+
+class StreamDigest:
+    """sha256 of rows' (doc_id, pos, token_id, char_start, char_end, token), however they are batched."""
+
+    def __init__(self):
+        self.ints, self.text, self.rows = hashlib.sha256(), hashlib.sha256(), 0
+
+    def update(self, columns, stop: int | None = None) -> None:
+        """Add the first ``stop`` rows (all by default) of a table, record batch or dict of arrays."""
+        table = pa.table(columns) if isinstance(columns, dict) else columns
+        stop = table.num_rows if stop is None else stop
+        table = table.slice(0, stop)
+        ints = np.column_stack([table.column(c).to_numpy().astype(np.int64) for c in STREAM_INT_COLUMNS])
+        self.ints.update(ints.tobytes())
+        self.text.update("".join(f"{t}\0" for t in table.column("token").to_pylist()).encode("utf-8", "surrogatepass"))
+        self.rows += stop
+
+    def copy(self) -> StreamDigest:
+        other = StreamDigest()
+        other.ints, other.text, other.rows = self.ints.copy(), self.text.copy(), self.rows
+        return other
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(self.ints.digest() + self.text.digest()).hexdigest()
+
+
+def stored_digest(store: Store, key: ActivationKey, rows: int) -> StreamDigest:
+    digest = StreamDigest()
+    for batch in store.scan(store.activation_path(key), columns=[*STREAM_INT_COLUMNS, "token"], batch_size=65536,
+                            limit=rows):
+        digest.update(batch)
+    return digest
+
+
+def check_same_stream(cfg: HarvestConfig, store: Store, held: dict[int, int], fingerprint: dict,
+                      documents, tokenizer) -> None:
+    """Refuse (UsageError) to resume a dataset whose rows came from another text, tokenizer or model."""
+    targets: dict[int, list[int]] = {}
+    for layer, rows in held.items():
+        if not rows:
+            continue
+        key = ActivationKey(cfg.model, cfg.checkpoint, layer)
+        stored = store.info(store.activation_path(key)).meta.get("fingerprint", {})
+        for part, what in (("tokenizer", "tokenizer"), ("model", "model weights")):
+            if stored.get(part) != fingerprint[part]:
+                raise UsageError(f"{key} holds {rows} rows harvested with another {what} than {cfg.model}/"
+                                 f"{cfg.checkpoint} has now; pass --overwrite to harvest it again from scratch")
+        targets.setdefault(min(rows, cfg.max_tokens), []).append(layer)
+    if not targets:
+        return
+    expected = {n: stored_digest(store, ActivationKey(cfg.model, cfg.checkpoint, layers[0]), n).hexdigest()
+                for n, layers in targets.items()}
+    digest, token_text, row = StreamDigest(), TokenText(tokenizer), 0
+    contexts = take_tokens(iter_contexts(documents, tokenizer, cfg.ctx), max(targets))
+    for batch in batched(contexts, cfg.batch_size):
+        columns = pa.table(metadata_columns(batch, token_text))
+        for n in sorted(t for t in targets if row < t <= row + columns.num_rows):
+            prefix = digest.copy()
+            prefix.update(columns, n - row)
+            if prefix.hexdigest() != expected.pop(n):
+                _refuse_other_text(cfg, targets[n], n)
+        digest.update(columns)
+        row += columns.num_rows
+    if expected:  # the stream ended before the rows already stored
+        _refuse_other_text(cfg, targets[min(expected)], min(expected))
+
+
+def _refuse_other_text(cfg: HarvestConfig, layers: list[int], rows: int):
+    key = ActivationKey(cfg.model, cfg.checkpoint, layers[0])
+    raise UsageError(f"{key} holds {rows} rows of another token stream than corpus {cfg.corpus!r} gives now "
+                     "(its text changed); pass --overwrite to harvest it again from scratch")
