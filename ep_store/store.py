@@ -202,9 +202,11 @@ class Store:
     def compact(self, path: Path, target_rows: int = 1 << 20) -> dict:
         """Merge small fragments into one new commit (a *compaction version*).
 
-        The new version holds the same rows, in the same order, as the version before it;
-        every earlier version and tag stays readable (nothing is cleaned up). A dataset that
-        needs no compaction gets no new version. Callers hold the key's lock.
+        Lance commits it as two versions (a fragment-id reservation, then the rewrite); both
+        hold the same rows, in the same order, as the version before them. Every earlier
+        version and tag stays readable: nothing is cleaned up, so the old fragments stay on
+        disk beside the merged ones until someone deletes old versions. A dataset with one
+        fragment gets no new version. Callers hold the key's writer lock.
         """
         check_inside(self.root, path)
         ds = lance.dataset(str(path))
@@ -214,6 +216,36 @@ class Store:
             ds = lance.dataset(str(path))
         return {"path": str(path), "fragments_before": before, "fragments": len(ds.get_fragments()),
                 "rows": ds.count_rows(), "version": ds.version}
+
+    def compact_keys(self, keys: list[str] | None = None) -> list[dict]:
+        """Compact the datasets of activation keys (m/c/L6) or dictionary keys (m/c/L6/p1); None: all.
+
+        Each key is compacted under its writer lock (UsageError while another process writes
+        it); a dictionary's exemplars, assignments and foreign assignments are all compacted.
+        """
+        from ep_store.keys import DictionaryKey
+
+        targets: list[tuple[Path, list[Path], str]] = []
+        if keys is None:
+            keys = [str(k) for k in self.list_activations()] + [str(k) for k in self.list_dictionaries()]
+        for text in keys:
+            if text.rsplit("/", 1)[-1].startswith("p"):
+                dkey = DictionaryKey.parse(text)
+                folder = self.dictionary_dir(dkey)
+                paths = sorted(p for p in folder.rglob("*.lance") if self.exists(p))
+                targets.append((folder, paths, f"dictionary {dkey}"))
+            else:
+                akey = ActivationKey.parse(text)
+                path = self.activation_path(akey)
+                targets.append((path, [path] if self.exists(path) else [], f"activations {akey}"))
+        missing = [what for _, paths, what in targets if not paths]
+        if missing:
+            raise UsageError(f"nothing to compact for {', '.join(missing)}; see: ep store ls")
+        results = []
+        for lock_target, paths, what in targets:
+            with self.lock(lock_target, what):
+                results += [{"key": what, **self.compact(path)} for path in paths]
+        return results
 
     # -- locks ---------------------------------------------------------------------------------
     def lock_path(self, target: Path) -> Path:
