@@ -29,6 +29,7 @@ from ep_store.dictionary import Dictionary
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.store import Store, arrow_to_vectors
 from tests.conftest import ROOT
+from tests.crash_child import run_ep
 
 SEED = 20261201
 KILLS = {"harvest": 6, "build L1": 3, "build L2": 3, "assign": 4, "match": 4}  # 20 kills
@@ -56,31 +57,19 @@ def steps(store: Path, models_dir: Path) -> dict[str, list[str]]:
     }
 
 
-def _child(args: list[str], log: str) -> None:
-    """Run ``ep ARGS`` in this forked process, output to ``log``."""
-    import sys
-
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    sys.argv = ["ep", *args]
-    from ep_store.cli import main
-
-    main(args=args, prog_name="ep")
-
-
 @pytest.fixture(scope="module")
 def launcher():
     """Forked ``ep`` processes from a server that preloaded the heavy imports."""
     os.environ["PYTHONPATH"] = str(ROOT)  # the server and its children run this checkout
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "transformers", "ep_store.cli", "ep_store.harvest", "ep_store.dictionary",
-                                "ep_store.match", "tests.test_crash"])
+    # Not lance (not fork-safe) nor anything that imports it: children import it themselves.
+    ctx.set_forkserver_preload(["torch", "transformers", "transformers.models.gemma3.modeling_gemma3", "ep_store.cli",
+                                "tests.crash_child"])
     return ctx
 
 
 def start(ctx, args: list[str], log: Path):
-    proc = ctx.Process(target=_child, args=(args, str(log)))
+    proc = ctx.Process(target=run_ep, args=(args, str(log)))
     proc.start()
     return proc
 
