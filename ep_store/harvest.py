@@ -381,7 +381,10 @@ def check_same_stream(cfg: HarvestConfig, store: Store, held: dict[int, int], fi
         if not rows:
             continue
         key = ActivationKey(cfg.model, cfg.checkpoint, layer)
-        stored = store.info(store.activation_path(key)).meta.get("fingerprint", {})
+        stored = store.info(store.activation_path(key)).meta.get("fingerprint")
+        if stored is None:
+            raise UsageError(f"{key} was harvested before stream fingerprints were recorded, so a resume cannot "
+                             "prove it continues the same stream; pass --overwrite to harvest it again")
         for part, what in (("tokenizer", "tokenizer"), ("model", "model weights")):
             if stored.get(part) != fingerprint[part]:
                 raise UsageError(f"{key} holds {rows} rows harvested with another {what} than {cfg.model}/"

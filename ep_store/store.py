@@ -271,6 +271,7 @@ class Store:
             finally:
                 held[1] -= 1
             return
+        created_root = not self.root.exists()
         fd = _acquire(path, what)
         _Held.locks[name] = [fd, 1]
         try:
@@ -284,6 +285,9 @@ class Store:
             os.close(fd)
             with contextlib.suppress(OSError):
                 path.parent.rmdir()  # only when empty: leave no trace in a DVC output
+            if created_root:  # a refused first write leaves no empty store folder behind
+                with contextlib.suppress(OSError):
+                    self.root.rmdir()
 
     @staticmethod
     def tag(path: Path, name: str) -> int:
