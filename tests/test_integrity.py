@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -116,28 +117,36 @@ def env():
 
 
 def test_concurrent_harvests_one_refused(models_dir, tmp_path):
-    """Two real processes harvest one key: the second exits 2 naming the first; rows are exact."""
+    """Two real processes harvest one key: the second exits 2 naming the first; rows are exact.
+
+    The first is paused (SIGSTOP) once it holds the lock, so the second surely runs while it
+    does, however fast or loaded the machine; then it goes on and completes.
+    """
     store = tmp_path / "store"
-    args = [sys.executable, "-m", "ep_store", *harvest_args(store, models_dir, **{"--max-tokens": "4000",
-                                                                                 "--ctx": "8", "--batch-size": "1"})]
+    args = [sys.executable, "-m", "ep_store", *harvest_args(store, models_dir, **{"--max-tokens": "600",
+                                                                                 "--ctx": "8", "--batch-size": "2"})]
     first = subprocess.Popen(args, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     locks = store / ".locks"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
 
     def first_holds_lock() -> bool:
         return any(f'"pid": {first.pid}' in p.read_text() for p in locks.glob("*.lock")) if locks.exists() else False
 
     while not first_holds_lock():
         assert time.time() < deadline and first.poll() is None, first.communicate()
-        time.sleep(0.05)
-    second = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err
     assert second.returncode == 2, second.stderr
     assert f"pid {first.pid}" in second.stderr and "ep_store" in second.stderr and "started" in second.stderr
     table = Store(store).read_table(Store(store).activation_path(ActivationKey("tiny", "base", 1)))
     keys = list(zip(table.column("doc_id").to_pylist(), table.column("pos").to_pylist()))
-    assert len(keys) == len(set(keys)) == 4000
+    assert len(keys) == len(set(keys)) == 600
     assert not locks.exists()
 
 
