@@ -255,11 +255,15 @@ def _cluster(cfg: BuildConfig, store: Store, source: Path, source_version: int, 
     # Read in large chunks (fewer Lance calls); the builder cuts them at batch boundaries.
     read_rows = max(cfg.batch_size, STREAM_ROWS)
     for x, rows in stream_vectors(store, source, read_rows, None, cfg.skip_nonfinite, source_version):
+        skip = max(0, min(x.shape[0], consumed_before - seen))  # rows a previous build consumed
+        seen += x.shape[0]
+        if skip == x.shape[0]:
+            continue
+        # Rows are left: stopping here is a stop, not the end of the stream. (Checking this before
+        # skipping made a rerun of a finished build say max_tokens and publish a new version.)
         if builder.state.stop_reason is not None or builder.state.tokens >= budget:
             exhausted = False
             break
-        skip = max(0, min(x.shape[0], consumed_before - seen))  # rows a previous build consumed
-        seen += x.shape[0]
         take = min(x.shape[0] - skip, budget - builder.state.tokens)
         if take > 0:
             u = unit_directions(x[skip : skip + take].to(builder.device), center)

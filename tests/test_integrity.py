@@ -245,3 +245,18 @@ def test_resume_refuses_another_stream(own_models, tmp_path, change, tiny_tokeni
     # The same stream still resumes.
     assert CliRunner().invoke(main, harvest_args(store, own_models, **{"--corpus": str(corpus),
                                                                         "--max-tokens": "700"})).exit_code == 0
+
+
+def test_rerun_of_a_finished_build_writes_nothing(tiny_store, tmp_path):
+    """Found by the crash test: a rerun of a finished build said max_tokens and published a new version."""
+    shutil.copytree(tiny_store, tmp_path / "store")
+    store = Store(tmp_path / "store")
+    cfg = BuildConfig("tiny", "base", 1, 5.0, calibration_tokens=500, calibration_batch=100, batch_size=256,
+                      device="cpu")
+    first = build(cfg, store, progress=False)
+    folder = store.dictionary_dir(cfg.key)
+    before = tree_snapshot(folder)
+    again = build(cfg, store, progress=False)
+    assert first["stop_reason"] == again["stop_reason"] == "end_of_stream"
+    assert again["unchanged"] and "assign" not in again and tree_snapshot(folder) == before
+    assert len(Dictionary.load(store, cfg.key).meta["history"]) == 1
