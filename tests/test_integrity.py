@@ -252,7 +252,7 @@ def test_rerun_of_a_finished_build_writes_nothing(tiny_store, tmp_path):
     shutil.copytree(tiny_store, tmp_path / "store")
     store = Store(tmp_path / "store")
     cfg = BuildConfig("tiny", "base", 1, 5.0, calibration_tokens=500, calibration_batch=100, batch_size=256,
-                      device="cpu")
+                      saturation_window=100, device="cpu")  # runs to the end of the stream
     first = build(cfg, store, progress=False)
     folder = store.dictionary_dir(cfg.key)
     before = tree_snapshot(folder)
