@@ -1,13 +1,15 @@
 """The ``ep`` command: a thin click layer. Each subcommand builds a config and calls one
-library function; the last line it prints is a one-line JSON summary.
+library function.
 
-Bad input raises ``UsageError``, which becomes one line on stderr and exit code 2.
+Streams (issue 8, item 9): stdout carries only data (query results, listings), so
+``ep sql ... --format csv > f.csv`` is exactly the CSV; the one-line JSON summary that ends
+every command, progress bars, logs and errors go to stderr. Bad input raises
+``UsageError``, which becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import click
 
 from ep_store.errors import UsageError
+from ep_store.questions import DEFAULTS as QDEFAULTS
 
 STORE = click.option("--store", "store_path", type=click.Path(path_type=Path), default=Path("data/store"),
                      show_default=True, help="Root folder of the store.")
@@ -26,8 +29,10 @@ PROGRESS = click.option("--progress/--no-progress", default=True, help="Show pro
 
 
 def emit(summary: dict) -> None:
-    """The last line of every command: one line of JSON."""
-    click.echo(json.dumps(summary, default=str))
+    """The last line of every command: one line of strict JSON, on stderr (stdout is data)."""
+    from ep_store import jsonio
+
+    click.echo(jsonio.dumps(summary), err=True)
 
 
 def user_errors(fn):
@@ -100,7 +105,8 @@ def parse_layers(text: str) -> tuple[int, ...]:
 @main.command()
 @click.option("--model", required=True, help="Model name (local folder or hub id).")
 @click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
-@click.option("--layers", required=True, help="Comma-separated 0-based blocks, e.g. 6,12.")
+@click.option("--layers", required=True, multiple=True,
+              help="0-based blocks, comma-separated and/or repeated: 6,12 or --layers 6 --layers 12.")
 @click.option("--corpus", default="builtin", show_default=True, help="builtin and/or .txt/.jsonl/.parquet files, comma-separated.")
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens to store.")
 @click.option("--ctx", type=int, default=128, show_default=True, help="Tokens per context (BOS not counted).")
@@ -119,7 +125,7 @@ def harvest(model, checkpoint, layers, corpus, max_tokens, ctx, batch_size, dtyp
     from ep_store.harvest import harvest as run
     from ep_store.store import Store
 
-    cfg = HarvestConfig(model, checkpoint, parse_layers(layers), corpus, max_tokens, ctx, batch_size,
+    cfg = HarvestConfig(model, checkpoint, parse_layers(",".join(layers)), corpus, max_tokens, ctx, batch_size,
                         device, dtype, overwrite)
     summary = run(cfg, Store(store_path), models_dir, progress)
     summary.pop("config")
@@ -223,7 +229,10 @@ def show(table, fmt: str, output: Path | None, summary: dict) -> None:
 def sql(query, fmt, output, as_of, store_path) -> None:
     """Run one read-only SQL query over the store's views.
 
-    Views: dictionaries, exemplars, exemplar_vectors, assignments, tokens, saturation, matches.
+    \b
+    Views: dictionaries, exemplars, exemplar_vectors, exemplar_vectors_d<width>, assignments,
+    tokens, saturation, matches, match_overlaps.
+    Data goes to stdout, the summary line to stderr; writes are refused.
     """
     from ep_store.sql import StoreDB
 
@@ -234,29 +243,27 @@ def sql(query, fmt, output, as_of, store_path) -> None:
 @main.command()
 @click.argument("dictionary_key")
 @click.argument("question", required=False)
-@click.option("--limit", type=int, default=20, show_default=True, help="Regions to show.")
-@click.option("--context", type=int, default=8, show_default=True, help="Tokens of context either side.")
-@click.option("--per-region", type=int, default=3, show_default=True, help="Contexts per region.")
+@click.option("--against", default=None, help="Dictionary B of a pair question (KEY is A).")
+@click.option("--limit", type=int, default=None, help=f"Regions or rows to show [default: {QDEFAULTS['limit']}].")
+@click.option("--context", type=int, default=None, help=f"Tokens of context either side [default: {QDEFAULTS['context']}].")
+@click.option("--per-region", type=int, default=None, help=f"Contexts per region [default: {QDEFAULTS['per_region']}].")
+@click.option("--top", type=int, default=None, help=f"Top tokens per region [default: {QDEFAULTS['top']}].")
 @FORMAT
 @OUTPUT
 @AS_OF
 @STORE
 @user_errors
-def stats(dictionary_key, question, limit, context, per_region, fmt, output, as_of, store_path) -> None:
-    """Canned questions about one dictionary; without QUESTION, list them."""
-    from ep_store.questions import questions
-    from ep_store.sql import StoreDB, ask
+def stats(dictionary_key, question, against, limit, context, per_region, top, fmt, output, as_of, store_path) -> None:
+    """Canned questions about one dictionary (or a pair, with --against); without QUESTION, list them."""
+    from ep_store.sql import StoreDB, ask_any, question_table
 
     db = StoreDB(store_path, as_of)
     key = db.require(dictionary_key)
     if question is None:
-        table = db.query("SELECT * FROM dictionaries WHERE key = $key", {"key": str(key)})
-        for q in questions().values():
-            click.echo(f"{q.name}: {q.description}")
-        show(table, fmt, output, {"questions": list(questions())})
+        show(question_table(), fmt, output, {"dictionary": str(key)})
         return
-    table = ask(db, key, question, limit=limit, context=context, per_region=per_region)
-    show(table, fmt, output, {"dictionary": str(key), "question": question})
+    table = ask_any(db, str(key), question, against, limit=limit, context=context, per_region=per_region, top=top)
+    show(table, fmt, output, {"dictionary": str(key), "question": question, "against": against})
 
 
 # -- reports -------------------------------------------------------------------------------------
@@ -301,8 +308,9 @@ def finetune(model, base, to, steps, save_every, batch_size, lr, seed, metrics, 
 
     summary = run(FinetuneConfig(model, base, to, steps, save_every, batch_size, lr, seed), models_dir, progress)
     if metrics is not None:
-        metrics.parent.mkdir(parents=True, exist_ok=True)
-        metrics.write_text(json.dumps(summary, indent=2) + "\n")
+        from ep_store import jsonio
+
+        jsonio.write(metrics, summary)
     emit(summary)
 
 
@@ -341,6 +349,23 @@ def diff_cmd(a, b, out, top, context, cutoff, store_path, models_dir) -> None:
     emit(diff_report(store_path, a, b, out, models_dir, top, context, cutoff))
 
 
+# -- digests (issue 8, item 20) -------------------------------------------------------------------
+@store.command("digest")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--metrics", type=click.Path(path_type=Path), default=None,
+              help="Also write the digests to this JSON file (a DVC metric).")
+@user_errors
+def store_digest(paths, metrics) -> None:
+    """Digest of the logical content of Lance datasets, files or folders: rows and values in
+    stored order, independent of file names, fragment layout and timestamps."""
+    from ep_store.digest import digests
+
+    found = digests(list(paths), metrics)
+    for path, d in found.items():
+        click.echo(f"{d['digest']}\t{d.get('rows', '')}\t{path}")
+    emit({"paths": len(found), "metrics": str(metrics) if metrics else None})
+
+
 # -- store maintenance (issue 8, A2) -------------------------------------------------------------------
 @store.command("compact")
 @click.argument("keys", nargs=-1)
@@ -354,14 +379,15 @@ def store_compact(keys, all_, store_path) -> None:
     if bool(keys) == all_:
         raise UsageError("pass one or more keys (e.g. gemma-3-270m/base/L6) or --all, not both")
     results = Store(store_path).compact_keys(None if all_ else list(keys))
-    click.echo(json.dumps({"compacted": results}, default=str), err=True)
+    emit({"compacted": results})
 
 
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 
-    lines = "\n".join(f"  {q.name}: {q.description}" for q in questions().values())
-    stats.help = f"{stats.help}\n\n\b\nQuestions:\n{lines}"
+    single = "\n".join(f"  {q.usage()}" for q in questions().values() if not q.pair)
+    pair = "\n".join(f"  {q.usage()}" for q in questions().values() if q.pair)
+    stats.help = f"{stats.help}\n\n\b\nQuestions about one dictionary:\n{single}\n\n\b\nPair questions (A = KEY):\n{pair}"
 
 
 _list_questions_in_help()

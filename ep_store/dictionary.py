@@ -16,7 +16,6 @@ build to the larger budget.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 import ep_store
+from ep_store import jsonio
 from ep_store.assign import Assignment, nearest_exemplar
 from ep_store.calibrate import Calibration, CenterAccumulator, batch_percentile, unit_directions
 from ep_store.errors import UsageError
@@ -433,7 +433,7 @@ def _assign_locked(store: Store, key: DictionaryKey, activations: ActivationKey 
     path = assignment_path(store, key, target)
     provenance = {"dictionary": str(key), "activations": str(target), "activations_version": info.version,
                   "exemplars_version": dictionary.meta["exemplars_version"]}
-    schema = ASSIGNMENT_SCHEMA.with_metadata({b"ep_store": json.dumps(provenance).encode()})
+    schema = ASSIGNMENT_SCHEMA.with_metadata({b"ep_store": jsonio.dumps(provenance).encode()})
     version = store.write_stream(path, schema, batches())
     bar.close()
     seconds = time.perf_counter() - start

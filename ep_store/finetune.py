@@ -12,7 +12,6 @@ harmful and benign prompts (never trained on) are measured for the base and each
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ep_store import models, prompts
+from ep_store import jsonio, models, prompts
 from ep_store.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -163,5 +162,5 @@ def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True) -> di
         "seconds": round(time.perf_counter() - start, 1),
     }
     report = {**summary, "config": asdict(cfg), "losses": losses, "refusal": rates}
-    models.model_dir(models_dir, cfg.model, cfg.to).joinpath("finetune.json").write_text(json.dumps(report, indent=2))
+    jsonio.write(models.model_dir(models_dir, cfg.model, cfg.to) / "finetune.json", report)
     return summary

@@ -10,7 +10,6 @@ their ratio, plus the share of harvest time spent writing Lance commits.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import click
 import torch
 
-from ep_store import models
+from ep_store import jsonio, models
 from ep_store.corpus import iter_contexts, iter_documents
 from ep_store.harvest import HarvestConfig, batch_inputs, batched, harvest, take_tokens
 from ep_store.store import Store
@@ -63,9 +62,8 @@ def main(model, checkpoint, layer, tokens, models_dir, out):
         "write_share": summary["write_share"],
         "bytes_written": summary["bytes_written"],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(json.dumps(result))
+    jsonio.write(out, result)
+    click.echo(jsonio.dumps(result), err=True)
 
 
 if __name__ == "__main__":
