@@ -482,6 +482,22 @@ def refusal_cmd(model, checkpoint, control, layers, percentiles, train_harmful, 
     emit(refusal_study(cfg, work_store, store_path, models_dir, metrics, report_dir, progress))
 
 
+# -- store maintenance (issue 8, A2) -------------------------------------------------------------------
+@store.command("compact")
+@click.argument("keys", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Compact every dataset of the store.")
+@STORE
+@user_errors
+def store_compact(keys, all_, store_path) -> None:
+    """Merge small fragments of KEYS (m/c/L6 or m/c/L6/p1) into few; rows, order, versions and tags kept."""
+    from ep_store.store import Store
+
+    if bool(keys) == all_:
+        raise UsageError("pass one or more keys (e.g. gemma-3-270m/base/L6) or --all, not both")
+    results = Store(store_path).compact_keys(None if all_ else list(keys))
+    emit({"compacted": results})
+
+
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 
