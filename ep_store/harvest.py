@@ -343,7 +343,8 @@ def plan(cfg: HarvestConfig, store: Store, models_dir: Path) -> HarvestPlan:
     held = prepare_keys(cfg, store, config, prefix_ids)
     models.resolve_device(cfg.device)
     planned = HarvestPlan(cfg, store, documents, tokenizer, prefix_ids, held, config)
-    if not cfg.overwrite:
+    if not cfg.overwrite:  # resume proof, before any weights load: tokenizer, then text (issue 8, A4)
+        check_fingerprints(cfg, store, held, {"tokenizer": tokenizer_fingerprint(tokenizer)})
         check_same_text(planned)
     return planned
 
@@ -465,19 +466,28 @@ STREAM_INT_COLUMNS = ("doc_id", "pos", "token_id", "char_start", "char_end")
 def stream_fingerprint(net: torch.nn.Module, tokenizer) -> dict:
     """Identity of what the stored rows depend on beside the harvest options.
 
-    tokenizer: sha256 of its class, special tokens and, for fast tokenizers, its whole
-    JSON (vocabulary, merges, normalizer, pre-tokenizer, post-processor, added tokens);
-    else its sorted vocabulary. model: sha256 of the config and of every parameter's name,
-    shape, dtype and a strided sample of up to 4,096 of its values. It is computed from the
-    loaded weights, not from files: copying or re-saving a checkpoint (new mtimes, other
-    shards) does not trip it, and it costs a few ms instead of a pass over every byte,
-    while any fine-tune moves essentially every value of the tensors it trains, so a
-    sample of each tensor catches it.
+    It is computed from the loaded tokenizer and weights, not from files: copying or
+    re-saving a checkpoint (new mtimes, other shards) does not trip it, and it costs a few
+    ms instead of a pass over every byte, while any fine-tune moves essentially every value
+    of the tensors it trains, so a sample of each tensor catches it.
     """
+    return {"tokenizer": tokenizer_fingerprint(tokenizer), "model": model_fingerprint(net)}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's class, special tokens and, for fast tokenizers, its whole
+    JSON (vocabulary, merges, normalizer, pre-tokenizer, post-processor, added tokens);
+    else its sorted vocabulary."""
     tok = hashlib.sha256(type(tokenizer).__name__.encode())
     tok.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     tok.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    return tok.hexdigest()
+
+
+def model_fingerprint(net: torch.nn.Module) -> str:
+    """sha256 of the config and of every parameter's name, shape, dtype and a strided
+    sample of up to 4,096 of its values."""
     model = hashlib.sha256(net.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
         for name, param in net.named_parameters():
@@ -485,7 +495,7 @@ def stream_fingerprint(net: torch.nn.Module, tokenizer) -> dict:
             sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().numpy()
             model.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
             model.update(sample.tobytes())
-    return {"tokenizer": tok.hexdigest(), "model": model.hexdigest()}
+    return model.hexdigest()
 
 
 class StreamDigest:
@@ -522,7 +532,8 @@ def stored_digest(store: Store, key: ActivationKey, rows: int) -> StreamDigest:
 
 
 def check_fingerprints(cfg: HarvestConfig, store: Store, held: dict[int, int], fingerprint: dict) -> None:
-    """Refuse (UsageError) to resume rows harvested with another tokenizer or model."""
+    """Refuse (UsageError) to resume rows harvested with another tokenizer or model; checks
+    the parts ``fingerprint`` holds (the tokenizer alone before the weights are loaded)."""
     for layer, rows in held.items():
         if not rows:
             continue
@@ -532,7 +543,7 @@ def check_fingerprints(cfg: HarvestConfig, store: Store, held: dict[int, int], f
             raise UsageError(f"{key} was harvested before stream fingerprints were recorded, so a resume cannot "
                              "prove it continues the same stream; pass --overwrite to harvest it again")
         for part, what in (("tokenizer", "tokenizer"), ("model", "model weights")):
-            if stored.get(part) != fingerprint[part]:
+            if part in fingerprint and stored.get(part) != fingerprint[part]:
                 raise UsageError(f"{key} holds {rows} rows harvested with another {what} than {cfg.model}/"
                                  f"{cfg.checkpoint} has now; pass --overwrite to harvest it again from scratch")
 
