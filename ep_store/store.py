@@ -491,7 +491,7 @@ def _acquire(path: Path, what: str) -> int:
     me = {"pid": os.getpid(), "command": " ".join(sys.argv), "what": what,
           "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(me).encode(), 0)
+    os.pwrite(fd, jsonio.dumps(me).encode(), 0)
     os.fsync(fd)
     return fd
 
