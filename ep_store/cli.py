@@ -586,6 +586,22 @@ def eval_ood(dictionaries, in_corpus, ood_corpus, documents, model, checkpoint, 
     emit_eval(run_ood_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
 
 
+# -- store maintenance (issue 8, A2) -------------------------------------------------------------------
+@store.command("compact")
+@click.argument("keys", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Compact every dataset of the store.")
+@STORE
+@user_errors
+def store_compact(keys, all_, store_path) -> None:
+    """Merge small fragments of KEYS (m/c/L6 or m/c/L6/p1) into few; rows, order, versions and tags kept."""
+    from ep_store.store import Store
+
+    if bool(keys) == all_:
+        raise UsageError("pass one or more keys (e.g. gemma-3-270m/base/L6) or --all, not both")
+    results = Store(store_path).compact_keys(None if all_ else list(keys))
+    emit({"compacted": results})
+
+
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 

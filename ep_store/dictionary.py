@@ -107,39 +107,49 @@ class BuildConfig:
 
 # -- streaming activations ------------------------------------------------------------------------
 def stream_vectors(store: Store, path: Path, batch_rows: int, limit: int | None = None,
-                   skip_nonfinite: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x_ND float32, dataset_rows_N) in stored order; refuses non-finite rows unless skipped."""
-    row = 0
-    for batch in store.scan(path, columns=["vector"], batch_size=batch_rows, limit=limit):
+                   skip_nonfinite: bool = False, version: int | None = None
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x_ND float32, dataset_rows_N) in stored order, exactly ``batch_rows`` rows per batch
+    (the last may be shorter) whatever the fragment layout (issue 8, A1).
+
+    ``limit`` counts stored rows; non-finite rows are refused (UsageError) unless
+    ``skip_nonfinite``, in which case they are dropped before batching, so batches still
+    hold ``batch_rows`` kept rows. ``version`` pins the dataset version read.
+    """
+    def keep(batch: pa.RecordBatch) -> np.ndarray:
+        finite = np.isfinite(arrow_to_vectors(batch.column("vector"))).all(axis=1)
+        if not skip_nonfinite and not finite.all():
+            bad = nonfinite_rows(store, path, version)
+            raise UsageError(
+                f"{path} has {len(bad)} non-finite vectors (rows {bad[:5]}{' ...' if len(bad) > 5 else ''}); "
+                "pass --skip-nonfinite to drop them"
+            )
+        return finite
+
+    for batch in store.scan(path, columns=["vector"], batch_size=batch_rows, version=version, limit=limit,
+                            keep=keep, row_index=True):
         x = torch.from_numpy(arrow_to_vectors(batch.column("vector")))
-        rows = torch.arange(row, row + x.shape[0])
-        row += x.shape[0]
-        finite = torch.isfinite(x).all(dim=1)
-        if not finite.all():
-            if not skip_nonfinite:
-                bad = nonfinite_rows(store, path)
-                raise UsageError(
-                    f"{path} has {len(bad)} non-finite vectors (rows {bad[:5]}{' ...' if len(bad) > 5 else ''}); "
-                    "re-harvest with --storage-dtype float32 (it holds the model's range), or pass --skip-nonfinite to drop them"
-                )
-            x, rows = x[finite], rows[finite]
-        yield x, rows
+        yield x, torch.from_numpy(batch.column("_row").to_numpy(zero_copy_only=False).copy())
 
 
-def nonfinite_rows(store: Store, path: Path) -> list[int]:
+def nonfinite_rows(store: Store, path: Path, version: int | None = None) -> list[int]:
     """Dataset rows holding NaN or inf (a full scan, run only once one is seen)."""
     bad, row = [], 0
-    for batch in store.scan(path, columns=["vector"], batch_size=65536):
+    for batch in store.scan(path, columns=["vector"], batch_size=65536, version=version):
         x = arrow_to_vectors(batch.column("vector"))
         bad += (np.flatnonzero(~np.isfinite(x).all(axis=1)) + row).tolist()
         row += x.shape[0]
     return bad
 
 
-def calibrate_stream(store: Store, path: Path, cfg: BuildConfig) -> Calibration:
+def calibrate_stream(store: Store, path: Path, cfg: BuildConfig, version: int | None = None) -> Calibration:
     """Two streaming passes over the calibration prefix: center, then per-batch percentiles."""
+    def batches():
+        return stream_vectors(store, path, cfg.calibration_batch, cfg.calibration_tokens, cfg.skip_nonfinite,
+                              version)
+
     acc = None
-    for x, _ in stream_vectors(store, path, cfg.calibration_batch, cfg.calibration_tokens, cfg.skip_nonfinite):
+    for x, _ in batches():
         acc = acc or CenterAccumulator(x.shape[1])
         acc.add(x)
     if acc is None or acc.count < 2:
@@ -149,7 +159,7 @@ def calibrate_stream(store: Store, path: Path, cfg: BuildConfig) -> Calibration:
         raise UsageError(f"{path} has fewer than two calibration tokens{hint}")
     center = acc.center()
     thetas, norms = [], []
-    for x, _ in stream_vectors(store, path, cfg.calibration_batch, cfg.calibration_tokens, cfg.skip_nonfinite):
+    for x, _ in batches():
         norms.append((x - center).norm(dim=1))  # steering's scale (issue 9)
         thetas.append(batch_percentile(unit_directions(x, center), cfg.percentile))
     theta, used = mean_theta(thetas, cfg.calibration_batch)
@@ -194,68 +204,114 @@ def state_from_store(table: pa.Table, meta: dict) -> LeaderState:
 
 # -- build ----------------------------------------------------------------------------------------
 def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = True) -> dict:
-    """Build, or continue, the dictionary ``cfg.key``; returns the run summary."""
+    """Build, or continue, the dictionary ``cfg.key``; returns the run summary.
+
+    Holds the dictionary's writer lock throughout (a second writer gets UsageError, exit 2)
+    and reads one pinned version of the activations. The exemplars are one Lance commit and
+    meta.json, written after it, names that commit: a build killed in between leaves an
+    unpublished version that readers ignore and the rerun supersedes (issue 8, A3 and G).
+    """
     key = cfg.key
     source = store.activation_path(key.activations)
     if not store.exists(source):
         known = ", ".join(str(k) for k in store.list_activations()) or "none"
         raise UsageError(f"no activations {key.activations} in {store.root} (known: {known}); run ep harvest first")
     folder = store.dictionary_dir(key)
+    with store.lock(folder, f"dictionary {key}"):
+        return _build_locked(cfg, store, source, folder, assign, progress)
+
+
+def _build_locked(cfg: BuildConfig, store: Store, source: Path, folder: Path, assign: bool, progress: bool) -> dict:
+    key = cfg.key
     meta_path = folder / META
     previous = store.read_json(meta_path) if meta_path.is_file() and not cfg.overwrite else None
     if previous is not None and previous["build"] != cfg.defining():
         raise UsageError(f"{key} exists, built with {previous['build']}; pass --overwrite to rebuild it")
     device = resolve_device(cfg.device)
-    source_info = store.info(source)
-    available = source_info.rows
-    budget = min(cfg.max_tokens or available, available)
+    source_info = store.info(source)  # every read below is of this version
+    budget = min(cfg.max_tokens or source_info.rows, source_info.rows)
     start = time.perf_counter()
-
     if previous is None:
-        calibration = calibrate_stream(store, source, cfg)
+        calibration = calibrate_stream(store, source, cfg, source_info.version)
         state = LeaderState(width=source_info.width)
     else:
         calibration = Calibration(torch.tensor(previous["center"]), previous["theta"], cfg.percentile,
                                   previous["calibration"]["tokens"], previous["calibration"]["batches"],
                                   previous.get("scale"))
-        state = state_from_store(store.read_table(folder / EXEMPLARS), previous)
+        table = store.read_table(folder / EXEMPLARS, version=previous["exemplars_version"])
+        state = state_from_store(table, previous)
         if state.stop_reason != "saturated":
             state.stop_reason = None  # budget or stream ran out last time: go on
-
     calibrated = time.perf_counter()
     builder = LeaderBuilder(calibration.theta, cfg.batch_size, cfg.saturation_window, state, device, cfg.precision)
-    center = calibration.center_D.to(device)
     consumed_before = state.tokens
+    state = _cluster(cfg, store, source, source_info.version, builder, calibration, budget, progress)
+    clustered = time.perf_counter()
+    version, tag, published = _publish(cfg, store, folder, state, calibration, previous, source_info)
+    summary = {
+        "dictionary": str(key), "regions": state.regions, "tokens": state.tokens, "theta": round(calibration.theta, 6),
+        "seconds": round(clustered - start, 3),
+        "tokens_per_s": round((state.tokens - consumed_before) / max(clustered - calibrated, 1e-9), 1),
+        "calibration_seconds": round(calibrated - start, 3), "stop_reason": state.stop_reason,
+        "version": version, "tag": tag, "precision": cfg.precision, "device": str(device),
+        "screen_gflop": round(builder.screen_flops / 1e9, 3), "rechecked_rows": builder.rechecked,
+        "unchanged": not published,
+    }
+    if assign and (published or not _assignments_current(store, folder, version, source_info.version)):
+        summary["assign"] = assign_dataset(store, key, progress=progress, device=cfg.device)
+    return summary
+
+
+def _cluster(cfg: BuildConfig, store: Store, source: Path, source_version: int, builder: LeaderBuilder,
+             calibration: Calibration, budget: int, progress: bool) -> LeaderState:
+    """Feed the stream (past the rows a previous build consumed) to the builder; its final state."""
+    consumed_before = builder.state.tokens
+    center = calibration.center_D.to(builder.device)
     seen = 0  # rows streamed so far (after dropping non-finite rows and rows equal to the center)
     exhausted = True
-    bar = tqdm(total=budget, initial=state.tokens, unit="tok", desc=f"build {key}", disable=not progress)
+    bar = tqdm(total=budget, initial=consumed_before, unit="tok", desc=f"build {cfg.key}", disable=not progress)
     # Read in large chunks (fewer Lance calls); the builder cuts them at batch boundaries.
     read_rows = max(cfg.batch_size, STREAM_ROWS)
-    for x, rows in stream_vectors(store, source, read_rows, None, cfg.skip_nonfinite):
-        if builder.state.stop_reason is not None or builder.state.tokens >= budget:
-            exhausted = False
-            break
-        u = unit_directions(x.to(device), center)
+    for x, rows in stream_vectors(store, source, read_rows, None, cfg.skip_nonfinite, source_version):
+        u = unit_directions(x.to(builder.device), center)
         keep = ~degenerate(u)  # a row equal to the center has no direction: no region (issue 8, item 7)
         if not keep.all():
             u, rows = u[keep], rows[keep.cpu()]
         skip = max(0, min(u.shape[0], consumed_before - seen))  # rows a previous build consumed
         seen += u.shape[0]
+        if skip == u.shape[0]:
+            continue
+        # Rows are left: stopping here is a stop, not the end of the stream. (Checking this before
+        # skipping made a rerun of a finished build say max_tokens and publish a new version.)
+        if builder.state.stop_reason is not None or builder.state.tokens >= budget:
+            exhausted = False
+            break
         take = min(u.shape[0] - skip, budget - builder.state.tokens)
         if take > 0:
             bar.update(builder.feed(u[skip : skip + take], rows[skip : skip + take]))
     bar.close()
     stream_done = exhausted and builder.state.tokens == seen
-    state = builder.finish("end_of_stream" if stream_done else "max_tokens")
-    clustered = time.perf_counter()
+    return builder.finish("end_of_stream" if stream_done else "max_tokens")
 
-    tokens = _source_tokens(store, source, state.source_row_K)
-    folder.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite:
-        for name in (EXEMPLARS, ASSIGNMENTS):
-            store.remove(folder / name)
-    store.write_table(folder / EXEMPLARS, exemplar_table(state, tokens), merge_on="region_id")
+
+def _publish(cfg: BuildConfig, store: Store, folder: Path, state: LeaderState, calibration: Calibration,
+             previous: dict | None, source_info) -> tuple[int, str, bool]:
+    """Write the exemplars (one commit), tag it, then meta.json; (version, tag, whether written).
+
+    A rerun that adds nothing to the previous build writes nothing, so a repeated command
+    (e.g. after a crash that came after meta.json) leaves one history entry per build.
+    """
+    key = cfg.key
     tag = f"tokens-{state.tokens}"
+    if previous is not None and all(previous[k] == getattr(state, k) for k in ("tokens", "regions", "stop_reason")):
+        return previous["exemplars_version"], tag, False
+    tokens = _source_tokens(store, store.activation_path(key.activations), state.source_row_K, source_info.version)
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite:  # unpublish first: a crash below leaves no meta.json naming removed data
+        for name in (META, EXEMPLARS, ASSIGNMENTS):
+            store.remove(folder / name)
+    # A whole-table overwrite (not a merge): rows a crashed, unpublished write left can never survive.
+    store.write_table(folder / EXEMPLARS, exemplar_table(state, tokens))
     version = store.tag(folder / EXEMPLARS, tag)
     info = store.info(folder / EXEMPLARS)
     meta = {
@@ -275,25 +331,24 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
             "version": version, "tag": tag, "tokens": state.tokens, "regions": state.regions,
             "stop_reason": state.stop_reason, "batches": len(state.new_per_batch)}],
     }
-    store.write_json(meta_path, meta)
-    summary = {
-        "dictionary": str(key), "regions": state.regions, "tokens": state.tokens, "theta": round(calibration.theta, 6),
-        "seconds": round(clustered - start, 3),
-        "tokens_per_s": round((state.tokens - consumed_before) / max(clustered - calibrated, 1e-9), 1),
-        "calibration_seconds": round(calibrated - start, 3), "stop_reason": state.stop_reason,
-        "version": version, "tag": tag, "precision": cfg.precision, "device": str(device),
-        "screen_gflop": round(builder.screen_flops / 1e9, 3), "rechecked_rows": builder.rechecked,
-    }
-    if assign:
-        summary["assign"] = assign_dataset(store, key, progress=progress, device=cfg.device)
-    return summary
+    store.write_json(folder / META, meta)
+    return version, tag, True
 
 
-def _source_tokens(store: Store, path: Path, rows_K: torch.Tensor) -> pa.Table:
+def _assignments_current(store: Store, folder: Path, exemplars_version: int, activations_version: int) -> bool:
+    """Whether assignments.lance was written from this exemplars version and activations version."""
+    path = folder / ASSIGNMENTS
+    if not store.exists(path):
+        return False
+    meta = store.info(path).meta
+    return meta.get("exemplars_version") == exemplars_version and meta.get("activations_version") == activations_version
+
+
+def _source_tokens(store: Store, path: Path, rows_K: torch.Tensor, version: int | None = None) -> pa.Table:
     if rows_K.numel() == 0:
         return pa.table({"doc_id": pa.array([], pa.int64()), "pos": pa.array([], pa.int32()),
                          "token": pa.array([], pa.string())})
-    return store.dataset(path).take(rows_K.tolist(), columns=["doc_id", "pos", "token"])
+    return store.dataset(path, version).take(rows_K.tolist(), columns=["doc_id", "pos", "token"])
 
 
 # -- loading and assigning ------------------------------------------------------------------------
@@ -314,8 +369,10 @@ class Dictionary:
         if not (folder / META).is_file():
             known = ", ".join(str(k) for k in store.list_dictionaries()) or "none"
             raise UsageError(f"unknown dictionary {key} (known: {known})")
-        table = store.read_table(folder / EXEMPLARS, version=as_of)
-        return cls(key, store.read_json(folder / META), table)
+        meta = store.read_json(folder / META)
+        # Latest means the version meta.json publishes: a later, unpublished one is a crashed write.
+        table = store.read_table(folder / EXEMPLARS, version=meta["exemplars_version"] if as_of is None else as_of)
+        return cls(key, meta, table)
 
     @property
     def width(self) -> int:
@@ -399,7 +456,8 @@ class AssignJob:
     @property
     def schema(self) -> pa.Schema:
         provenance = {"dictionary": str(self.key), "activations": str(self.target),
-                      "activations_version": self.source_version}
+                      "activations_version": self.source_version,
+                      "exemplars_version": self.dictionary.meta["exemplars_version"]}
         return ASSIGNMENT_SCHEMA.with_metadata({b"ep_store": jsonio.dumps(provenance).encode()})
 
     def assign_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
@@ -423,17 +481,26 @@ def assign_dataset(store: Store, key: DictionaryKey | str, activations: Activati
                    device: str = "auto", batch_rows: int = 16384, progress: bool = True) -> dict:
     """Assign every token of an activation dataset; one Lance commit, bounded memory.
 
-    Raises UsageError for an unknown dictionary or dataset, or widths that differ."""
-    job = AssignJob.open(store, key, activations, device)
+    Holds the dictionary's writer lock (UsageError, exit 2, while another process writes
+    it) and reads one pinned version of the activations, in chunks of exactly ``batch_rows``.
+    Raises UsageError for an unknown dictionary or dataset, or widths that differ.
+    """
+    key = key if isinstance(key, DictionaryKey) else DictionaryKey.parse(key)
+    with store.lock(store.dictionary_dir(key), f"dictionary {key}"):
+        return _assign_locked(AssignJob.open(store, key, activations, device), batch_rows, progress)
+
+
+def _assign_locked(job: AssignJob, batch_rows: int, progress: bool) -> dict:
     start = time.perf_counter()
     bar = tqdm(total=job.rows, unit="tok", desc=f"assign {job.target}", disable=not progress)
 
     def batches():
-        for batch in store.scan(job.source, columns=ASSIGN_COLUMNS, batch_size=batch_rows, version=job.source_version):
+        for batch in job.store.scan(job.source, columns=ASSIGN_COLUMNS, batch_size=batch_rows,
+                                    version=job.source_version):
             bar.update(batch.num_rows)
             yield job.assign_batch(batch)
 
-    version = store.write_stream(job.path, job.schema, batches())
+    version = job.store.write_stream(job.path, job.schema, batches())
     bar.close()
     seconds = time.perf_counter() - start
     return {"dictionary": str(job.key), "activations": str(job.target), "tokens": job.rows, "version": version,

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from ep_store import jsonio
 from ep_store.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -165,11 +166,28 @@ def harvest_shard(spec: dict) -> dict:
         write_s += time.perf_counter() - t1
     finally:
         runner.close()
-    return {"fragments": fragments, "forward_seconds": forward_s, "write_seconds": write_s, "tokens": tokens}
+    return {"fragments": fragments, "forward_seconds": forward_s, "write_seconds": write_s, "tokens": tokens,
+            "fingerprint": runner.fingerprint()}
 
 
 def ray_harvest(cfg, store, models_dir: Path, ray_cfg: RayConfig, progress: bool = True) -> dict:
-    """Harvest ``cfg`` with Ray tasks; one commit per layer. Same rows as the local path."""
+    """Harvest ``cfg`` with Ray tasks; one commit per layer. Same rows as the local path.
+
+    Holds every key's writer lock for the whole job, like the local path; raises
+    UsageError for bad input (before any task starts) or a resume of another stream."""
+    with contextlib.ExitStack() as locks:
+        for key in _keys(cfg):
+            locks.enter_context(store.lock(store.activation_path(key), f"activations {key}"))
+        return _ray_harvest_locked(cfg, store, models_dir, ray_cfg)
+
+
+def _keys(cfg):
+    from ep_store.keys import ActivationKey
+
+    return [ActivationKey(cfg.model, cfg.checkpoint, layer) for layer in cfg.layers]
+
+
+def _ray_harvest_locked(cfg, store, models_dir: Path, ray_cfg: RayConfig) -> dict:
     from ep_store import harvest as h
 
     start = time.perf_counter()
@@ -185,6 +203,11 @@ def ray_harvest(cfg, store, models_dir: Path, ray_cfg: RayConfig, progress: bool
         specs = [{"config": cfg, "models_dir": models_dir, "paths": paths, "work": shard, "threads": 1,
                   "prefix_ids": plan.prefix_ids} for shard in shards]
         results = ray.get([task.remote(spec) for spec in specs])
+    fingerprints = {jsonio.dumps(r["fingerprint"], sort_keys=True) for r in results}
+    if len(fingerprints) != 1:
+        raise UsageError("Ray workers loaded different models or tokenizers for one harvest; make every worker see "
+                         "the same --models-dir (or hub revision) and rerun")
+    plan.accept_fingerprint(results[0]["fingerprint"])  # refuses a resume of another model before any commit
     if os.environ.get(FAIL_BEFORE_COMMIT):
         os._exit(137)  # crash test: every fragment written, nothing committed
     versions = {}

@@ -22,7 +22,12 @@ Numbers and tokens (issue 8):
 
 Each batch is appended as one Lance commit per layer. The stream of rows is deterministic
 (corpus, tokenizer, ctx), so a rerun skips the rows each layer already holds and resumes
-with no token missing or repeated.
+with no token missing or repeated. A resume first proves it continues the same stream
+(issue 8, A4): the tokenizer and weights fingerprints stored with the dataset must match,
+and the stored rows' (doc_id, pos, token_id, token, char span) must equal the new stream's
+prefix; otherwise it stops with exit 2 and says to pass --overwrite. One harvest per key
+at a time (writer locks, exit 2 naming the other process), and each dataset is compacted
+into few fragments at the end (a compaction version: same rows, same order).
 
     ep harvest --model gemma-3-270m --checkpoint base --layers 6,12 --corpus builtin \
         --max-tokens 20000 --ctx 128 --batch-size 16 --store data/store
@@ -31,6 +36,7 @@ with no token missing or repeated.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -244,7 +250,7 @@ def prepare_keys(cfg: HarvestConfig, store: Store, config, prefix_ids: list[int]
         held[layer] = 0
         if store.exists(path) and not cfg.overwrite:
             info = store.info(path)
-            if info.meta != cfg.stream_meta(layer, prefix_ids):
+            if {k: v for k, v in info.meta.items() if k != "fingerprint"} != cfg.stream_meta(layer, prefix_ids):
                 raise UsageError(
                     f"{path} was harvested with other options ({info.meta}); pass --overwrite to replace it"
                 )
@@ -267,13 +273,23 @@ class HarvestPlan:
     """Rows each layer's dataset already holds (0 when new or overwritten)."""
     config: object
     """The model's config (block count, width)."""
+    fingerprint: dict | None = None
+    """Tokenizer and weights identity (stream_fingerprint), set once the model is loaded."""
 
     @property
     def keys(self) -> dict[int, ActivationKey]:
         return {L: ActivationKey(self.cfg.model, self.cfg.checkpoint, L) for L in self.cfg.layers}
 
     def meta(self, layer: int) -> dict:
-        return self.cfg.stream_meta(layer, self.prefix_ids)
+        """The dataset metadata rows of ``layer`` are written with (needs the fingerprint)."""
+        return {**self.cfg.stream_meta(layer, self.prefix_ids), "fingerprint": self.fingerprint}
+
+    def accept_fingerprint(self, fingerprint: dict) -> None:
+        """Record the loaded model's fingerprint; UsageError when resuming rows of another
+        tokenizer or model (issue 8, A4)."""
+        if not self.cfg.overwrite:
+            check_fingerprints(self.cfg, self.store, self.held, fingerprint)
+        self.fingerprint = fingerprint
 
     def batches(self) -> Iterator[tuple[int, list[Context]]]:
         """(first stream row, contexts) of every batch of the stream prefix, in order."""
@@ -326,7 +342,11 @@ def plan(cfg: HarvestConfig, store: Store, models_dir: Path) -> HarvestPlan:
     prefix_ids = cfg.prefix_ids(tokenizer)
     held = prepare_keys(cfg, store, config, prefix_ids)
     models.resolve_device(cfg.device)
-    return HarvestPlan(cfg, store, documents, tokenizer, prefix_ids, held, config)
+    planned = HarvestPlan(cfg, store, documents, tokenizer, prefix_ids, held, config)
+    if not cfg.overwrite:  # resume proof, before any weights load: tokenizer, then text (issue 8, A4)
+        check_fingerprints(cfg, store, held, {"tokenizer": tokenizer_fingerprint(tokenizer)})
+        check_same_text(planned)
+    return planned
 
 
 def activation_schema(width: int, storage_dtype: str, meta: dict) -> pa.Schema:
@@ -344,9 +364,9 @@ class BatchRunner:
 
     def __init__(self, cfg: HarvestConfig, models_dir: Path, prefix_ids: list[int]):
         self.cfg, self.prefix_ids = cfg, prefix_ids
-        self.net, tokenizer = models.load(cfg.model, cfg.checkpoint, models_dir, cfg.device, cfg.dtype)
+        self.net, self.tokenizer = models.load(cfg.model, cfg.checkpoint, models_dir, cfg.device, cfg.dtype)
         self.device = next(self.net.parameters()).device
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.capture = LayerCapture(models.decoder_layers(self.net), cfg.layers)
         self.keys = {L: ActivationKey(cfg.model, cfg.checkpoint, L) for L in cfg.layers}
 
@@ -365,6 +385,9 @@ class BatchRunner:
         dtype = STORAGE_DTYPES[self.cfg.storage_dtype]
         return {L: pa.table({**columns, "vector": vectors_to_arrow(vectors[L], dtype)}) for L in layers}
 
+    def fingerprint(self) -> dict:
+        return stream_fingerprint(self.net, self.tokenizer)
+
     def close(self) -> None:
         self.capture.remove()
 
@@ -373,9 +396,24 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
     """Harvest ``cfg`` into ``store`` in this process; returns the run summary.
 
     One Lance commit per layer per batch; a rerun resumes after the rows already held.
-    Raises UsageError for bad input (before anything is written)."""
+    Holds the writer lock of every key it writes (UsageError, exit 2, naming the process
+    that holds one), and compacts each dataset at the end (issue 8, A2 and A3). Raises
+    UsageError for bad input (before anything is written).
+    """
+    keys = [ActivationKey(cfg.model, cfg.checkpoint, L) for L in cfg.layers]
+    with contextlib.ExitStack() as locks:
+        for key in keys:
+            locks.enter_context(store.lock(store.activation_path(key), f"activations {key}"))
+        summary = _harvest_locked(cfg, store, models_dir, progress)
+        summary["compaction"] = {str(k): store.compact(store.activation_path(k)) for k in keys
+                                 if store.exists(store.activation_path(k))}
+    return summary
+
+
+def _harvest_locked(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool) -> dict:
     plan_ = plan(cfg, store, models_dir)
     runner = BatchRunner(cfg, models_dir, plan_.prefix_ids)
+    plan_.accept_fingerprint(runner.fingerprint())
     keys = plan_.keys
     if cfg.overwrite:
         for key in keys.values():
@@ -419,3 +457,125 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
         "bytes_written": bytes_written,
         "config": asdict(cfg),
     }
+
+
+# -- resume proof (issue 8, A4) -------------------------------------------------------------------
+STREAM_INT_COLUMNS = ("doc_id", "pos", "token_id", "char_start", "char_end")
+
+
+def stream_fingerprint(net: torch.nn.Module, tokenizer) -> dict:
+    """Identity of what the stored rows depend on beside the harvest options.
+
+    It is computed from the loaded tokenizer and weights, not from files: copying or
+    re-saving a checkpoint (new mtimes, other shards) does not trip it, and it costs a few
+    ms instead of a pass over every byte, while any fine-tune moves essentially every value
+    of the tensors it trains, so a sample of each tensor catches it.
+    """
+    return {"tokenizer": tokenizer_fingerprint(tokenizer), "model": model_fingerprint(net)}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's class, special tokens and, for fast tokenizers, its whole
+    JSON (vocabulary, merges, normalizer, pre-tokenizer, post-processor, added tokens);
+    else its sorted vocabulary."""
+    tok = hashlib.sha256(type(tokenizer).__name__.encode())
+    tok.update(repr(sorted(tokenizer.special_tokens_map.items())).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    tok.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    return tok.hexdigest()
+
+
+def model_fingerprint(net: torch.nn.Module) -> str:
+    """sha256 of the config and of every parameter's name, shape, dtype and a strided
+    sample of up to 4,096 of its values."""
+    model = hashlib.sha256(net.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu().numpy()
+            model.update(f"{name}{tuple(param.shape)}{param.dtype}".encode())
+            model.update(sample.tobytes())
+    return model.hexdigest()
+
+
+class StreamDigest:
+    """sha256 of rows' (doc_id, pos, token_id, char_start, char_end, token), however they are batched."""
+
+    def __init__(self):
+        self.ints, self.text, self.rows = hashlib.sha256(), hashlib.sha256(), 0
+
+    def update(self, columns, stop: int | None = None) -> None:
+        """Add the first ``stop`` rows (all by default) of a table, record batch or dict of arrays."""
+        table = pa.table(columns) if isinstance(columns, dict) else columns
+        stop = table.num_rows if stop is None else stop
+        table = table.slice(0, stop)
+        ints = np.column_stack([table.column(c).to_numpy().astype(np.int64) for c in STREAM_INT_COLUMNS])
+        self.ints.update(ints.tobytes())
+        self.text.update("".join(f"{t}\0" for t in table.column("token").to_pylist()).encode("utf-8", "surrogatepass"))
+        self.rows += stop
+
+    def copy(self) -> StreamDigest:
+        other = StreamDigest()
+        other.ints, other.text, other.rows = self.ints.copy(), self.text.copy(), self.rows
+        return other
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(self.ints.digest() + self.text.digest()).hexdigest()
+
+
+def stored_digest(store: Store, key: ActivationKey, rows: int) -> StreamDigest:
+    digest = StreamDigest()
+    for batch in store.scan(store.activation_path(key), columns=[*STREAM_INT_COLUMNS, "token"], batch_size=65536,
+                            limit=rows):
+        digest.update(batch)
+    return digest
+
+
+def check_fingerprints(cfg: HarvestConfig, store: Store, held: dict[int, int], fingerprint: dict) -> None:
+    """Refuse (UsageError) to resume rows harvested with another tokenizer or model; checks
+    the parts ``fingerprint`` holds (the tokenizer alone before the weights are loaded)."""
+    for layer, rows in held.items():
+        if not rows:
+            continue
+        key = ActivationKey(cfg.model, cfg.checkpoint, layer)
+        stored = store.info(store.activation_path(key)).meta.get("fingerprint")
+        if stored is None:
+            raise UsageError(f"{key} was harvested before stream fingerprints were recorded, so a resume cannot "
+                             "prove it continues the same stream; pass --overwrite to harvest it again")
+        for part, what in (("tokenizer", "tokenizer"), ("model", "model weights")):
+            if part in fingerprint and stored.get(part) != fingerprint[part]:
+                raise UsageError(f"{key} holds {rows} rows harvested with another {what} than {cfg.model}/"
+                                 f"{cfg.checkpoint} has now; pass --overwrite to harvest it again from scratch")
+
+
+def check_same_text(planned: HarvestPlan) -> None:
+    """Refuse (UsageError) to resume a dataset whose stored rows are not the prefix of the
+    stream the corpus gives now (its text, or how it tokenizes, changed)."""
+    cfg, store = planned.cfg, planned.store
+    targets: dict[int, list[int]] = {}
+    for layer, rows in planned.held.items():
+        if rows:
+            targets.setdefault(min(rows, cfg.max_tokens), []).append(layer)
+    if not targets:
+        return
+    expected = {n: stored_digest(store, ActivationKey(cfg.model, cfg.checkpoint, layers[0]), n).hexdigest()
+                for n, layers in targets.items()}
+    digest = StreamDigest()
+    for row, batch in planned.batches():
+        if row >= max(targets):
+            break
+        columns = pa.table(metadata_columns(batch))
+        for n in sorted(t for t in targets if row < t <= row + columns.num_rows):
+            prefix = digest.copy()
+            prefix.update(columns, n - row)
+            if prefix.hexdigest() != expected.pop(n):
+                _refuse_other_text(cfg, targets[n], n)
+        digest.update(columns)
+    if expected:  # the stream ended before the rows already stored
+        _refuse_other_text(cfg, targets[min(expected)], min(expected))
+
+
+def _refuse_other_text(cfg: HarvestConfig, layers: list[int], rows: int):
+    key = ActivationKey(cfg.model, cfg.checkpoint, layers[0])
+    raise UsageError(f"{key} holds {rows} rows of another token stream than corpus {cfg.corpus!r} gives now "
+                     "(its text changed); pass --overwrite to harvest it again from scratch")

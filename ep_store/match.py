@@ -120,8 +120,20 @@ PAIR_SCHEMA = pa.schema([
 
 
 def match(cfg: MatchConfig, store: Store) -> dict:
-    start = time.perf_counter()
+    """Match A to B and write ``matches/<A>__<B>/``; returns the run summary.
+
+    Holds the pair's writer lock (a second ``ep match`` of the pair exits 2). meta.json is
+    removed first and written last, naming the Lance versions of pairs and overlaps, so a
+    killed run never leaves a meta.json that describes tables it did not finish.
+    """
     a, b = DictionaryKey.parse(cfg.a), DictionaryKey.parse(cfg.b)
+    folder = store.matches_dir(f"{a.slug()}__{b.slug()}")
+    with store.lock(folder, f"match {a} -> {b}"):
+        return _match_locked(cfg, store, a, b, folder)
+
+
+def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: DictionaryKey, folder) -> dict:
+    start = time.perf_counter()
     da, db_ = Dictionary.load(store, a), Dictionary.load(store, b)
     if cfg.method == "vector" and da.width != db_.width:
         raise UsageError(f"{a} has width {da.width} and {b} width {db_.width}: vector matching needs equal "
@@ -159,10 +171,12 @@ def match(cfg: MatchConfig, store: Store) -> dict:
     for s in range(len(db_)):
         if s not in kept_b:
             rows.append(_row(a, b, None, s, None, da.theta, None, "introduced"))
-    folder = store.matches_dir(f"{a.slug()}__{b.slug()}")
-    store.write_table(folder / "pairs.lance", pa.Table.from_pylist(rows, schema=PAIR_SCHEMA))
-    if overlaps is not None:
-        store.write_table(folder / "overlaps.lance", pa.table({
+    store.remove(folder / "meta.json")
+    versions = {"pairs_version": store.write_table(folder / "pairs.lance", pa.Table.from_pylist(rows, schema=PAIR_SCHEMA))}
+    if overlaps is None:
+        store.remove(folder / "overlaps.lance")  # a stale table of an earlier membership match
+    else:
+        versions["overlaps_version"] = store.write_table(folder / "overlaps.lance", pa.table({
             "a": [str(a)] * len(overlaps.region_a), "b": [str(b)] * len(overlaps.region_a),
             "region_a": overlaps.region_a.astype(np.int32), "region_b": overlaps.region_b.astype(np.int32),
             "overlap": overlaps.overlap, "precision": overlaps.precision, "recall": overlaps.recall,
@@ -174,7 +188,7 @@ def match(cfg: MatchConfig, store: Store) -> dict:
     summary = {"a": str(a), "b": str(b), "method": "vector" if use_vector else "membership",
                "membership_by": by, **counts, "regions_a": len(da), "regions_b": len(db_),
                "matched_cosines": [round(c, 4) for _, _, c in pairs if c is not None],
-               "seconds": round(time.perf_counter() - start, 3), "config": asdict(cfg)}
+               "seconds": round(time.perf_counter() - start, 3), "config": asdict(cfg), **versions}
     store.write_json(folder / "meta.json", summary)
     return {k: v for k, v in summary.items() if k not in ("matched_cosines", "config")} | {"out": str(folder)}
 

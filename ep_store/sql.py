@@ -103,7 +103,8 @@ class StoreDB:
                 log.info("%s has no version %s; left out", key, version)
                 continue
             keys.append(key)
-            ds = store.dataset(folder / "exemplars.lance", version)
+            # No --as-of: the version meta.json publishes (a later one is a crashed, unpublished write).
+            ds = store.dataset(folder / "exemplars.lance", meta["exemplars_version"] if version is None else version)
             state = _state_at(meta, ds.version)
             dict_rows.append({
                 "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,

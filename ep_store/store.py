@@ -3,13 +3,29 @@
 Every write is one Lance commit, so a reader never sees half a write and an interrupted
 command leaves the last committed version intact. Callers validate their input first and
 only then call the writers here.
+
+Three guarantees live here (issue 8, A):
+- ``rebatch`` hands out exactly the batch sizes a caller asks for, whatever the fragment
+  layout (Lance scanners cut batches at fragment boundaries), so no result depends on how
+  a dataset was written.
+- ``Store.lock`` gives one writer per key: a second writer is refused (exit 2) with the
+  holder's pid, command and start time. The lock is a ``flock`` on a file under
+  ``<store>/.locks/`` that holds the owner's pid; the kernel drops it when the owner dies,
+  so a lock file left by a killed process is stale and is simply taken over.
+- ``Store.compact`` merges small fragments into one commit that holds the same rows in the
+  same order (a *compaction version*); earlier versions and tags stay readable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
 import json
 import logging
+import os
 import shutil
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +57,53 @@ def arrow_to_vectors(column: pa.Array | pa.ChunkedArray, dtype=np.float32) -> np
     width = column.type.list_size
     flat = column.flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(-1, width).astype(dtype)  # a writable copy torch can wrap
+
+
+def rebatch(batches: Iterable[pa.RecordBatch], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Exactly ``batch_rows`` rows per batch (the last may be shorter), rows in order.
+
+    Lance cuts scanner batches at fragment boundaries (harvest writes one fragment per
+    commit), so anything that groups rows (calibration, build, assign, statistics) reads
+    through this to see the sizes it asks for (issue 8, A1).
+    """
+    if batch_rows < 1:
+        raise UsageError(f"batch size must be at least 1, got {batch_rows}")
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        while batch.num_rows:
+            take = min(batch_rows - count, batch.num_rows)
+            held.append(batch.slice(0, take))
+            count += take
+            batch = batch.slice(take)
+            if count == batch_rows:
+                yield _concat(held)
+                held, count = [], 0
+    if count:
+        yield _concat(held)
+
+
+def _concat(parts: list[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(parts) == 1:
+        return parts[0]
+    return pa.Table.from_batches(parts).combine_chunks().to_batches()[0]
+
+
+def _filter_rows(batches, keep, row_index: bool, row: int) -> Iterator[pa.RecordBatch]:
+    for batch in batches:
+        n = batch.num_rows
+        if row_index:
+            batch = batch.append_column("_row", pa.array(np.arange(row, row + n, dtype=np.int64)))
+        row += n
+        if keep is not None:
+            batch = batch.filter(pa.array(np.asarray(keep(batch), dtype=bool)))
+        yield batch
+
+
+class _Held:
+    """Locks this process holds: path -> (fd, depth), so a writer may re-enter its own lock."""
+
+    locks: dict[str, list] = {}
 
 
 @dataclass(frozen=True)
@@ -110,12 +173,20 @@ class Store:
         version: int | str | None = None,
         offset: int | None = None,
         limit: int | None = None,
+        keep=None,
+        row_index: bool = False,
     ) -> Iterator[pa.RecordBatch]:
-        """Record batches in stored order, reading only ``columns``."""
+        """Record batches of exactly ``batch_size`` rows (the last may be shorter), in stored
+        order, reading only ``columns``, whatever the fragment layout (see ``rebatch``).
+
+        ``keep(batch) -> bool mask`` drops rows *before* batching, so the sizes hold for the
+        rows kept; ``row_index`` adds ``_row``, each row's 0-based position in the dataset.
+        """
         ds = Store.dataset(path, version)
-        yield from ds.scanner(
-            columns=columns, batch_size=batch_size, offset=offset, limit=limit
-        ).to_batches()
+        raw = ds.scanner(columns=columns, batch_size=max(batch_size, 1024), offset=offset, limit=limit).to_batches()
+        if keep is not None or row_index:
+            raw = _filter_rows(raw, keep, row_index, offset or 0)
+        yield from rebatch(raw, batch_size)
 
     @staticmethod
     def reader(path: Path, columns: list[str] | None = None, version: int | str | None = None):
@@ -125,6 +196,100 @@ class Store:
     @staticmethod
     def read_table(path: Path, columns: list[str] | None = None, version: int | str | None = None) -> pa.Table:
         return Store.dataset(path, version).to_table(columns=columns)
+
+    @staticmethod
+    def fragments(path: Path) -> int:
+        return len(lance.dataset(str(path)).get_fragments())
+
+    def compact(self, path: Path, target_rows: int = 1 << 20) -> dict:
+        """Merge small fragments into one new commit (a *compaction version*).
+
+        Lance commits it as two versions (a fragment-id reservation, then the rewrite); both
+        hold the same rows, in the same order, as the version before them. Every earlier
+        version and tag stays readable: nothing is cleaned up, so the old fragments stay on
+        disk beside the merged ones until someone deletes old versions. A dataset with one
+        fragment gets no new version. Callers hold the key's writer lock.
+        """
+        check_inside(self.root, path)
+        ds = lance.dataset(str(path))
+        before = len(ds.get_fragments())
+        if before > 1:
+            ds.optimize.compact_files(target_rows_per_fragment=target_rows)
+            ds = lance.dataset(str(path))
+        return {"path": str(path), "fragments_before": before, "fragments": len(ds.get_fragments()),
+                "rows": ds.count_rows(), "version": ds.version}
+
+    def compact_keys(self, keys: list[str] | None = None) -> list[dict]:
+        """Compact the datasets of activation keys (m/c/L6) or dictionary keys (m/c/L6/p1); None: all.
+
+        Each key is compacted under its writer lock (UsageError while another process writes
+        it); a dictionary's exemplars, assignments and foreign assignments are all compacted.
+        """
+        from ep_store.keys import DictionaryKey
+
+        targets: list[tuple[Path, list[Path], str]] = []
+        if keys is None:
+            keys = [str(k) for k in self.list_activations()] + [str(k) for k in self.list_dictionaries()]
+        for text in keys:
+            if text.rsplit("/", 1)[-1].startswith("p"):
+                dkey = DictionaryKey.parse(text)
+                folder = self.dictionary_dir(dkey)
+                paths = sorted(p for p in folder.rglob("*.lance") if self.exists(p))
+                targets.append((folder, paths, f"dictionary {dkey}"))
+            else:
+                akey = ActivationKey.parse(text)
+                path = self.activation_path(akey)
+                targets.append((path, [path] if self.exists(path) else [], f"activations {akey}"))
+        missing = [what for _, paths, what in targets if not paths]
+        if missing:
+            raise UsageError(f"nothing to compact for {', '.join(missing)}; see: ep store ls")
+        results = []
+        for lock_target, paths, what in targets:
+            with self.lock(lock_target, what):
+                results += [{"key": what, **self.compact(path)} for path in paths]
+        return results
+
+    # -- locks ---------------------------------------------------------------------------------
+    def lock_path(self, target: Path) -> Path:
+        """The lock file of a dataset or folder of the store: ``.locks/<its relative path>.lock``."""
+        root = self.root.resolve()
+        rel = check_inside(self.root, target).resolve().relative_to(root)
+        return root / ".locks" / (str(rel).replace("/", "~") + ".lock")
+
+    @contextlib.contextmanager
+    def lock(self, target: Path, what: str):
+        """Hold the writer lock of ``target`` for the ``with`` block; refuse if another process holds it.
+
+        Raises UsageError (exit 2) naming the holder (pid, command, start time). A process
+        may re-enter a lock it holds (build takes its dictionary's lock, then assigns).
+        """
+        path = self.lock_path(target)
+        name = str(path)
+        held = _Held.locks.get(name)
+        if held is not None:
+            held[1] += 1
+            try:
+                yield
+            finally:
+                held[1] -= 1
+            return
+        created_root = not self.root.exists()
+        fd = _acquire(path, what)
+        _Held.locks[name] = [fd, 1]
+        try:
+            yield
+        finally:
+            del _Held.locks[name]
+            # Unlink while still holding the lock; a waiter that opened the old file sees its
+            # inode is gone and retries (see _acquire), so no two writers ever hold one key.
+            with contextlib.suppress(OSError):
+                path.unlink()
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only when empty: leave no trace in a DVC output
+            if created_root:  # a refused first write leaves no empty store folder behind
+                with contextlib.suppress(OSError):
+                    self.root.rmdir()
 
     @staticmethod
     def tag(path: Path, name: str) -> int:
@@ -157,8 +322,10 @@ class Store:
 
     def remove(self, path: Path) -> None:
         check_inside(self.root, path)
-        if path.exists():
+        if path.is_dir():
             shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
     def list_activations(self) -> list[ActivationKey]:
         base = self.root / "activations"
@@ -206,9 +373,12 @@ class Store:
 
     @staticmethod
     def write_json(path: Path, payload: dict) -> None:
-        """Write JSON atomically (temp file + rename)."""
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(jsonio.dumps(payload, indent=2, sort_keys=True) + "\n")
+        """Write JSON atomically: a temp file of this process, flushed to disk, then renamed."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w") as f:
+            f.write(jsonio.dumps(payload, indent=2, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(path)
 
     @staticmethod
@@ -333,3 +503,46 @@ def scan_fragment(path: Path, fragment_id: int, columns: list[str], batch_size: 
     """Record batches of one fragment, in stored order, reading only ``columns``."""
     fragment = Store.dataset(path, version).get_fragment(fragment_id)
     yield from fragment.to_batches(columns=columns, batch_size=batch_size)
+
+def _acquire(path: Path, what: str) -> int:
+    """flock ``path`` (created if needed) without waiting; write our pid, command and start."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            continue  # another writer removed the empty .locks folder just now
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise UsageError(
+                f"{what} is being written by another process (pid {holder.get('pid', '?')}, "
+                f"command {holder.get('command', '?')!r}, started {holder.get('started', '?')}); "
+                "wait for it to finish or stop it"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder unlinked the file as we opened it: try the new one
+    stale = _read_holder(fd)
+    if stale:
+        log.warning("taking over the stale lock of %s left by pid %s (%s)", what, stale.get("pid"),
+                    stale.get("command"))
+    me = {"pid": os.getpid(), "command": " ".join(sys.argv), "what": what,
+          "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, jsonio.dumps(me).encode(), 0)
+    os.fsync(fd)
+    return fd
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        return json.loads(os.pread(fd, 65536, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}

@@ -31,6 +31,8 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ep_store import jsonio
+
 # H200 figures measured on a lent machine (shared/DESIGN.md, "Measured on a lent NVIDIA
 # H200", torch 2.11, 2026-11-30). They are inputs here, cited, not re-measured.
 H200 = {
@@ -229,8 +231,8 @@ def main(metrics: Path, store: Path, out: Path, json_out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(render(inp, rows))
     json_out.parent.mkdir(parents=True, exist_ok=True)
-    json_out.write_text(json.dumps({"inputs": asdict(inp), "rows": rows}, indent=2) + "\n")
-    click.echo(json.dumps({"rows": len(rows), "out": str(out)}), err=True)
+    jsonio.write(json_out, {"inputs": asdict(inp), "rows": rows})
+    click.echo(jsonio.dumps({"rows": len(rows), "out": str(out)}), err=True)
 
 
 if __name__ == "__main__":
