@@ -224,13 +224,15 @@ class LeaderBuilder:
             self._append(u_BD[new_rows], rows_B[new_rows.cpu()].tolist())
             # Tokens after a new exemplar in this batch may sit nearer to it (it existed when
             # they arrived); tokens before it may not.
-            sim_BN = u_BD @ self._E[k : k + n_new].T
-            sim_BN[torch.arange(B, device=self.device)[:, None] < new_rows[None, :]] = -2.0
+            # In the screening dtype, like the old exemplars' similarities it is compared with.
+            sim_BN = u_BD.to(self.dtype) @ self._E_screen[k : k + n_new].T
+            sim_BN.masked_fill_(torch.arange(B, device=self.device)[:, None] < new_rows[None, :], -2.0)
             best_new_sim, best_new = sim_BN.max(dim=1)
-            take_new = best_new_sim > best_sim_B
+            take_new = best_new_sim.float() > best_sim_B
             best_B = torch.where(take_new, best_new + k, best_B)
-        self._count.index_add_(0, best_B, torch.ones_like(best_B))
-        self._dsum.index_add_(0, best_B, u_BD.to(torch.float64))
+        # index_put_ with accumulate: on CPU about 10x faster than index_add_ here.
+        self._count.index_put_((best_B,), torch.ones_like(best_B), accumulate=True)
+        self._dsum.index_put_((best_B,), u_BD.to(torch.float64), accumulate=True)
         return n_new
 
     def _exact_covered(self, u_RD: torch.Tensor) -> torch.Tensor:
@@ -242,9 +244,20 @@ class LeaderBuilder:
         return self._covers(u_RD, self._E[: self._k], self._E_screen[: self._k])
 
     def _covers(self, a_RD: torch.Tensor, b_CD: torch.Tensor, b_screen_CD: torch.Tensor) -> torch.Tensor:
-        """(R, C) bool ``covered`` of every pair, exact: screened, margin pairs re-checked."""
-        sim_RC = (a_RD.to(self.dtype) @ b_screen_CD.T).float()
-        sure, unsure = _screen_decisions(sim_RC, self.theta, self.margin)
+        """(R, C) bool ``covered`` of every pair, exact: screened, margin pairs re-checked.
+
+        A bfloat16 screen's undecided rows are screened again in float32 (a margin 16x
+        narrower); only pairs still undecided are computed in float64.
+        """
+        dtype = b_screen_CD.dtype
+        sim_RC = a_RD.to(dtype) @ b_screen_CD.T
+        sure, unsure = _screen_decisions(sim_RC, self.theta, SCREEN_MARGIN[dtype])
+        if dtype != torch.float32:
+            rows = unsure.any(dim=1).nonzero().squeeze(1)
+            if rows.numel():
+                sim32 = a_RD[rows].to(torch.float32) @ b_CD.T
+                sure32, unsure32 = _screen_decisions(sim32, self.theta, SCREEN_MARGIN[torch.float32])
+                sure[rows], unsure[rows] = sure32, unsure32
         r, c = unsure.nonzero(as_tuple=True)
         if r.numel():
             exact = (a_RD[r].to(torch.float64) * b_CD[c].to(torch.float64)).sum(1)
@@ -258,7 +271,9 @@ class LeaderBuilder:
             return candidates
         c = u_BD[candidates]
         # earlier_CC[i, j]: candidate j comes before i and covers it.
-        earlier_CC = self._covers(c, c, c.to(self.dtype)).tril_(diagonal=-1)
+        # float32: many of a first batch's candidate pairs lie near theta (a bfloat16 screen
+        # would send most rows to the float32 re-screen anyway); later batches have few.
+        earlier_CC = self._covers(c, c, c).tril_(diagonal=-1)
         return candidates[first_independent(earlier_CC)]
 
     def _append(self, new_ND: torch.Tensor, source_rows: list[int]):
@@ -299,26 +314,31 @@ def first_independent(earlier_CC: torch.Tensor, max_rounds: int = 32) -> torch.T
     host (one copy).
     """
     C = earlier_CC.shape[0]
-    adj = earlier_CC.to(torch.float32) if earlier_CC.device.type != "cpu" else earlier_CC
     accepted = torch.zeros(C, dtype=torch.bool, device=earlier_CC.device)
     rejected = torch.zeros_like(accepted)
-    for _ in range(max_rounds):
-        rejected |= _any_of(adj, accepted)
-        accepted |= ~rejected & ~_any_of(adj, ~rejected)
-        if bool((accepted | rejected).all()):
-            return accepted.nonzero().squeeze(1)
-    cover = earlier_CC.cpu().numpy()
+    if earlier_CC.device.type != "cpu":  # on CPU there are no round trips to save
+        adj = earlier_CC.to(torch.float32)
+        for _ in range(max_rounds):
+            rejected |= _any_of(adj, accepted)
+            accepted |= ~rejected & ~_any_of(adj, ~rejected)
+            if bool((accepted | rejected).all()):
+                return accepted.nonzero().squeeze(1)
+    # The plain sequential loop over what is left: kill every later candidate an accepted
+    # one covers (columns of earlier_CC).
+    covers_later = earlier_CC.T.contiguous().cpu().numpy()
     acc = accepted.cpu().numpy().copy()
-    undecided = (~(accepted | rejected)).nonzero().squeeze(1).cpu().tolist()
-    for i in undecided:
-        acc[i] = not (cover[i] & acc).any()
+    alive = ~(acc | rejected.cpu().numpy())
+    for j in acc.nonzero()[0]:
+        alive &= ~covers_later[j]
+    for i in range(C):
+        if alive[i]:
+            acc[i] = True
+            alive &= ~covers_later[i]
     return torch.from_numpy(acc).nonzero().squeeze(1).to(earlier_CC.device)
 
 
 def _any_of(adj_CC: torch.Tensor, mask_C: torch.Tensor) -> torch.Tensor:
-    """out[i] = any_j adj[i, j] and mask[j]."""
-    if adj_CC.dtype == torch.bool:
-        return (adj_CC & mask_C[None, :]).any(dim=1)
+    """out[i] = any_j adj[i, j] and mask[j] (adj as 0/1 floats: one matrix-vector product)."""
     return (adj_CC @ mask_C.to(adj_CC.dtype)) > 0
 
 
