@@ -35,6 +35,7 @@ from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.leader import PRECISIONS, LeaderBuilder, LeaderState
 from ep_store.models import resolve_device
+from ep_store.prefetch import Prefetch
 from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
 
 log = logging.getLogger(__name__)
@@ -212,23 +213,21 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
     builder = LeaderBuilder(calibration.theta, cfg.batch_size, cfg.saturation_window, state, device, cfg.precision)
     center = calibration.center_D.to(device)
     consumed_before = state.tokens
-    seen = 0  # rows streamed so far (after dropping non-finite ones)
-    exhausted = True
     bar = tqdm(total=budget, initial=state.tokens, unit="tok", desc=f"build {key}", disable=not progress)
-    # Read in large chunks (fewer Lance calls); the builder cuts them at batch boundaries.
+    # Read in large chunks (fewer Lance calls); the builder cuts them at batch boundaries. A
+    # reader thread reads, decodes and normalises ahead of the screening (issue 12).
     read_rows = max(cfg.batch_size, STREAM_ROWS)
-    for x, rows in stream_vectors(store, source, read_rows, None, cfg.skip_nonfinite):
-        if builder.state.stop_reason is not None or builder.state.tokens >= budget:
-            exhausted = False
-            break
-        skip = max(0, min(x.shape[0], consumed_before - seen))  # rows a previous build consumed
-        seen += x.shape[0]
-        take = min(x.shape[0] - skip, budget - builder.state.tokens)
-        if take > 0:
-            u = unit_directions(x[skip : skip + take].to(device), center)
-            bar.update(builder.feed(u, rows[skip : skip + take]))
+    inputs = BuildInputs(stream_vectors(store, source, read_rows, None, cfg.skip_nonfinite),
+                         center, consumed_before, budget - consumed_before, device)
+    stopped = False
+    with Prefetch(inputs, depth=2) as prefetched:
+        for u, rows in prefetched:
+            if builder.state.stop_reason is not None:
+                stopped = True
+                break
+            bar.update(builder.feed(u, rows))
     bar.close()
-    stream_done = exhausted and builder.state.tokens == seen
+    stream_done = not stopped and not inputs.truncated and builder.state.tokens == inputs.seen
     state = builder.finish("end_of_stream" if stream_done else "max_tokens")
     clustered = time.perf_counter()
 
@@ -265,10 +264,43 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
         "calibration_seconds": round(calibrated - start, 3), "stop_reason": state.stop_reason,
         "version": version, "tag": tag, "precision": cfg.precision, "device": str(device),
         "screen_gflop": round(builder.screen_flops / 1e9, 3), "rechecked_rows": builder.rechecked,
+        # Share of the clustering time the builder (on a GPU: the device) waited on input.
+        "input_wait_share": round(prefetched.wait_share, 4),
     }
     if assign:
         summary["assign"] = assign_dataset(store, key, progress=progress, device=cfg.device)
     return summary
+
+
+class BuildInputs:
+    """The build's input stream: (u_ND unit directions on ``device``, dataset rows_N).
+
+    Skips the ``skip`` rows a previous build consumed, stops after ``budget`` rows
+    (``truncated`` when rows were left), and counts the rows streamed (``seen``). Runs on
+    the prefetch thread: reading, decoding, normalising and the host-to-device copy
+    (pinned, non-blocking) overlap the screening.
+    """
+
+    def __init__(self, vectors: Iterator[tuple[torch.Tensor, torch.Tensor]], center_D: torch.Tensor,
+                 skip: int, budget: int, device: torch.device):
+        self.vectors, self.center, self.skip, self.budget, self.device = vectors, center_D, skip, budget, device
+        self.seen, self.truncated = 0, False
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        taken = 0
+        for x, rows in self.vectors:
+            if taken >= self.budget:
+                self.truncated = True
+                return
+            skip = max(0, min(x.shape[0], self.skip - self.seen))
+            self.seen += x.shape[0]
+            take = min(x.shape[0] - skip, self.budget - taken)
+            if take > 0:
+                x = x[skip : skip + take]
+                if self.device.type == "cuda":
+                    x = x.pin_memory().to(self.device, non_blocking=True)
+                taken += take
+                yield unit_directions(x, self.center), rows[skip : skip + take]
 
 
 def _source_tokens(store: Store, path: Path, rows_K: torch.Tensor) -> pa.Table:

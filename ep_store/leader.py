@@ -244,20 +244,11 @@ class LeaderBuilder:
         return self._covers(u_RD, self._E[: self._k], self._E_screen[: self._k])
 
     def _covers(self, a_RD: torch.Tensor, b_CD: torch.Tensor, b_screen_CD: torch.Tensor) -> torch.Tensor:
-        """(R, C) bool ``covered`` of every pair, exact: screened, margin pairs re-checked.
-
-        A bfloat16 screen's undecided rows are screened again in float32 (a margin 16x
-        narrower); only pairs still undecided are computed in float64.
-        """
+        """(R, C) bool ``covered`` of every pair, exact: screened in ``b_screen_CD``'s dtype,
+        pairs within that dtype's margin of the threshold re-checked in float64."""
         dtype = b_screen_CD.dtype
         sim_RC = a_RD.to(dtype) @ b_screen_CD.T
         sure, unsure = _screen_decisions(sim_RC, self.theta, SCREEN_MARGIN[dtype])
-        if dtype != torch.float32:
-            rows = unsure.any(dim=1).nonzero().squeeze(1)
-            if rows.numel():
-                sim32 = a_RD[rows].to(torch.float32) @ b_CD.T
-                sure32, unsure32 = _screen_decisions(sim32, self.theta, SCREEN_MARGIN[torch.float32])
-                sure[rows], unsure[rows] = sure32, unsure32
         r, c = unsure.nonzero(as_tuple=True)
         if r.numel():
             exact = (a_RD[r].to(torch.float64) * b_CD[c].to(torch.float64)).sum(1)
@@ -303,7 +294,7 @@ def _screen_decisions(sim: torch.Tensor, theta: float, margin: float) -> tuple[t
     return sure, unsure
 
 
-def first_independent(earlier_CC: torch.Tensor, max_rounds: int = 32) -> torch.Tensor:
+def first_independent(earlier_CC: torch.Tensor, max_rounds: int = 32, rounds: bool | None = None) -> torch.Tensor:
     """Indices the sequential rule accepts, given earlier_CC[i, j] = "j < i covers i".
 
     Candidate i is accepted iff no accepted j < i covers it (the lexicographically first
@@ -311,12 +302,12 @@ def first_independent(earlier_CC: torch.Tensor, max_rounds: int = 32) -> torch.T
     per round: i is rejected once an accepted earlier candidate covers it, accepted once
     every earlier candidate covering it is rejected; the first undecided candidate is
     decided each round. Chains longer than ``max_rounds`` finish with a plain loop on the
-    host (one copy).
+    host (one copy). ``rounds``: use the rounds (default: off the CPU only).
     """
     C = earlier_CC.shape[0]
     accepted = torch.zeros(C, dtype=torch.bool, device=earlier_CC.device)
     rejected = torch.zeros_like(accepted)
-    if earlier_CC.device.type != "cpu":  # on CPU there are no round trips to save
+    if rounds if rounds is not None else earlier_CC.device.type != "cpu":  # CPU: no round trips to save
         adj = earlier_CC.to(torch.float32)
         for _ in range(max_rounds):
             rejected |= _any_of(adj, accepted)
