@@ -125,7 +125,7 @@ def main(tokens, models_dir, out, activations):
                     "share_of_fp32_peak": round(summary["screen_gflop"] / build_s / peak["float32"], 3),
                     "share_of_bf16_peak": round(summary["screen_gflop"] / build_s / peak["bfloat16"], 3),
                     "rechecked_rows": summary["rechecked_rows"], "peak_mib": round(mem, 1),
-                    "input_wait_share": summary["input_wait_share"],
+                    "input_wait_share": summary.get("input_wait_share"),
                     "rows": stored_rows(store, key),
                 }
             meta = store.read_json(store.dictionary_dir(key) / "meta.json")
