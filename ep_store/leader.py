@@ -41,6 +41,18 @@ def covered(sim64: torch.Tensor, theta: float) -> torch.Tensor:
     return (1.0 - sim64) <= theta
 
 
+def screen_decisions(sim: torch.Tensor, theta: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(surely covered, undecided) from screened similarities; undecided ones need float64.
+
+    The threshold is the one ``covered`` applies (kept beside it: change them together); a
+    screened value beyond ``margin`` of it decides the same way as the exact one.
+    """
+    threshold = 1.0 - theta
+    sure = sim >= threshold + margin
+    unsure = ~sure & (sim >= threshold - margin)
+    return sure, unsure
+
+
 class ReferenceResult(NamedTuple):
     exemplar_rows: list[int]
     new_per_batch: list[int]
@@ -207,7 +219,7 @@ class LeaderBuilder:
         B, k = u_BD.shape[0], self._k
         if k:
             best_sim_B, best_B = self.screen(u_BD)
-            sure, unsure = _screen_decisions(best_sim_B, self.theta, self.margin)
+            sure, unsure = screen_decisions(best_sim_B, self.theta, self.margin)
             if bool(unsure.any()):
                 rows = unsure.nonzero().squeeze(1)
                 self.rechecked += rows.numel()
@@ -248,7 +260,7 @@ class LeaderBuilder:
         pairs within that dtype's margin of the threshold re-checked in float64."""
         dtype = b_screen_CD.dtype
         sim_RC = a_RD.to(dtype) @ b_screen_CD.T
-        sure, unsure = _screen_decisions(sim_RC, self.theta, SCREEN_MARGIN[dtype])
+        sure, unsure = screen_decisions(sim_RC, self.theta, SCREEN_MARGIN[dtype])
         r, c = unsure.nonzero(as_tuple=True)
         if r.numel():
             exact = (a_RD[r].to(torch.float64) * b_CD[c].to(torch.float64)).sum(1)
@@ -280,18 +292,6 @@ class LeaderBuilder:
             self._E_screen[k : k + n] = new_ND.to(self.dtype)
         self._source += source_rows
         self._k = k + n
-
-
-def _screen_decisions(sim: torch.Tensor, theta: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(surely covered, undecided) from screened similarities; undecided ones need float64.
-
-    The threshold is the one ``covered`` applies; a screened value beyond ``margin`` of it
-    decides the same way as the exact one.
-    """
-    threshold = 1.0 - theta
-    sure = sim >= threshold + margin
-    unsure = ~sure & (sim >= threshold - margin)
-    return sure, unsure
 
 
 def first_independent(earlier_CC: torch.Tensor, max_rounds: int = 32, rounds: bool | None = None) -> torch.Tensor:
