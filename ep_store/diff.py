@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ep_store import plots
+from ep_store import jsonio, plots
 from ep_store.corpus import iter_documents
 from ep_store.keys import DictionaryKey
 from ep_store.match import MatchConfig, match
@@ -142,7 +142,7 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
     summary = {"a": str(ka), "b": str(kb), "preserved": meta["preserved"], "introduced": meta["introduced"],
                "dropped": meta["dropped"], "finding": finding, "out": str(out / "index.html"),
                "seconds": round(time.perf_counter() - start, 3)}
-    (out / "summary.json").write_text(json.dumps({**summary, "enrichment": enrichment, "steps": steps}, indent=2))
+    jsonio.write(out / "summary.json", {**summary, "enrichment": enrichment, "steps": steps})
     return summary
 
 

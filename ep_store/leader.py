@@ -36,9 +36,15 @@ CPU_BLOCK = 2048
 GPU_BLOCK = 1 << 30
 
 
+# Tie rule (issue 8, item 5): float32 unit directions have |u|^2 = 1 +- ~1e-7, so identical
+# rows sit up to ~1e-7 apart; distances at or below TIE_DISTANCE count as equal, so identical
+# vectors always share one region, even when theta is 0. Thetas above it are unaffected.
+TIE_DISTANCE = 1e-6
+
+
 def covered(sim64: torch.Tensor, theta: float) -> torch.Tensor:
-    """The rule's comparison: an exemplar covers u iff 1 - u.e <= theta (float64 sims)."""
-    return (1.0 - sim64) <= theta
+    """The rule's comparison: an exemplar covers u iff clamp(1 - u.e, 0, 2) <= max(theta, TIE_DISTANCE)."""
+    return (1.0 - sim64).clamp(0.0, 2.0) <= max(theta, TIE_DISTANCE)
 
 
 def screen_decisions(sim: torch.Tensor, theta: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +53,7 @@ def screen_decisions(sim: torch.Tensor, theta: float, margin: float) -> tuple[to
     The threshold is the one ``covered`` applies (kept beside it: change them together); a
     screened value beyond ``margin`` of it decides the same way as the exact one.
     """
-    threshold = 1.0 - theta
+    threshold = 1.0 - max(theta, TIE_DISTANCE)
     sure = sim >= threshold + margin
     unsure = ~sure & (sim >= threshold - margin)
     return sure, unsure
@@ -236,7 +242,8 @@ class LeaderBuilder:
             self._append(u_BD[new_rows], rows_B[new_rows.cpu()].tolist())
             # Tokens after a new exemplar in this batch may sit nearer to it (it existed when
             # they arrived); tokens before it may not.
-            # In the screening dtype, like the old exemplars' similarities it is compared with.
+            # In the screening dtype, like the old exemplars' similarities: a batch cut in two (a
+            # build continued mid-batch) then counts members exactly as one pass does (issue 8).
             sim_BN = u_BD.to(self.dtype) @ self._E_screen[k : k + n_new].T
             sim_BN.masked_fill_(torch.arange(B, device=self.device)[:, None] < new_rows[None, :], -2.0)
             best_new_sim, best_new = sim_BN.max(dim=1)

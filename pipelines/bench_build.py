@@ -20,7 +20,6 @@ harvesting ``--tokens`` tokens first.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import click
 import psutil
 import torch
 
+from ep_store import jsonio
 from ep_store.calibrate import unit_directions
 from ep_store.dictionary import BuildConfig, assign_dataset, build, stream_vectors
 from ep_store.keys import ActivationKey, DictionaryKey
@@ -160,9 +160,8 @@ def main(tokens, models_dir, out, activations):
         result = {"tokens": int(x.shape[0]), "width": int(x.shape[1]), "threads": torch.get_num_threads(),
                   "load_average_1m": round(psutil.getloadavg()[0], 2), "cpus": psutil.cpu_count(),
                   "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()}, "percentiles": results}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(json.dumps(result))
+    jsonio.write(out, result)
+    click.echo(jsonio.dumps(result), err=True)
 
 
 if __name__ == "__main__":
