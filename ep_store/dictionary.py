@@ -43,6 +43,7 @@ from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.leader import PRECISIONS, LeaderBuilder, LeaderState
 from ep_store.models import resolve_device
+from ep_store.prefetch import Prefetch
 from ep_store.store import Store, arrow_to_vectors, commit_fragments, vectors_to_arrow
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def _build_locked(cfg: BuildConfig, store: Store, source: Path, folder: Path, as
     calibrated = time.perf_counter()
     builder = LeaderBuilder(calibration.theta, cfg.batch_size, cfg.saturation_window, state, device, cfg.precision)
     consumed_before = state.tokens
-    state = _cluster(cfg, store, source, source_info.version, builder, calibration, budget, progress)
+    state, wait_share = _cluster(cfg, store, source, source_info.version, builder, calibration, budget, progress)
     clustered = time.perf_counter()
     version, tag, published = _publish(cfg, store, folder, state, calibration, previous, source_info)
     summary = {
@@ -255,7 +256,7 @@ def _build_locked(cfg: BuildConfig, store: Store, source: Path, folder: Path, as
         "calibration_seconds": round(calibrated - start, 3), "stop_reason": state.stop_reason,
         "version": version, "tag": tag, "precision": cfg.precision, "device": str(device),
         "screen_gflop": round(builder.screen_flops / 1e9, 3), "rechecked_rows": builder.rechecked,
-        "unchanged": not published,
+        "input_wait_share": round(wait_share, 4), "unchanged": not published,
     }
     if assign and (published or not _assignments_current(store, folder, version, source_info.version)):
         summary["assign"] = assign_dataset(store, key, progress=progress, device=cfg.device)
@@ -263,35 +264,28 @@ def _build_locked(cfg: BuildConfig, store: Store, source: Path, folder: Path, as
 
 
 def _cluster(cfg: BuildConfig, store: Store, source: Path, source_version: int, builder: LeaderBuilder,
-             calibration: Calibration, budget: int, progress: bool) -> LeaderState:
-    """Feed the stream (past the rows a previous build consumed) to the builder; its final state."""
+             calibration: Calibration, budget: int, progress: bool) -> tuple[LeaderState, float]:
+    """Feed the stream (past the rows a previous build consumed) to the builder; its final
+    state and the share of the time it waited on input."""
     consumed_before = builder.state.tokens
     center = calibration.center_D.to(builder.device)
-    seen = 0  # rows streamed so far (after dropping non-finite rows and rows equal to the center)
-    exhausted = True
     bar = tqdm(total=budget, initial=consumed_before, unit="tok", desc=f"build {cfg.key}", disable=not progress)
-    # Read in large chunks (fewer Lance calls); the builder cuts them at batch boundaries.
+    # Read in large chunks (fewer Lance calls); the builder cuts them at batch boundaries. A
+    # reader thread reads, decodes and normalises ahead of the screening (issue 12).
     read_rows = max(cfg.batch_size, STREAM_ROWS)
-    for x, rows in stream_vectors(store, source, read_rows, None, cfg.skip_nonfinite, source_version):
-        u = unit_directions(x.to(builder.device), center)
-        keep = ~degenerate(u)  # a row equal to the center has no direction: no region (issue 8, item 7)
-        if not keep.all():
-            u, rows = u[keep], rows[keep.cpu()]
-        skip = max(0, min(u.shape[0], consumed_before - seen))  # rows a previous build consumed
-        seen += u.shape[0]
-        if skip == u.shape[0]:
-            continue
-        # Rows are left: stopping here is a stop, not the end of the stream. (Checking this before
-        # skipping made a rerun of a finished build say max_tokens and publish a new version.)
-        if builder.state.stop_reason is not None or builder.state.tokens >= budget:
-            exhausted = False
-            break
-        take = min(u.shape[0] - skip, budget - builder.state.tokens)
-        if take > 0:
-            bar.update(builder.feed(u[skip : skip + take], rows[skip : skip + take]))
+    inputs = BuildInputs(stream_vectors(store, source, read_rows, None, cfg.skip_nonfinite, source_version),
+                         center, consumed_before, budget - consumed_before, builder.device)
+    stopped = False
+    with Prefetch(inputs, depth=2) as prefetched:
+        for u, rows in prefetched:
+            if builder.state.stop_reason is not None:  # rows are left: a stop, not the end of the stream
+                stopped = True
+                break
+            bar.update(builder.feed(u, rows))
+        wait_share = prefetched.wait_share
     bar.close()
-    stream_done = exhausted and builder.state.tokens == seen
-    return builder.finish("end_of_stream" if stream_done else "max_tokens")
+    stream_done = not stopped and not inputs.truncated and builder.state.tokens == inputs.seen
+    return builder.finish("end_of_stream" if stream_done else "max_tokens"), wait_share
 
 
 def _publish(cfg: BuildConfig, store: Store, folder: Path, state: LeaderState, calibration: Calibration,
@@ -342,6 +336,45 @@ def _assignments_current(store: Store, folder: Path, exemplars_version: int, act
         return False
     meta = store.info(path).meta
     return meta.get("exemplars_version") == exemplars_version and meta.get("activations_version") == activations_version
+
+
+class BuildInputs:
+    """The build's input stream: (u_ND unit directions on ``device``, dataset rows_N).
+
+    Drops rows equal to the center, skips the ``skip`` rows a previous build consumed, stops
+    after ``budget`` rows (``truncated`` when rows were left), and counts the rows streamed
+    (``seen``). Runs on
+    the prefetch thread: reading, decoding, normalising and the host-to-device copy
+    (pinned, non-blocking) overlap the screening.
+    """
+
+    def __init__(self, vectors: Iterator[tuple[torch.Tensor, torch.Tensor]], center_D: torch.Tensor,
+                 skip: int, budget: int, device: torch.device):
+        self.vectors, self.center, self.skip, self.budget, self.device = vectors, center_D, skip, budget, device
+        self.seen, self.truncated = 0, False
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        taken = 0
+        for x, rows in self.vectors:
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            u = unit_directions(x.to(self.device), self.center)
+            keep = ~degenerate(u)  # a row equal to the center has no direction: no region (issue 8, item 7)
+            if not keep.all():
+                u, rows = u[keep], rows[keep.cpu()]
+            skip = max(0, min(u.shape[0], self.skip - self.seen))  # rows a previous build consumed
+            self.seen += u.shape[0]
+            if skip == u.shape[0]:
+                continue
+            # Rows are left: only now is running out of budget a truncation (checking before the
+            # skip made a rerun of a finished build say max_tokens and publish a new version).
+            if taken >= self.budget:
+                self.truncated = True
+                return
+            take = min(u.shape[0] - skip, self.budget - taken)
+            if take > 0:
+                taken += take
+                yield u[skip : skip + take], rows[skip : skip + take]
 
 
 def _source_tokens(store: Store, path: Path, rows_K: torch.Tensor, version: int | None = None) -> pa.Table:

@@ -28,6 +28,12 @@ import torch
 # Decisions inside the margin are re-checked in float64.
 SCREEN_MARGIN = {torch.float32: 1e-3, torch.bfloat16: 1.6e-2}
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Screening shapes (issue 12): exemplar rows are padded to a multiple of ALIGN, so the
+# matrix units see aligned operands (on an H200 an unaligned bf16 product ran 8x slower);
+# CPU_BLOCK / GPU_BLOCK exemplars per product block.
+ALIGN = 128
+CPU_BLOCK = 2048
+GPU_BLOCK = 1 << 30
 
 
 # Tie rule (issue 8, item 5): float32 unit directions have |u|^2 = 1 +- ~1e-7, so identical
@@ -39,6 +45,18 @@ TIE_DISTANCE = 1e-6
 def covered(sim64: torch.Tensor, theta: float) -> torch.Tensor:
     """The rule's comparison: an exemplar covers u iff clamp(1 - u.e, 0, 2) <= max(theta, TIE_DISTANCE)."""
     return (1.0 - sim64).clamp(0.0, 2.0) <= max(theta, TIE_DISTANCE)
+
+
+def screen_decisions(sim: torch.Tensor, theta: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(surely covered, undecided) from screened similarities; undecided ones need float64.
+
+    The threshold is the one ``covered`` applies (kept beside it: change them together); a
+    screened value beyond ``margin`` of it decides the same way as the exact one.
+    """
+    threshold = 1.0 - max(theta, TIE_DISTANCE)
+    sure = sim >= threshold + margin
+    unsure = ~sure & (sim >= threshold - margin)
+    return sure, unsure
 
 
 class ReferenceResult(NamedTuple):
@@ -98,22 +116,33 @@ class LeaderState:
 
 
 class LeaderBuilder:
-    """Exact batched leader clustering on any torch device."""
+    """Exact batched leader clustering on any torch device.
+
+    Screening is shaped for the matrix units (issue 12): the exemplar buffer's capacity and
+    the slice screened against it are multiples of ``ALIGN`` rows (the padding rows are
+    zero and are masked out of the row max), and the product and row max run one block of
+    ``block`` exemplars at a time, in the screening dtype, so the (B, K) similarity matrix
+    never has to exist. Host round trips per batch are a few, whatever the batch size.
+    """
 
     def __init__(self, theta: float, batch_size: int, saturation_window: int, state: LeaderState,
-                 device: torch.device | str = "cpu", precision: str = "float32"):
+                 device: torch.device | str = "cpu", precision: str = "float32", block: int | None = None):
         self.theta, self.batch_size, self.window = theta, batch_size, saturation_window
         self.device = torch.device(device)
         self.dtype = PRECISIONS[precision]
         self.margin = SCREEN_MARGIN[self.dtype]
+        # Exemplars per product block: on CPU a block keeps the product in cache while the
+        # row max reads it; a GPU prefers one large product.
+        default_block = CPU_BLOCK if self.device.type == "cpu" else GPU_BLOCK
+        self.block = _round_up(block or default_block, ALIGN)
         self.state = state
         # Exemplars live on the device in a buffer that doubles when full, with a copy in
-        # the screening dtype, so appending is amortised O(1) and screening one matmul.
+        # the screening dtype (the same tensor in float32), so appending is amortised O(1).
         k = state.regions
-        cap = max(1024, 2 * k)
+        cap = _round_up(max(1024, 2 * k), ALIGN)
         self._E = torch.zeros(cap, state.width, device=self.device)
         self._E[:k] = state.exemplars_KD.to(self.device)
-        self._E_screen = self._E.to(self.dtype)
+        self._E_screen = self._E if self.dtype == torch.float32 else self._E.to(self.dtype)
         self._count = torch.zeros(cap, dtype=torch.long, device=self.device)
         self._count[:k] = state.member_count_K.to(self.device)
         self._dsum = torch.zeros(cap, state.width, dtype=torch.float64, device=self.device)
@@ -170,19 +199,37 @@ class LeaderBuilder:
         if s.quiet_batches >= self.window:
             s.stop_reason = "saturated"
 
+    def screen(self, u_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Screened nearest exemplar of each row: (best_sim_B float32, best_B int64).
+
+        The product runs over ALIGN-padded blocks of the exemplar buffer in the screening
+        dtype; the zero padding rows beyond the K exemplars are sliced off before the max.
+        """
+        B, k = u_BD.shape[0], self._k
+        u = u_BD.to(self.dtype)
+        best_sim_B = best_B = None
+        for start in range(0, k, self.block):
+            stop = min(start + self.block, _round_up(k, ALIGN))
+            sim_BC = u @ self._E_screen[start:stop].T
+            sim, idx = sim_BC[:, : min(stop, k) - start].max(dim=1)
+            if best_sim_B is None:
+                best_sim_B, best_B = sim, idx
+            else:  # ties keep the earlier exemplar, as one max over all columns would
+                take = sim > best_sim_B
+                best_sim_B = torch.where(take, sim, best_sim_B)
+                best_B = torch.where(take, idx + start, best_B)
+        self.screen_flops += 2.0 * B * k * u_BD.shape[1]
+        return best_sim_B.float(), best_B
+
     def _add(self, u_BD: torch.Tensor, rows_B: torch.Tensor) -> int:
         B, k = u_BD.shape[0], self._k
-        threshold = 1.0 - max(self.theta, TIE_DISTANCE)  # covered iff sim >= threshold (checked exactly below)
         if k:
-            # Kept in the screening dtype: the margin also covers rounding the result.
-            sim_BK = u_BD.to(self.dtype) @ self._E_screen[:k].T
-            self.screen_flops += 2.0 * B * k * u_BD.shape[1]
-            best_sim_B, best_B = sim_BK.max(dim=1)
-            best_sim_B = best_sim_B.float()
-            sure = best_sim_B >= threshold + self.margin
-            unsure = ~sure & (best_sim_B >= threshold - self.margin)
-            if unsure.any():
-                sure[unsure] = self._exact_covered(u_BD, sim_BK, unsure, threshold)
+            best_sim_B, best_B = self.screen(u_BD)
+            sure, unsure = screen_decisions(best_sim_B, self.theta, self.margin)
+            if bool(unsure.any()):
+                rows = unsure.nonzero().squeeze(1)
+                self.rechecked += rows.numel()
+                sure[rows] = self._exact_covered(u_BD[rows]).any(dim=1)
             candidates = (~sure).nonzero().squeeze(1)
         else:
             best_sim_B = torch.full((B,), -2.0, device=self.device)
@@ -195,60 +242,106 @@ class LeaderBuilder:
             self._append(u_BD[new_rows], rows_B[new_rows.cpu()].tolist())
             # Tokens after a new exemplar in this batch may sit nearer to it (it existed when
             # they arrived); tokens before it may not.
-            # In the screening dtype, like sim_BK: a batch cut in two (a build continued mid-batch)
-            # then counts members exactly as one pass does (issue 8; seen with bf16 screening).
-            sim_BN = (u_BD.to(self.dtype) @ self._E_screen[k : k + n_new].T).float()
-            sim_BN[torch.arange(B, device=self.device)[:, None] < new_rows[None, :]] = -2.0
+            # In the screening dtype, like the old exemplars' similarities: a batch cut in two (a
+            # build continued mid-batch) then counts members exactly as one pass does (issue 8).
+            sim_BN = u_BD.to(self.dtype) @ self._E_screen[k : k + n_new].T
+            sim_BN.masked_fill_(torch.arange(B, device=self.device)[:, None] < new_rows[None, :], -2.0)
             best_new_sim, best_new = sim_BN.max(dim=1)
-            take_new = best_new_sim > best_sim_B
+            take_new = best_new_sim.float() > best_sim_B
             best_B = torch.where(take_new, best_new + k, best_B)
-        self._count.index_add_(0, best_B, torch.ones_like(best_B))
-        self._dsum.index_add_(0, best_B, u_BD.to(torch.float64))
+        # index_put_ with accumulate: on CPU about 10x faster than index_add_ here.
+        self._count.index_put_((best_B,), torch.ones_like(best_B), accumulate=True)
+        self._dsum.index_put_((best_B,), u_BD.to(torch.float64), accumulate=True)
         return n_new
 
-    def _exact_covered(self, u_BD, sim_BK, rows_mask, threshold) -> torch.Tensor:
-        """float64 re-check of rows whose screened max is within the margin."""
-        rows = rows_mask.nonzero().squeeze(1)
-        near = sim_BK[rows] >= threshold - self.margin  # the only exemplars that could cover
-        r, e = near.nonzero(as_tuple=True)
-        self.rechecked += rows.numel()
-        exact = (u_BD[rows[r]].to(torch.float64) * self._E[e].to(torch.float64)).sum(1)
-        hit = torch.zeros(rows.numel(), dtype=torch.bool, device=self.device)
-        hit.index_fill_(0, r[covered(exact, self.theta)], True)
-        return hit
+    def _exact_covered(self, u_RD: torch.Tensor) -> torch.Tensor:
+        """(R, K) bool: exemplar k covers row r, by the rule's float64 arithmetic.
+
+        Screens again in the screening dtype; only pairs within the margin of the threshold
+        are computed in float64 (the rest are decided by the screen).
+        """
+        return self._covers(u_RD, self._E[: self._k], self._E_screen[: self._k])
+
+    def _covers(self, a_RD: torch.Tensor, b_CD: torch.Tensor, b_screen_CD: torch.Tensor) -> torch.Tensor:
+        """(R, C) bool ``covered`` of every pair, exact: screened in ``b_screen_CD``'s dtype,
+        pairs within that dtype's margin of the threshold re-checked in float64."""
+        dtype = b_screen_CD.dtype
+        sim_RC = a_RD.to(dtype) @ b_screen_CD.T
+        sure, unsure = screen_decisions(sim_RC, self.theta, SCREEN_MARGIN[dtype])
+        r, c = unsure.nonzero(as_tuple=True)
+        if r.numel():
+            exact = (a_RD[r].to(torch.float64) * b_CD[c].to(torch.float64)).sum(1)
+            sure[r, c] = covered(exact, self.theta)
+        return sure
 
     def _accept_in_order(self, u_BD: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Sequential rule among this batch's candidates (rows no old exemplar covers)."""
-        if candidates.numel() == 0:
+        C = candidates.numel()
+        if C == 0:
             return candidates
-        c = u_BD[candidates].to(torch.float64)
-        cover_CC = covered(c @ c.T, self.theta)
-        alive = torch.ones(candidates.numel(), dtype=torch.bool, device=self.device)
-        accepted = []
-        # The first live candidate is never covered by an accepted one (it would have been
-        # killed), so it is accepted; it then kills every later candidate it covers.
-        while True:
-            live = alive.nonzero()
-            if live.numel() == 0:
-                break
-            i = int(live[0])
-            accepted.append(i)
-            alive &= ~cover_CC[i]
-            alive[i] = False
-        return candidates[torch.tensor(accepted, dtype=torch.long, device=self.device)]
+        c = u_BD[candidates]
+        # earlier_CC[i, j]: candidate j comes before i and covers it.
+        # float32: many of a first batch's candidate pairs lie near theta (a bfloat16 screen
+        # would send most rows to the float32 re-screen anyway); later batches have few.
+        earlier_CC = self._covers(c, c, c).tril_(diagonal=-1)
+        return candidates[first_independent(earlier_CC)]
 
     def _append(self, new_ND: torch.Tensor, source_rows: list[int]):
         k, n = self._k, new_ND.shape[0]
         if k + n > self._E.shape[0]:
-            cap = max(2 * self._E.shape[0], k + n)
+            cap = _round_up(max(2 * self._E.shape[0], k + n), ALIGN)
             self._E = _grow(self._E, cap)
             self._count = _grow(self._count, cap)
             self._dsum = _grow(self._dsum, cap)
-            self._E_screen = _grow(self._E_screen, cap)
+            self._E_screen = self._E if self.dtype == torch.float32 else _grow(self._E_screen, cap)
         self._E[k : k + n] = new_ND
-        self._E_screen[k : k + n] = new_ND.to(self.dtype)
+        if self._E_screen is not self._E:
+            self._E_screen[k : k + n] = new_ND.to(self.dtype)
         self._source += source_rows
         self._k = k + n
+
+
+def first_independent(earlier_CC: torch.Tensor, max_rounds: int = 32, rounds: bool | None = None) -> torch.Tensor:
+    """Indices the sequential rule accepts, given earlier_CC[i, j] = "j < i covers i".
+
+    Candidate i is accepted iff no accepted j < i covers it (the lexicographically first
+    maximal independent set). Rounds decide it in parallel on the device, one host sync
+    per round: i is rejected once an accepted earlier candidate covers it, accepted once
+    every earlier candidate covering it is rejected; the first undecided candidate is
+    decided each round. Chains longer than ``max_rounds`` finish with a plain loop on the
+    host (one copy). ``rounds``: use the rounds (default: off the CPU only).
+    """
+    C = earlier_CC.shape[0]
+    accepted = torch.zeros(C, dtype=torch.bool, device=earlier_CC.device)
+    rejected = torch.zeros_like(accepted)
+    if rounds if rounds is not None else earlier_CC.device.type != "cpu":  # CPU: no round trips to save
+        adj = earlier_CC.to(torch.float32)
+        for _ in range(max_rounds):
+            rejected |= _any_of(adj, accepted)
+            accepted |= ~rejected & ~_any_of(adj, ~rejected)
+            if bool((accepted | rejected).all()):
+                return accepted.nonzero().squeeze(1)
+    # The plain sequential loop over what is left: kill every later candidate an accepted
+    # one covers (columns of earlier_CC).
+    covers_later = earlier_CC.T.contiguous().cpu().numpy()
+    acc = accepted.cpu().numpy().copy()
+    alive = ~(acc | rejected.cpu().numpy())
+    for j in acc.nonzero()[0]:
+        alive &= ~covers_later[j]
+    for i in range(C):
+        if alive[i]:
+            acc[i] = True
+            alive &= ~covers_later[i]
+    return torch.from_numpy(acc).nonzero().squeeze(1).to(earlier_CC.device)
+
+
+def _any_of(adj_CC: torch.Tensor, mask_C: torch.Tensor) -> torch.Tensor:
+    """out[i] = any_j adj[i, j] and mask[j] (adj as 0/1 floats: one matrix-vector product)."""
+    return (adj_CC @ mask_C.to(adj_CC.dtype)) > 0
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _grow(t: torch.Tensor, rows: int) -> torch.Tensor:

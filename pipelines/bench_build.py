@@ -2,16 +2,25 @@
 
 Measured in one run, on one harvested stream of at least 50,000 tokens:
 - build tokens/s at p=1 and p=10, in bfloat16 and float32 screening, each checked to give
-  exactly the exemplar list of the plain sequential rule (timed too: the naive way);
+  exactly the exemplar list of the plain sequential rule (timed too: the naive way). Two
+  figures per build (issue 12): the command's end to end (``ep build`` reading from the
+  store, as it reports tokens/s, with the share of time it waited on input) and the
+  kernel's alone (LeaderBuilder on the same activations in memory), both against the
+  reference loop (``leader_reference``) in the same run;
 - the screening step's achieved GFLOP/s (2 * regions * d per token) as a share of the
   fp32 and bf16 matmul peak measured here, on the same shapes;
 - assign tokens/s; peak memory of builds to half and to all of the tokens (flat = bounded).
 
     python -m pipelines.bench_build --models-dir data/models --out data/metrics/bench_build.json
+    python -m pipelines.bench_build --activations data/store/activations/gemma-3-270m/base/L6.lance
+
+``--activations`` reuses a harvested dataset (copied into a temporary store) instead of
+harvesting ``--tokens`` tokens first.
 """
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +36,7 @@ from ep_store import jsonio
 from ep_store.calibrate import unit_directions
 from ep_store.dictionary import BuildConfig, assign_dataset, build, stream_vectors
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.leader import leader_reference
+from ep_store.leader import LeaderBuilder, LeaderState, leader_reference
 from ep_store.store import Store
 
 
@@ -68,6 +77,15 @@ def timed_build(store: Store, p: float, precision: str, max_tokens: int | None =
     return summary, mem.peak / 2**20
 
 
+def kernel_tokens_per_s(u, theta: float, precision: str, batch_size: int = 2048) -> tuple[float, list[int]]:
+    """The builder alone on in-memory unit directions: tokens/s and its exemplar rows."""
+    builder = LeaderBuilder(theta, batch_size, 1, LeaderState(width=u.shape[1]), "cpu", precision)
+    start = time.perf_counter()
+    builder.feed(u)
+    state = builder.finish("end_of_stream")
+    return state.tokens / (time.perf_counter() - start), state.source_row_K.tolist()
+
+
 def stored_rows(store: Store, key: DictionaryKey) -> list[int]:
     table = store.read_table(store.dictionary_dir(key) / "exemplars.lance", columns=["region_id", "source_row"])
     return table.sort_by("region_id").column("source_row").to_pylist()
@@ -77,13 +95,20 @@ def stored_rows(store: Store, key: DictionaryKey) -> list[int]:
 @click.option("--tokens", type=int, default=51_200, help="Activations to harvest and build on.")
 @click.option("--models-dir", type=click.Path(path_type=Path), default=Path("data/models"))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/metrics/bench_build.json"))
-def main(tokens, models_dir, out):
+@click.option("--activations", type=click.Path(path_type=Path, exists=True), default=None,
+              help="A harvested gemma-3-270m layer-6 Lance dataset to use instead of harvesting.")
+def main(tokens, models_dir, out, activations):
     """Build and assign throughput against the sequential rule and the matmul peak; writes JSON."""
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "store")
-        subprocess.run([sys.executable, "-m", "ep_store", "harvest", "--model", "gemma-3-270m",
-                        "--checkpoint", "base", "--layers", "6", "--max-tokens", str(tokens), "--device", "cpu",
-                        "--store", str(store.root), "--models-dir", str(models_dir), "--no-progress"], check=True)
+        if activations is not None:
+            target = store.activation_path(ActivationKey("gemma-3-270m", "base", 6))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(activations, target)
+        else:
+            subprocess.run([sys.executable, "-m", "ep_store", "harvest", "--model", "gemma-3-270m",
+                            "--checkpoint", "base", "--layers", "6", "--max-tokens", str(tokens), "--device", "cpu",
+                            "--store", str(store.root), "--models-dir", str(models_dir), "--no-progress"], check=True)
         peak = {"float32": matmul_peak_gflops(torch.float32), "bfloat16": matmul_peak_gflops(torch.bfloat16)}
         source = store.activation_path(ActivationKey("gemma-3-270m", "base", 6))
         x = torch.cat([b for b, _ in stream_vectors(store, source, 8192)])
@@ -100,6 +125,7 @@ def main(tokens, models_dir, out):
                     "share_of_fp32_peak": round(summary["screen_gflop"] / build_s / peak["float32"], 3),
                     "share_of_bf16_peak": round(summary["screen_gflop"] / build_s / peak["bfloat16"], 3),
                     "rechecked_rows": summary["rechecked_rows"], "peak_mib": round(mem, 1),
+                    "input_wait_share": summary.get("input_wait_share"),
                     "rows": stored_rows(store, key),
                 }
             meta = store.read_json(store.dictionary_dir(key) / "meta.json")
@@ -108,16 +134,23 @@ def main(tokens, models_dir, out):
             ref = leader_reference(u, meta["theta"], 2048, 1)
             ref_s = time.perf_counter() - start
             ref_tokens = sum(meta["saturation_curve"]) and meta["tokens"]
+            ref_tps = ref_tokens / ref_s
+            for precision, run in runs.items():
+                kernel_tps, kernel_rows = kernel_tokens_per_s(u, meta["theta"], precision)
+                run["kernel_tokens_per_s"] = round(kernel_tps, 1)
+                run["command_vs_reference"] = round(run["tokens_per_s"] / ref_tps, 2)
+                run["kernel_vs_reference"] = round(kernel_tps / ref_tps, 2)
+                run["kernel_identical_to_reference"] = kernel_rows == ref.exemplar_rows
             half, half_mem = timed_build(store, p, "bfloat16", max_tokens=tokens // 2)
             _, full_mem = timed_build(store, p, "bfloat16")
             assigned = assign_dataset(store, key, device="cpu", progress=False)
             entry = {
                 "percentile": p, "theta": round(meta["theta"], 4), "tokens": meta["tokens"],
                 "regions": runs["bfloat16"]["regions"], "stop_reason": meta["stop_reason"],
-                "reference_tokens_per_s": round(ref_tokens / ref_s, 1),
+                "reference_tokens_per_s": round(ref_tps, 1),
                 "identical_to_reference": all(r.pop("rows") == ref.exemplar_rows for r in runs.values()),
                 "build": runs,
-                "speedup_vs_reference": round(runs["bfloat16"]["tokens_per_s"] / (ref_tokens / ref_s), 2),
+                "speedup_vs_reference": round(runs["bfloat16"]["tokens_per_s"] / ref_tps, 2),
                 "speedup_vs_paper_24k": round(runs["bfloat16"]["tokens_per_s"] / 24_000, 2) if p == 1.0 else None,
                 "assign_tokens_per_s": assigned["tokens_per_s"],
                 "peak_mib_half_tokens": round(half_mem, 1), "peak_mib_all_tokens": round(full_mem, 1),
@@ -125,6 +158,7 @@ def main(tokens, models_dir, out):
             }
             results.append(entry)
         result = {"tokens": int(x.shape[0]), "width": int(x.shape[1]), "threads": torch.get_num_threads(),
+                  "load_average_1m": round(psutil.getloadavg()[0], 2), "cpus": psutil.cpu_count(),
                   "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()}, "percentiles": results}
     jsonio.write(out, result)
     click.echo(jsonio.dumps(result), err=True)

@@ -16,7 +16,15 @@ from ep_store.calibrate import (
     linear_percentile,
     unit_directions,
 )
-from ep_store.leader import LeaderBuilder, LeaderState, covered, leader_reference
+from ep_store.leader import (
+    PRECISIONS,
+    SCREEN_MARGIN,
+    LeaderBuilder,
+    LeaderState,
+    covered,
+    first_independent,
+    leader_reference,
+)
 
 
 def clustered_stream(n: int, d: int, clusters: int, spread: float, seed: int) -> torch.Tensor:
@@ -118,10 +126,11 @@ def test_properties(params, batch_size):
     state, _ = fast_build(u, theta, batch_size, window=10**6)
     E = state.exemplars_KD.double()
     rows = state.source_row_K.tolist()
-    # Every pair of exemplars is more than theta apart.
-    sim = E @ E.T
-    off_diag = ~torch.eye(len(rows), dtype=torch.bool)
-    assert not covered(sim[off_diag], theta).any()
+    # Every pair of exemplars is more than theta apart, in the rule's arithmetic (one
+    # matrix-vector product per exemplar, as leader_reference does: theta can equal a pair's
+    # distance exactly, e.g. with two tokens, so the summation order matters).
+    for j in range(1, len(rows)):
+        assert not covered(E[:j] @ E[j], theta).any()
     # Every streamed token is within theta of an exemplar that existed when it arrived.
     for i in range(n):
         earlier = [k for k, r in enumerate(rows) if r <= i]
@@ -177,3 +186,110 @@ def test_cuda_builder_equals_reference(precision):
     builder.feed(u.cuda())
     state = builder.finish("end_of_stream")
     assert state.source_row_K.tolist() == leader_reference(u, theta, 256, 2).exemplar_rows
+
+
+# -- issue 12: the padded, blockwise screen and the in-order acceptance --------------------------
+def spread_directions(k: int, d: int, seed: int) -> torch.Tensor:
+    """k random unit directions in float32 (pairwise far apart for small theta)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
+
+
+def stream_near(E_KD: torch.Tensor, n: int, theta: float, seed: int) -> torch.Tensor:
+    """Tokens at cosine 1 - theta (+- 4e-3, inside the bfloat16 margin) of an exemplar of
+    E_KD or of an earlier fresh token, and fresh random directions, so that many of the
+    rule's decisions sit at the threshold."""
+    g = torch.Generator().manual_seed(seed)
+    d = E_KD.shape[1]
+    i = torch.arange(n)
+    out = torch.nn.functional.normalize(torch.randn(n, d, generator=g), dim=1)  # i % 3 == 0: fresh
+    earlier_fresh = 3 * (torch.rand(n, generator=g) * (i // 3)).long()  # a fresh row before i
+    anchor = torch.where((i % 3 == 1)[:, None], E_KD[torch.randint(0, E_KD.shape[0], (n,), generator=g)],
+                         out[earlier_fresh])
+    orth = torch.randn(n, d, generator=g)
+    orth = torch.nn.functional.normalize(orth - (orth * anchor).sum(1, keepdim=True) * anchor, dim=1)
+    cos = 1.0 - theta + torch.empty(n, 1).uniform_(-4e-3, 4e-3, generator=g)
+    near = cos * anchor + (1 - cos**2).sqrt() * orth
+    return torch.nn.functional.normalize(torch.where((i % 3 == 0)[:, None], out, near), dim=1)
+
+
+_REFERENCE_CACHE: dict = {}
+
+
+def reference_from(E0: torch.Tensor, u: torch.Tensor, theta: float) -> list[int]:
+    """The sequential rule over E0 then u (rows of u numbered after E0); E0 must all be kept."""
+    key = (E0.shape[0], u.shape[0], theta)
+    if key not in _REFERENCE_CACHE:
+        rows = leader_reference(torch.cat([E0, u]), theta, batch_size=u.shape[0] + E0.shape[0],
+                                saturation_window=10**9).exemplar_rows
+        assert rows[: E0.shape[0]] == list(range(E0.shape[0]))  # the construction holds
+        _REFERENCE_CACHE[key] = rows
+    return _REFERENCE_CACHE[key]
+
+
+@pytest.mark.parametrize("block", [128, 256])
+@pytest.mark.parametrize("k0", [127, 128, 129, 255, 256, 257])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("batch_size", [1, 129, 8192])
+def test_padded_screen_equals_reference_at_boundaries(block, k0, precision, batch_size):
+    """Exemplar counts just below, at and above each ALIGN (128) and block boundary, as the
+    buffer starts and as new exemplars push K across the next boundary mid-batch."""
+    theta, d = 0.05, 16
+    E0 = spread_directions(k0, d, seed=k0)
+    n = 64 if batch_size < 100 else max(batch_size, 2048)
+    u = stream_near(E0, n, theta, seed=7)
+    expected = reference_from(E0, u, theta)
+    state = LeaderState(width=d, exemplars_KD=E0.clone(), source_row_K=torch.arange(k0),
+                        member_count_K=torch.zeros(k0, dtype=torch.long),
+                        direction_sum_KD=torch.zeros(k0, d, dtype=torch.float64))
+    builder = LeaderBuilder(theta, batch_size, 10**9, state, "cpu", precision, block=block)
+    builder.feed(u, torch.arange(k0, k0 + n))
+    result = builder.finish("end_of_stream")
+    assert result.source_row_K.tolist() == expected
+    assert result.regions > k0  # the stream added exemplars, crossing boundaries as it grew
+    assert int(result.member_count_K.sum()) == n
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("k", [1, 127, 128, 129, 255, 256, 257])
+def test_screen_masks_padding_rows(precision, k):
+    """Tokens opposite every exemplar: all true similarities are negative, so a zero padding
+    row (similarity 0) would win the max if it were not masked out."""
+    d = 16
+    E = spread_directions(k, d, seed=1)
+    E[:, 0] = E[:, 0].abs() + 0.1  # every exemplar leans along +x and is flat in y ...
+    E[:, 1] = 0.0
+    E = torch.nn.functional.normalize(E, dim=1)
+    state = LeaderState(width=d, exemplars_KD=E, source_row_K=torch.arange(k),
+                        member_count_K=torch.zeros(k, dtype=torch.long),
+                        direction_sum_KD=torch.zeros(k, d, dtype=torch.float64))
+    builder = LeaderBuilder(0.1, 64, 1, state, "cpu", precision, block=128)
+    u = torch.zeros(5, d)
+    u[:, 0] = -1.0  # ... and the tokens point along -x
+    u[:, 1] = torch.linspace(-0.5, 0.5, 5)
+    u = torch.nn.functional.normalize(u, dim=1)
+    assert (u.double() @ E.double().T).max() < 0
+    best_sim, best = builder.screen(u)
+    assert (best < k).all()
+    true_best = (u.double() @ E.double().T).max(dim=1).values
+    assert (best_sim.double() - true_best).abs().max() < SCREEN_MARGIN[PRECISIONS[precision]]
+
+
+def naive_first_independent(earlier: torch.Tensor) -> list[int]:
+    accepted: list[int] = []
+    for i in range(earlier.shape[0]):
+        if not any(bool(earlier[i, j]) for j in accepted):
+            accepted.append(i)
+    return accepted
+
+
+@pytest.mark.parametrize("rounds,max_rounds", [(False, 32), (True, 32), (True, 2)])
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.5, 1.0])
+def test_first_independent_equals_sequential_loop(rounds, max_rounds, density):
+    g = torch.Generator().manual_seed(int(density * 100) + max_rounds)
+    for c in (1, 2, 17, 200):
+        earlier = (torch.rand(c, c, generator=g) < density).tril(diagonal=-1)
+        got = first_independent(earlier, max_rounds=max_rounds, rounds=rounds).tolist()
+        assert got == naive_first_independent(earlier)
+    chain = torch.diag(torch.ones(99, dtype=torch.bool), -1)  # i-1 covers i: a long chain
+    assert first_independent(chain, max_rounds=max_rounds, rounds=rounds).tolist() == list(range(0, 100, 2))

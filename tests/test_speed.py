@@ -1,0 +1,123 @@
+"""Issue 12: the prefetching reader, and the torch-only GPU benchmark (run small on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ep_store.prefetch import Prefetch
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_prefetch_yields_everything_in_order_and_counts_waits():
+    def slow():
+        for i in range(5):
+            time.sleep(0.02)
+            yield i
+
+    with Prefetch(slow(), depth=2) as stream:
+        assert list(stream) == list(range(5))
+    assert stream.items == 5
+    assert stream.wait_s > 0.05  # the consumer was starved: it waited for each item
+    assert 0 < stream.wait_share <= 1
+
+
+def test_prefetch_runs_ahead_of_a_slow_consumer():
+    produced = []
+
+    def source():
+        for i in range(4):
+            produced.append(i)
+            yield i
+
+    with Prefetch(source(), depth=2) as stream:
+        it = iter(stream)
+        assert next(it) == 0
+        time.sleep(0.2)  # the thread fills the queue meanwhile
+        assert len(produced) >= 3
+        assert list(it) == [1, 2, 3]
+    assert stream.wait_share < 0.5
+
+
+def test_prefetch_raises_the_producers_error_in_the_consumer():
+    def broken():
+        yield 1
+        raise ValueError("bad row")
+
+    with Prefetch(broken()) as stream:
+        it = iter(stream)
+        assert next(it) == 1
+        with pytest.raises(ValueError, match="bad row"):
+            next(it)
+
+
+def test_prefetch_stops_its_thread_when_left_early():
+    closed = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    before = threading.active_count()
+    with Prefetch(endless(), depth=1) as stream:
+        for item in stream:
+            if item == 3:
+                break
+    assert closed.wait(5)  # the generator was closed on its own thread
+    assert threading.active_count() == before
+
+
+def test_prefetch_refuses_zero_depth():
+    with pytest.raises(ValueError):
+        Prefetch([], depth=0)
+
+
+def test_bench_gpu_small_runs_without_lance_or_duckdb(tiny_store, tmp_path):
+    """--small on CPU: every section runs, the builder is exact on real (tiny-model)
+    activations exported from the store, and importing Lance or DuckDB would fail."""
+    npy = tmp_path / "acts.npy"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, "-m", "pipelines.export_activations", "--store", str(tiny_store),
+                    "--activations", "tiny/base/L2", "--tokens", "2500", "--out", str(npy)],
+                   check=True, env=env, cwd=ROOT)
+    x = np.load(npy)
+    assert x.shape == (2500, 64) and x.dtype == np.float32 and np.isfinite(x).all()
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    for name in ("lance", "duckdb"):
+        (blocker / f"{name}.py").write_text(f"raise ImportError('{name} is not on the GPU machine')\n")
+    out = tmp_path / "bench_gpu.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(ROOT)])}
+    subprocess.run([sys.executable, str(ROOT / "pipelines" / "bench" / "bench_gpu.py"), "--small", "--device", "cpu",
+                    "--npy", str(npy), "--out", str(out)], check=True, env=env, cwd=tmp_path, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["imported_lance_or_duckdb"] == []
+    assert set(result["matmul_peak_tflops"]) == {"bfloat16", "float32"}
+    assert len(result["builder_steady_state"]) == 8  # 2 K0 x 2 batch sizes x 2 precisions
+    assert all(r["tokens_per_s"] > 0 and r["share_of_peak"] > 0 for r in result["builder_steady_state"])
+    for entry in result["exactness"]:
+        assert entry["bfloat16"]["identical"] and entry["float32"]["identical"]
+    assert result["harvest"]["copy_identical"]
+
+
+def test_export_activations_refuses_unknown_dataset(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "pipelines.export_activations", "--store", str(tmp_path),
+                           "--activations", "nope/base/L1", "--out", str(tmp_path / "x.npy")],
+                          env=env, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "no activations" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "x.npy").exists()
