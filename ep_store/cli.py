@@ -341,6 +341,79 @@ def diff_cmd(a, b, out, top, context, cutoff, store_path, models_dir) -> None:
     emit(diff_report(store_path, a, b, out, models_dir, top, context, cutoff))
 
 
+# -- sparse autoencoders (issue 11) ---------------------------------------------------------------
+@main.group()
+def sae() -> None:
+    """Train a TopK SAE (SAELens) on stored activations and compare it with an EP dictionary."""
+
+
+@sae.command("train")
+@click.option("--activations", required=True, help="<model>/<checkpoint>/L<layer> to train on.")
+@click.option("--name", required=True, help="Name of the SAE, e.g. topk-8x.")
+@click.option("--width", type=int, default=None, help="SAE features (default: 8 x d_model).")
+@click.option("--k", type=int, default=32, show_default=True, help="Active features per token (TopK).")
+@click.option("--tokens", type=int, default=200_000, show_default=True, help="Training samples, repeats included.")
+@click.option("--heldout-tokens", type=int, default=4000, show_default=True,
+              help="Last rows of the dataset never trained on (ep sae compare uses them).")
+@click.option("--batch-size", type=int, default=512, show_default=True, help="Activations per step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+@click.option("--curves", type=click.Path(path_type=Path), default=None, help="Also write the training curves (CSV).")
+@click.option("--overwrite", is_flag=True, help="Replace an SAE of the same name.")
+@DEVICE
+@STORE
+@PROGRESS
+@user_errors
+def sae_train(activations, name, width, k, tokens, heldout_tokens, batch_size, lr, seed, curves, overwrite, device,
+              store_path, progress) -> None:
+    """Train a TopK SAE with SAELens, streaming batches from the store; saved in SAELens's format."""
+    from ep_store.sae.train import SAETrainConfig, train_sae
+    from ep_store.store import Store
+
+    cfg = SAETrainConfig(activations, name, width, k, tokens, heldout_tokens, batch_size, lr, seed=seed,
+                         device=device, overwrite=overwrite)
+    emit(train_sae(cfg, Store(store_path), progress, curves))
+
+
+@sae.command("compare")
+@click.option("--dictionary", "dictionary_key", required=True, help="<model>/<checkpoint>/L<layer>/p<percentile>.")
+@click.option("--sae", "sae_name", required=True, help="SAE name trained on the same activations.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for metrics.json and the report.")
+@click.option("--heldout-tokens", type=int, default=4000, show_default=True, help="Compare on the last rows.")
+@click.option("--top-n", type=int, default=100, show_default=True, help="Top positive tokens per feature.")
+@click.option("--min-positives", type=int, default=20, show_default=True, help="Positive tokens to be eligible.")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="Also sparse-probe SAE, EP and raw features on the built-in probe tasks.")
+@DEVICE
+@STORE
+@MODELS
+@PROGRESS
+@user_errors
+def sae_compare(dictionary_key, sae_name, out, heldout_tokens, top_n, min_positives, probe, device, store_path,
+                models_dir, progress) -> None:
+    """Shared features of EP and an SAE (F1 > 0.5 shares), probe accuracy and build compute."""
+    from ep_store.sae.compare import SAECompareConfig, compare
+    from ep_store.store import Store
+
+    cfg = SAECompareConfig(dictionary_key, sae_name, str(out), heldout_tokens, top_n, min_positives,
+                           device=device, probe=probe, models_dir=str(models_dir))
+    m = compare(cfg, Store(store_path), progress)
+    emit({k: m[k] for k in ("dictionary", "sae", "ep_to_sae_share_f1_gt_05", "sae_to_ep_share_f1_gt_05",
+                            "hungarian_pairs_f1_gt_05", "sql_matches_numpy", "out")}
+         | {"flops_ratio_sae_over_ep": m["compute"]["flops_ratio_sae_over_ep"]})
+
+
+@sae.command("summary")
+@click.argument("metrics_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="JSON file to write.")
+@user_errors
+def sae_summary(metrics_files, out) -> None:
+    """Collect the headline figures of several `ep sae compare` metrics.json files into one JSON."""
+    from ep_store.sae.report import summarise_files
+
+    emit(summarise_files(list(metrics_files), out))
+
+
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 

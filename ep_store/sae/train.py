@@ -221,8 +221,7 @@ def train_sae(cfg: SAETrainConfig, store: Store, progress: bool = True, curves_p
     torch.manual_seed(cfg.seed)
     sae_cfg = TopKTrainingSAEConfig(
         d_in=info.width, d_sae=width, k=cfg.k, device=str(device), normalize_activations="expected_average_only_in",
-        metadata=SAEMetadata(model_name=key.model, hook_name=f"blocks.{key.layer}.hook_resid_post",
-                             model_from_pretrained_kwargs={"checkpoint": key.checkpoint}))
+        metadata=SAEMetadata(model_name=key.model, hook_name=f"blocks.{key.layer}.hook_resid_post"))
     sae = TopKTrainingSAE(sae_cfg)
     window = max(1, cfg.dead_window_tokens // cfg.batch_size)
     steps = math.ceil(cfg.tokens / cfg.batch_size)
