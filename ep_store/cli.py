@@ -412,6 +412,101 @@ def sae_summary(metrics_files, out) -> None:
     from ep_store.sae.report import summarise_files
 
     emit(summarise_files(list(metrics_files), out))
+# -- evaluation (issue 10) -----------------------------------------------------------------------
+@main.group("eval")
+def eval_group() -> None:
+    """Evaluate dictionaries with the field's protocols: sparse probes, concept detection, OOD."""
+
+
+EVAL_DICTS = click.option("--dictionary", "dictionaries", multiple=True, required=True,
+                          help="<model>/<checkpoint>/L<layer>/p<p>; repeat for several of one model (one forward).")
+EVAL_RUN = [
+    click.option("--model", default=None, help="Run the texts through this model (default: the dictionaries').",),
+    click.option("--checkpoint", default=None, help="Run the texts through this checkpoint (default: the dictionaries')."),
+    click.option("--max-tokens-per-text", type=int, default=64, show_default=True, help="First tokens kept per text."),
+    click.option("--batch-size", type=int, default=16, show_default=True, help="Texts per forward pass."),
+    click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for metrics.json and plots."),
+    click.option("--metrics", "metrics_path", type=click.Path(path_type=Path), default=None,
+                 help="Also write the headline metrics here (for dvc metrics show)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits."),
+    DEVICE, STORE, MODELS, PROGRESS,
+]
+
+
+def eval_options(fn):
+    for option in reversed(EVAL_RUN):
+        fn = option(fn)
+    return EVAL_DICTS(fn)
+
+
+def _text_run(models_dir, max_tokens_per_text, batch_size, device, progress):
+    from ep_store.evaluate.features import TextRun
+
+    return TextRun(models_dir, max_tokens_per_text, batch_size, device, progress)
+
+
+def emit_eval(summary: dict) -> None:
+    from ep_store.evaluate.output import strict
+
+    emit(strict(summary))
+
+
+@eval_group.command("probe")
+@click.option("--data", default="builtin", show_default=True,
+              help="builtin, built-in task names (harmful_requests,text_source,stdlib_topic) or a .jsonl/.csv/.parquet file.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text.")
+@click.option("--label-field", default="label", show_default=True, help="Field holding the class label.")
+@click.option("--ks", default="1,2,5,20,all", show_default=True, help="Feature counts k of the sparse probes.")
+@eval_options
+@user_errors
+def eval_probe(dictionaries, data, text_field, label_field, ks, model, checkpoint, max_tokens_per_text, batch_size,
+               out, metrics_path, seed, device, store_path, models_dir, progress) -> None:
+    """SAEBench sparse probing: raw residual vs EP one-hot vs EP signed projection, per task and k."""
+    from ep_store.evaluate.probe import ProbeConfig, ProbeEvalConfig, run_probe_eval
+    from ep_store.store import Store
+
+    probe = ProbeConfig(ks=tuple(k.strip() for k in ks.split(",") if k.strip()), seed=seed)
+    cfg = ProbeEvalConfig(tuple(dictionaries), data, text_field, label_field, model, checkpoint, probe)
+    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
+    emit_eval(run_probe_eval(cfg, Store(store_path), run, out, metrics_path))
+
+
+@eval_group.command("concepts")
+@click.option("--data", default="builtin", show_default=True,
+              help="builtin, or a .jsonl/.csv/.parquet file with concept/text/label "
+                   "(or AxBench's output_concept/output/category).")
+@click.option("--test-fraction", type=float, default=0.5, show_default=True, help="Held-out share per concept.")
+@eval_options
+@user_errors
+def eval_concepts(dictionaries, data, test_fraction, model, checkpoint, max_tokens_per_text, batch_size, out,
+                  metrics_path, seed, device, store_path, models_dir, progress) -> None:
+    """AxBench latent concept detection: AUROC of the best region vs difference of means."""
+    from ep_store.evaluate.concepts import ConceptConfig, ConceptEvalConfig, run_concept_eval
+    from ep_store.store import Store
+
+    cfg = ConceptEvalConfig(tuple(dictionaries), data, model, checkpoint, ConceptConfig(test_fraction, seed=seed))
+    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
+    emit_eval(run_concept_eval(cfg, Store(store_path), run, out, metrics_path))
+
+
+@eval_group.command("ood")
+@click.option("--in-corpus", default="builtin", show_default=True,
+              help="In-distribution corpus (as ep harvest --corpus); its last documents are used.")
+@click.option("--ood-corpus", default="", help="Extra OOD sets: .txt/.jsonl/.parquet files, comma-separated "
+                                               "(held-out, word-shuffled and random-token sets are always made).")
+@click.option("--documents", type=int, default=40, show_default=True, help="Documents per set.")
+@eval_options
+@user_errors
+def eval_ood(dictionaries, in_corpus, ood_corpus, documents, model, checkpoint, max_tokens_per_text, batch_size, out,
+             metrics_path, seed, device, store_path, models_dir, progress) -> None:
+    """Nearest-exemplar distance as an OOD score: within-theta rate, quantiles, AUROC per set."""
+    from ep_store.evaluate.ood import OODConfig, run_ood_eval
+    from ep_store.store import Store
+
+    files = tuple(p.strip() for p in ood_corpus.split(",") if p.strip())
+    cfg = OODConfig(tuple(dictionaries), in_corpus, files, documents, seed=seed, model=model, checkpoint=checkpoint)
+    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
+    emit_eval(run_ood_eval(cfg, Store(store_path), run, out, metrics_path))
 
 
 def _list_questions_in_help() -> None:
