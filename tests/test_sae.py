@@ -274,3 +274,40 @@ def test_train_refuses_bad_input(toy_store, tmp_path, args, needle):
     result = CliRunner().invoke(main, ["sae", "train", *args, "--store", str(root), "--device", "cpu", "--no-progress"])
     assert_refused(result, needle)
     assert tree_snapshot(root) == before
+
+
+# -- sparse probing beside EP and raw (issue 10's probe) --------------------------------------------------
+def test_sae_pooling_in_chunks_equals_pooling_whole(toy_store):
+    from ep_store.evaluate.features import pool_per_text
+    from ep_store.sae.probe import TEXTS_PER_CHUNK, sae_pooled
+    from ep_store.sae.train import load_sae
+
+    sae, _ = load_sae(Store(toy_store), SAEKey("toy", "base", 1, "t1"))
+    rng = np.random.default_rng(0)
+    n_texts = 2 * TEXTS_PER_CHUNK + 7
+    text_N = np.sort(rng.integers(0, n_texts - 1, 900))  # the last text has no tokens
+    x = clustered(900, WIDTH, 5)
+    with torch.no_grad():
+        whole = pool_per_text(sae.encode(torch.from_numpy(x)).numpy(), text_N, n_texts)
+    np.testing.assert_allclose(sae_pooled(sae, x, text_N, n_texts), whole, rtol=1e-6, atol=1e-7)
+
+
+def test_compare_with_probe_on_a_tiny_model(tiny_store, models_dir, tmp_path):
+    from ep_store.sae.compare import SAECompareConfig, compare
+    from ep_store.sae.train import SAETrainConfig, train_sae
+
+    root = tmp_path / "store"
+    shutil.copytree(tiny_store, root)
+    store = Store(root)
+    build(BuildConfig("tiny", "base", 1, 10, calibration_tokens=1000, calibration_batch=256, batch_size=256,
+                      device="cpu"), store, assign=False, progress=False)
+    train_sae(SAETrainConfig("tiny/base/L1", "s", width=128, k=8, tokens=4000, heldout_tokens=500, batch_size=128,
+                             shuffle_rows=512, monitor_tokens=256, device="cpu"), store, progress=False)
+    m = compare(SAECompareConfig("tiny/base/L1/p10", "s", str(tmp_path / "out"), heldout_tokens=500, device="cpu",
+                                 probe=True, models_dir=str(models_dir)), store, progress=False)
+    by_k = {row["k"]: row for row in m["probe"]["mean_by_k"]}
+    assert sorted(by_k) == [1, 5]
+    for row in by_k.values():
+        for name in ("raw_accuracy", "raw_topk_accuracy", "ep_onehot_accuracy", "ep_signed_accuracy", "sae_accuracy"):
+            assert 0 <= row[name] <= 1
+    assert "| k | raw (all D) |" in (tmp_path / "out" / "README.md").read_text()

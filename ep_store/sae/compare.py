@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 import ep_store
+from ep_store import models
 from ep_store.calibrate import unit_directions
 from ep_store.dictionary import BuildConfig, calibrate_stream, stream_vectors
 from ep_store.errors import UsageError
@@ -128,6 +129,8 @@ def check_inputs(cfg: SAECompareConfig, store: Store) -> tuple[dict, dict, int, 
                          f"most that or retrain with ep sae train --heldout-tokens {cfg.heldout_tokens}")
     if start < 2:
         raise UsageError(f"{key.activations} has {info.rows} rows: nothing is left to build EP on")
+    if cfg.probe:  # the probe runs texts through the model: find it before anything is written
+        models.load_config(key.model, key.checkpoint, Path(cfg.models_dir))
     return dmeta, smeta, start, info.rows
 
 
@@ -309,6 +312,11 @@ def compare(cfg: SAECompareConfig, store: Store, progress: bool = True) -> dict:
                                "(the paper compared on its build tokens)"},
         "config": asdict(cfg),
     }
+    if cfg.probe:
+        from ep_store.sae.probe import probe_comparison
+
+        metrics["probe"] = probe_comparison(key, ep["center_D"], ep["theta"], ep["state"].exemplars_KD, sae,
+                                            Path(cfg.models_dir), cfg.device, progress)
     metrics |= write_outputs(Path(cfg.out), metrics, s, held, cfg.top_pairs, ep_sets, sae_sets)
     return metrics
 
