@@ -383,20 +383,22 @@ def sae_train(activations, name, width, k, tokens, heldout_tokens, batch_size, l
 @click.option("--top-n", type=int, default=100, show_default=True, help="Top positive tokens per feature.")
 @click.option("--min-positives", type=int, default=20, show_default=True, help="Positive tokens to be eligible.")
 @click.option("--probe/--no-probe", default=True, show_default=True,
-              help="Also sparse-probe SAE, EP and raw features on the built-in probe tasks.")
+              help="Also sparse-probe SAE, EP and raw features on the probe tasks.")
+@click.option("--probe-data", default="builtin", show_default=True,
+              help="Probe tasks: builtin, built-in task names, or a .jsonl/.csv/.parquet file with text and label.")
 @DEVICE
 @STORE
 @MODELS
 @PROGRESS
 @user_errors
-def sae_compare(dictionary_key, sae_name, out, heldout_tokens, top_n, min_positives, probe, device, store_path,
-                models_dir, progress) -> None:
+def sae_compare(dictionary_key, sae_name, out, heldout_tokens, top_n, min_positives, probe, probe_data, device,
+                store_path, models_dir, progress) -> None:
     """Shared features of EP and an SAE (F1 > 0.5 shares), probe accuracy and build compute."""
     from ep_store.sae.compare import SAECompareConfig, compare
     from ep_store.store import Store
 
     cfg = SAECompareConfig(dictionary_key, sae_name, str(out), heldout_tokens, top_n, min_positives,
-                           device=device, probe=probe, models_dir=str(models_dir))
+                           device=device, probe=probe, models_dir=str(models_dir), probe_data=probe_data)
     m = compare(cfg, Store(store_path), progress)
     emit({k: m[k] for k in ("dictionary", "sae", "ep_to_sae_share_f1_gt_05", "sae_to_ep_share_f1_gt_05",
                             "hungarian_pairs_f1_gt_05", "sql_matches_numpy", "out")}

@@ -303,8 +303,14 @@ def test_compare_with_probe_on_a_tiny_model(tiny_store, models_dir, tmp_path):
                       device="cpu"), store, assign=False, progress=False)
     train_sae(SAETrainConfig("tiny/base/L1", "s", width=128, k=8, tokens=4000, heldout_tokens=500, batch_size=128,
                              shuffle_rows=512, monitor_tokens=256, device="cpu"), store, progress=False)
+    from ep_store.corpus import builtin_texts
+
+    # A small two-class task from real text keeps the test fast; the built-in tasks run in the pipeline.
+    texts = [text[:300] for _, text in list(builtin_texts())[:40]]
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": "ab"[i % 2]}) + "\n" for i, t in enumerate(texts)))
     m = compare(SAECompareConfig("tiny/base/L1/p10", "s", str(tmp_path / "out"), heldout_tokens=500, device="cpu",
-                                 probe=True, models_dir=str(models_dir)), store, progress=False)
+                                 probe=True, models_dir=str(models_dir), probe_data=str(data)), store, progress=False)
     by_k = {row["k"]: row for row in m["probe"]["mean_by_k"]}
     assert sorted(by_k) == [1, 5]
     for row in by_k.values():

@@ -79,6 +79,8 @@ class SAECompareConfig:
     """Also sparse-probe SAE, EP and raw pooled features on the built-in probe tasks (issue 10's probe)."""
     models_dir: str = "data/models"
     """Where the probe finds the model to run the probe texts through."""
+    probe_data: str = "builtin"
+    """Probe tasks: builtin, built-in task names, or a .jsonl/.csv/.parquet file with text and label (issue 10)."""
 
     def __post_init__(self):
         if self.top_n < 1 or self.min_positives < 1 or self.top_pairs < 0:
@@ -130,7 +132,10 @@ def check_inputs(cfg: SAECompareConfig, store: Store) -> tuple[dict, dict, int, 
     if start < 2:
         raise UsageError(f"{key.activations} has {info.rows} rows: nothing is left to build EP on")
     if cfg.probe:  # the probe runs texts through the model: find it before anything is written
+        from ep_store.evaluate.tasks import probe_tasks
+
         models.load_config(key.model, key.checkpoint, Path(cfg.models_dir))
+        probe_tasks(cfg.probe_data)
     return dmeta, smeta, start, info.rows
 
 
@@ -316,7 +321,7 @@ def compare(cfg: SAECompareConfig, store: Store, progress: bool = True) -> dict:
         from ep_store.sae.probe import probe_comparison
 
         metrics["probe"] = probe_comparison(key, ep["center_D"], ep["theta"], ep["state"].exemplars_KD, sae,
-                                            Path(cfg.models_dir), cfg.device, progress)
+                                            Path(cfg.models_dir), cfg.device, cfg.probe_data, progress)
     metrics |= write_outputs(Path(cfg.out), metrics, s, held, cfg.top_pairs, ep_sets, sae_sets)
     return metrics
 

@@ -48,15 +48,15 @@ def sae_pooled(sae, x_ND: np.ndarray, text_N: np.ndarray, n_texts: int) -> np.nd
 
 
 def probe_comparison(key: DictionaryKey, center_D: torch.Tensor, theta: float, exemplars_KD: torch.Tensor, sae,
-                     models_dir: Path, device: str, progress: bool = False) -> dict:
-    """Mean accuracy per k over the built-in tasks for raw, EP (one-hot, signed) and SAE features.
+                     models_dir: Path, device: str, data: str = "builtin", progress: bool = False) -> dict:
+    """Mean accuracy per k over the probe tasks (``data``: builtin or files) for raw, EP and SAE features.
 
     Raises UsageError (from issue 10's code) when the model cannot be found or widths disagree.
     """
     from ep_store.evaluate import features, tasks
     from ep_store.evaluate.probe import ProbeConfig, ProbeResult, sparse_probe
 
-    task_list = tasks.probe_tasks("builtin")
+    task_list = tasks.probe_tasks(data)
     texts = list(dict.fromkeys(text for t in task_list for text in t.texts))
     index = {text: i for i, text in enumerate(texts)}
     run = features.TextRun(models_dir=Path(models_dir), device=device, progress=progress)
