@@ -152,7 +152,7 @@ def build_on_prefix(store: Store, key: DictionaryKey, dmeta: dict, rows: int, de
                       batch_size=b["batch_size"], saturation_window=b["saturation_window"], max_tokens=rows,
                       skip_nonfinite=b["skip_nonfinite"])
     source = store.activation_path(key.activations)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     cal = calibrate_stream(store, source, cfg)
     builder = LeaderBuilder(cal.theta, cfg.batch_size, cfg.saturation_window, LeaderState(width=cal.center_D.shape[0]),
                             device, "bfloat16")  # exact either way (float64 re-check near theta)
@@ -162,11 +162,11 @@ def build_on_prefix(store: Store, key: DictionaryKey, dmeta: dict, rows: int, de
             break
         builder.feed(unit_directions(x.to(device), center), source_rows)
     state = builder.finish("end_of_stream")
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     n_cal, d = cal.tokens, cal.center_D.shape[0]
     full, last = divmod(n_cal, cfg.calibration_batch)
     cal_flops = 4.0 * n_cal * d + 2.0 * d * (full * cfg.calibration_batch ** 2 + last ** 2)
-    return {"center_D": cal.center_D, "theta": cal.theta, "state": state, "seconds": seconds,
+    return {"center_D": cal.center_D, "theta": cal.theta, "state": state, "seconds": seconds, "cpu_seconds": cpu_seconds,
             "flops": cal_flops + builder.screen_flops, "calibration_flops": cal_flops,
             "screen_flops": builder.screen_flops, "calibration_tokens": n_cal, "tokens": state.tokens}
 
@@ -334,14 +334,17 @@ def compute_comparison(ep: dict, smeta: dict) -> dict:
     """Tokens, estimated FLOPs and wall time of the EP build against the SAE's training, and the ratios."""
     ep_side = {"tokens": max(ep["tokens"], ep["calibration_tokens"]), "build_tokens": ep["tokens"], "calibration_tokens": ep["calibration_tokens"], "flops": ep["flops"],
                "calibration_flops": ep["calibration_flops"], "screen_flops": ep["screen_flops"],
-               "seconds": round(ep["seconds"], 3)}
+               "seconds": round(ep["seconds"], 3), "cpu_seconds": round(ep["cpu_seconds"], 3)}
     sae_side = {"tokens": smeta["tokens"], "flops": smeta["flops"], "seconds": smeta["seconds"],
+                "cpu_seconds": smeta.get("cpu_seconds"),
                 "flops_formula": smeta.get("flops_formula"), "device": smeta.get("device")}
     return {"ep": ep_side, "sae": sae_side,
             "flops_ratio_sae_over_ep": _ratio(sae_side["flops"], ep_side["flops"]),
             "seconds_ratio_sae_over_ep": _ratio(sae_side["seconds"], ep_side["seconds"]),
+            "cpu_seconds_ratio_sae_over_ep": _ratio(sae_side["cpu_seconds"] or 0.0, ep_side["cpu_seconds"]),
             "tokens_ratio_sae_over_ep": _ratio(sae_side["tokens"], ep_side["tokens"]),
-            "note": "EP wall time measured in this run; the SAE's in its training run (ep sae train), same machine"}
+            "note": "EP build timed in this run, the SAE in its training run (ep sae train), on the same machine; "
+                    "on a shared machine prefer the FLOPs and CPU-seconds ratios to the wall-time ratio"}
 
 
 def _ratio(a: float, b: float) -> float | None:

@@ -236,10 +236,10 @@ def train_sae(cfg: SAETrainConfig, store: Store, progress: bool = True, curves_p
                              monitor, cfg.log_every)
     trainer = SAETrainer(trainer_cfg, sae, recorder)
     recorder.trainer = trainer
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     with _quiet_tqdm(not progress):
         trained = trainer.fit()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     final = recorder.record()
 
     meta = {
@@ -251,7 +251,7 @@ def train_sae(cfg: SAETrainConfig, store: Store, progress: bool = True, curves_p
                         "train_rows": [0, train_rows], "heldout_rows": [train_rows, info.rows]},
         "tokens": trainer.n_training_samples, "steps": trainer.n_training_steps,
         "epochs": round(trainer.n_training_samples / train_rows, 3),
-        "seconds": round(seconds, 3), "device": str(device),
+        "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3), "device": str(device),
         "flops": sae_training_flops(info.width, width, trainer.n_training_samples),
         "flops_formula": "6 * (2 * d_in * width) * tokens",
         "final": final, "curves": recorder.points,
