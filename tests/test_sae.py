@@ -317,3 +317,20 @@ def test_compare_with_probe_on_a_tiny_model(tiny_store, models_dir, tmp_path):
         for name in ("raw_accuracy", "raw_topk_accuracy", "ep_onehot_accuracy", "ep_signed_accuracy", "sae_accuracy"):
             assert 0 <= row[name] <= 1
     assert "| k | raw (all D) |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_training_batches_are_full_shuffled_epochs(toy_store):
+    from itertools import islice
+
+    from ep_store.sae.train import training_batches
+
+    store = Store(toy_store)
+    path = store.activation_path(ActivationKey.parse("toy/base/L1"))
+    x = arrow_to_vectors(store.read_table(path, ["vector"]).column("vector"))
+    rows = 1000  # 7 full batches of 128 and a remainder of 104, padded from its own rows
+    batches = list(islice(training_batches(store, path, rows, 128, 256, 0), 16))
+    assert all(b.shape == (128, WIDTH) for b in batches)
+    epoch = torch.cat(batches[:8]).numpy()
+    seen = {r.tobytes() for r in epoch}
+    assert seen == {r.tobytes() for r in x[:rows]}  # every training row, none of the held-out ones
+    assert not np.array_equal(epoch[:128], x[:128])  # shuffled

@@ -68,8 +68,6 @@ class SAETrainConfig:
     """Rows held in the shuffle buffer: the memory bound of the stream."""
     dead_window_tokens: int = 20_000
     """A feature is dead when it has not fired for this many training tokens."""
-    norm_batches: int = 8
-    """Batches SAELens reads to estimate the input scaling factor."""
     log_every: int = 10
     """Record the training curves every this many steps."""
     monitor_tokens: int = 2048
@@ -82,7 +80,7 @@ class SAETrainConfig:
     """Replace an existing SAE of the same name."""
 
     def __post_init__(self):
-        for name in ("k", "tokens", "batch_size", "shuffle_rows", "dead_window_tokens", "norm_batches",
+        for name in ("k", "tokens", "batch_size", "shuffle_rows", "dead_window_tokens",
                      "log_every", "monitor_tokens"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -137,10 +135,24 @@ def training_batches(store: Store, path: Path, rows: int, batch_size: int, shuff
         log.debug("epoch %d of the training rows done", epoch)
 
 
+def training_stats(store: Store, path: Path, rows: int) -> tuple[torch.Tensor, float]:
+    """(mean activation (D,), mean L2 norm) of the finite vectors among the first ``rows`` rows, in float64."""
+    total, norms, n = None, 0.0, 0
+    for batch in store.scan(path, columns=["vector"], batch_size=READ_ROWS, limit=rows):
+        x = torch.from_numpy(arrow_to_vectors(batch.column("vector"))).to(torch.float64)
+        x = x[torch.isfinite(x).all(dim=1)]
+        total = x.sum(0) if total is None else total + x.sum(0)
+        norms += float(x.norm(dim=1).sum())
+        n += x.shape[0]
+    if not n:
+        raise UsageError(f"{path} has no finite vectors in its first {rows} rows; harvest more tokens")
+    return (total / n).to(torch.float32), norms / n
+
+
 def _shuffled_batches(x: torch.Tensor, batch_size: int, gen: torch.Generator):
     x = x[torch.randperm(x.shape[0], generator=gen)]
     full = x.shape[0] // batch_size * batch_size
-    return list(x[:full].split(batch_size)), x[full:]
+    return (list(x[:full].split(batch_size)) if full else []), x[full:]
 
 
 class CurveRecorder:
@@ -228,13 +240,17 @@ def train_sae(cfg: SAETrainConfig, store: Store, progress: bool = True, curves_p
     trainer_cfg = SAETrainerConfig(
         total_training_samples=steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size, lr=cfg.lr,
         lr_end=cfg.lr, lr_warm_up_steps=min(cfg.lr_warm_up_steps, steps), device=str(device),
-        dead_feature_window=window, feature_sampling_window=window, n_batches_for_norm_estimate=cfg.norm_batches,
-        logger=LoggingConfig(log_to_wandb=False))
+        dead_feature_window=window, feature_sampling_window=window, logger=LoggingConfig(log_to_wandb=False))
+    mean_D, mean_norm = training_stats(store, source, train_rows)
+    trainer_scale = info.width ** 0.5 / mean_norm
+    with torch.no_grad():
+        sae.b_dec.copy_((mean_D * trainer_scale).to(sae.b_dec.device))
     monitor = next(training_batches(store, source, min(train_rows, cfg.monitor_tokens), cfg.monitor_tokens,
                                     cfg.monitor_tokens, cfg.seed))
     recorder = CurveRecorder(training_batches(store, source, train_rows, cfg.batch_size, cfg.shuffle_rows, cfg.seed),
                              monitor, cfg.log_every)
     trainer = SAETrainer(trainer_cfg, sae, recorder)
+    trainer.activation_scaler.scaling_factor = trainer_scale  # fit() then skips its sampled estimate
     recorder.trainer = trainer
     start, cpu_start = time.perf_counter(), time.process_time()
     with _quiet_tqdm(not progress):
