@@ -341,7 +341,8 @@ def compute_comparison(ep: dict, smeta: dict) -> dict:
     return {"ep": ep_side, "sae": sae_side,
             "flops_ratio_sae_over_ep": _ratio(sae_side["flops"], ep_side["flops"]),
             "seconds_ratio_sae_over_ep": _ratio(sae_side["seconds"], ep_side["seconds"]),
-            "cpu_seconds_ratio_sae_over_ep": _ratio(sae_side["cpu_seconds"] or 0.0, ep_side["cpu_seconds"]),
+            "cpu_seconds_ratio_sae_over_ep": (None if sae_side["cpu_seconds"] is None else
+                                              _ratio(sae_side["cpu_seconds"], ep_side["cpu_seconds"])),
             "tokens_ratio_sae_over_ep": _ratio(sae_side["tokens"], ep_side["tokens"]),
             "note": "EP build timed in this run, the SAE in its training run (ep sae train), on the same machine; "
                     "on a shared machine prefer the FLOPs and CPU-seconds ratios to the wall-time ratio"}
