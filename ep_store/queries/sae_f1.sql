@@ -1,4 +1,5 @@
 -- EP regions vs SAE features: F1 of every overlapping pair, each binarised as its top-$top_n positive held-out tokens (ep sae compare)
+-- params: model, checkpoint, layer, percentile, top_n, min_positives
 WITH sae_ranked AS (
     SELECT sae, feature_id, doc_id, pos,
            row_number() OVER (PARTITION BY sae, feature_id ORDER BY activation DESC, doc_id, pos) AS rank,
