@@ -188,9 +188,12 @@ class Store:
         return ds.version
 
     def remove(self, path: Path) -> None:
+        """Delete a dataset folder or a file inside the store (nothing if absent)."""
         check_inside(self.root, path)
-        if path.exists():
+        if path.is_dir():
             shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
     def list_activations(self) -> list[ActivationKey]:
         base = self.root / "activations"
