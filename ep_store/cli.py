@@ -276,12 +276,17 @@ def sql(query, fmt, output, as_of, store_path) -> None:
 @click.option("--context", type=int, default=None, help=f"Tokens of context either side [default: {QDEFAULTS['context']}].")
 @click.option("--per-region", type=int, default=None, help=f"Contexts per region [default: {QDEFAULTS['per_region']}].")
 @click.option("--top", type=int, default=None, help=f"Top tokens per region [default: {QDEFAULTS['top']}].")
+@click.option("--top-n", type=int, default=None,
+              help=f"SAE comparison: tokens per binarised feature [default: {QDEFAULTS['top_n']}].")
+@click.option("--min-positives", type=int, default=None,
+              help=f"SAE comparison: positive tokens for eligibility [default: {QDEFAULTS['min_positives']}].")
 @FORMAT
 @OUTPUT
 @AS_OF
 @STORE
 @user_errors
-def stats(dictionary_key, question, against, limit, context, per_region, top, fmt, output, as_of, store_path) -> None:
+def stats(dictionary_key, question, against, limit, context, per_region, top, top_n, min_positives, fmt, output, as_of,
+          store_path) -> None:
     """Canned questions about one dictionary (or a pair, with --against); without QUESTION, list them."""
     from ep_store.sql import StoreDB, ask_any, question_table
 
@@ -290,7 +295,8 @@ def stats(dictionary_key, question, against, limit, context, per_region, top, fm
     if question is None:
         show(question_table(), fmt, output, {"dictionary": str(key)})
         return
-    table = ask_any(db, str(key), question, against, limit=limit, context=context, per_region=per_region, top=top)
+    table = ask_any(db, str(key), question, against, limit=limit, context=context, per_region=per_region, top=top,
+                    top_n=top_n, min_positives=min_positives)
     show(table, fmt, output, {"dictionary": str(key), "question": question, "against": against})
 
 
@@ -480,6 +486,83 @@ def refusal_cmd(model, checkpoint, control, layers, percentiles, train_harmful, 
                         parse_floats(alphas, "--alphas"), max_capability_loss, match_percentile, device=device,
                         dtype=dtype)
     emit(refusal_study(cfg, work_store, store_path, models_dir, metrics, report_dir, progress))
+
+
+
+# -- sparse autoencoders (issue 11) ---------------------------------------------------------------
+@main.group()
+def sae() -> None:
+    """Train a TopK SAE (SAELens) on stored activations and compare it with an EP dictionary."""
+
+
+@sae.command("train")
+@click.option("--activations", required=True, help="<model>/<checkpoint>/L<layer> to train on.")
+@click.option("--name", required=True, help="Name of the SAE, e.g. topk-8x.")
+@click.option("--width", type=int, default=None, help="SAE features (default: 8 x d_model).")
+@click.option("--k", type=int, default=32, show_default=True, help="Active features per token (TopK).")
+@click.option("--tokens", type=int, default=200_000, show_default=True, help="Training samples, repeats included.")
+@click.option("--heldout-tokens", type=int, default=4000, show_default=True,
+              help="Last rows of the dataset never trained on (ep sae compare uses them).")
+@click.option("--batch-size", type=int, default=512, show_default=True, help="Activations per step.")
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+@click.option("--curves", type=click.Path(path_type=Path), default=None, help="Also write the training curves (CSV).")
+@click.option("--overwrite", is_flag=True, help="Replace an SAE of the same name.")
+@DEVICE
+@STORE
+@PROGRESS
+@user_errors
+def sae_train(activations, name, width, k, tokens, heldout_tokens, batch_size, lr, seed, curves, overwrite, device,
+              store_path, progress) -> None:
+    """Train a TopK SAE with SAELens, streaming batches from the store; saved in SAELens's format."""
+    from ep_store.sae.train import SAETrainConfig, train_sae
+    from ep_store.store import Store
+
+    cfg = SAETrainConfig(activations, name, width, k, tokens, heldout_tokens, batch_size, lr, seed=seed,
+                         device=device, overwrite=overwrite)
+    emit(train_sae(cfg, Store(store_path), progress, curves))
+
+
+@sae.command("compare")
+@click.option("--dictionary", "dictionary_key", required=True, help="<model>/<checkpoint>/L<layer>/p<percentile>.")
+@click.option("--sae", "sae_name", required=True, help="SAE name trained on the same activations.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for metrics.json and the report.")
+@click.option("--heldout-tokens", type=int, default=4000, show_default=True, help="Compare on the last rows.")
+@click.option("--top-n", type=int, default=100, show_default=True, help="Top positive tokens per feature.")
+@click.option("--min-positives", type=int, default=20, show_default=True, help="Positive tokens to be eligible.")
+@click.option("--probe/--no-probe", default=True, show_default=True,
+              help="Also sparse-probe SAE, EP and raw features on the probe tasks.")
+@click.option("--probe-data", default="builtin", show_default=True,
+              help="Probe tasks: builtin, built-in task names, or a .jsonl/.csv/.parquet file with text and label.")
+@DEVICE
+@STORE
+@MODELS
+@PROGRESS
+@user_errors
+def sae_compare(dictionary_key, sae_name, out, heldout_tokens, top_n, min_positives, probe, probe_data, device,
+                store_path, models_dir, progress) -> None:
+    """Shared features of EP and an SAE (F1 > 0.5 shares), probe accuracy and build compute."""
+    from ep_store.sae.compare import SAECompareConfig, compare
+    from ep_store.store import Store
+
+    cfg = SAECompareConfig(dictionary_key, sae_name, str(out), heldout_tokens, top_n, min_positives,
+                           device=device, probe=probe, models_dir=str(models_dir), probe_data=probe_data)
+    m = compare(cfg, Store(store_path), progress)
+    emit({k: m[k] for k in ("dictionary", "sae", "ep_to_sae_share_f1_gt_05", "sae_to_ep_share_f1_gt_05",
+                            "hungarian_pairs_f1_gt_05", "sql_matches_numpy", "out")}
+         | {"flops_ratio_sae_over_ep": m["compute"]["flops_ratio_sae_over_ep"]})
+
+
+@sae.command("summary")
+@click.argument("metrics_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="JSON file to write.")
+@user_errors
+def sae_summary(metrics_files, out) -> None:
+    """Collect the headline figures of several `ep sae compare` metrics.json files into one JSON."""
+    from ep_store.sae.report import summarise_files
+
+    emit(summarise_files(list(metrics_files), out))
+
 
 # -- evaluation (issue 10) -----------------------------------------------------------------------
 @main.group("eval")

@@ -8,6 +8,8 @@ Store layout (DESIGN.md):
     activations/<model>/<checkpoint>/L<layer>.lance
     dictionaries/<model>/<checkpoint>/L<layer>/p<percentile>/{exemplars.lance, assignments.lance, meta.json}
     matches/<A>__<B>/
+    saes/<model>/<checkpoint>/L<layer>/<name>/                 (an SAE in SAELens's own format + meta.json)
+    sae_compare/<model>/<checkpoint>/L<layer>/p<percentile>/<name>/   (ep sae compare tables)
 """
 
 from __future__ import annotations
@@ -102,6 +104,26 @@ class DictionaryKey:
     def slug(self) -> str:
         """A single path segment naming this dictionary (for match folders, report files)."""
         return "~".join(self.relpath().parts)
+
+
+@dataclass(frozen=True, order=True)
+class SAEKey:
+    """(model, checkpoint, layer, name): one sparse autoencoder trained on an activation dataset (issue 11)."""
+
+    model: str
+    checkpoint: str
+    layer: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.activations}/{self.name}"
+
+    @property
+    def activations(self) -> ActivationKey:
+        return ActivationKey(self.model, self.checkpoint, self.layer)
+
+    def relpath(self) -> Path:
+        return Path(to_segment(self.model), to_segment(self.checkpoint), f"L{self.layer}", to_segment(self.name))
 
 
 def _split_key(text: str, n: int, form: str) -> list[str]:

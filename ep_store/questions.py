@@ -31,6 +31,8 @@ OPTIONS = {
     "context": (8, "tokens of context either side"),
     "per_region": (3, "contexts per region"),
     "top": (5, "top tokens per region"),
+    "top_n": (100, "tokens a feature is binarised to: its top positive activations (ep sae compare)"),
+    "min_positives": (20, "positive tokens a feature needs to be eligible (ep sae compare)"),
 }
 DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
 

@@ -13,6 +13,12 @@ needs no registration. Every view carries the key columns ``model, checkpoint, l
     saturation         key, batch, new_regions, regions, tokens
     matches            cross-dictionary region pairs with status (ep match)
     match_overlaps     every overlapping region pair of a membership match, best-match flags
+    saes               one row per trained SAE (ep sae train): key, name, library, width, k, tokens, seconds, flops
+    sae_activations    dictionary key, sae, doc_id, pos, feature_id, activation: every non-zero SAE activation on
+                       the held-out tokens of an ``ep sae compare`` (keyed like assignments)
+    ep_projections     dictionary key, sae, doc_id, pos, region_id, projection: each region's top positive
+                       signed projections (x - c).e_k on the same held-out tokens
+    sae_features       one row per SAE feature and comparison: active tokens, max and mean activation
 
 Lance datasets reach DuckDB as Arrow objects with only the columns a view needs (DuckDB
 cannot read float16 vectors, and never reads vectors unless a query asks for them).
@@ -160,6 +166,7 @@ class StoreDB:
                     "NULL::INTEGER AS token_id, NULL::VARCHAR AS token, NULL::INTEGER AS char_start, "
                     "NULL::INTEGER AS char_end LIMIT 0"))
         self._register_matches()
+        self._register_saes()
         return keys
 
     def _register_matches(self):
@@ -170,6 +177,32 @@ class StoreDB:
                 overlaps.append(f"SELECT * FROM {self._relation(self.store.dataset(path.parent / 'overlaps.lance'))}")
         self.con.execute("CREATE VIEW matches AS " + _union(pairs, MATCHES_EMPTY))
         self.con.execute("CREATE VIEW match_overlaps AS " + _union(overlaps, OVERLAPS_EMPTY))
+
+    def _register_saes(self):
+        """SAE views (issue 11): trained SAEs and the held-out tables of ep sae compare."""
+        rows = []
+        for key in self.store.list_saes():
+            meta = self.store.read_json(self.store.sae_dir(key) / "meta.json")
+            rows.append({"model": key.model, "checkpoint": key.checkpoint, "layer": key.layer, "name": key.name,
+                         "library": meta["library"], "library_version": meta["library_version"],
+                         "architecture": meta["architecture"], "width": meta["width"], "k": meta["k"],
+                         "tokens": meta["tokens"], "seconds": meta["seconds"], "flops": meta["flops"]})
+        self.con.register("_saes", pa.Table.from_pylist(rows, schema=SAES_SCHEMA))
+        self.con.execute("CREATE VIEW saes AS SELECT * FROM _saes")
+        acts, projections = [], []
+        for key, name, folder in self.store.list_sae_comparisons():
+            cols = f"{_dict_cols(key)}, '{_q(name)}' AS sae"
+            acts.append(f"SELECT {cols}, doc_id, pos, feature_id, activation FROM "
+                        f"{self._relation(self.store.dataset(folder / 'sae_activations.lance'))}")
+            projections.append(f"SELECT {cols}, doc_id, pos, region_id, projection FROM "
+                               f"{self._relation(self.store.dataset(folder / 'ep_projections.lance'))}")
+        key_empty = ("SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS checkpoint, NULL::INTEGER AS layer, "
+                     "NULL::DOUBLE AS percentile, NULL::VARCHAR AS sae, NULL::BIGINT AS doc_id, NULL::INTEGER AS pos")
+        self.con.execute("CREATE VIEW sae_activations AS " + _union(
+            acts, f"{key_empty}, NULL::INTEGER AS feature_id, NULL::FLOAT AS activation LIMIT 0"))
+        self.con.execute("CREATE VIEW ep_projections AS " + _union(
+            projections, f"{key_empty}, NULL::INTEGER AS region_id, NULL::FLOAT AS projection LIMIT 0"))
+        self.con.execute(SAE_FEATURES_VIEW)
 
     def register_table(self, name: str, table: pa.Table) -> None:
         """Expose an in-memory Arrow table (e.g. span labels) as a view for this connection."""
@@ -270,6 +303,19 @@ SATURATION_SCHEMA = pa.schema([
     ("model", pa.string()), ("checkpoint", pa.string()), ("layer", pa.int32()), ("percentile", pa.float64()),
     ("batch", pa.int32()), ("new_regions", pa.int64()), ("regions", pa.int64()), ("tokens", pa.int64()),
 ])
+SAES_SCHEMA = pa.schema([
+    ("model", pa.string()), ("checkpoint", pa.string()), ("layer", pa.int32()), ("name", pa.string()),
+    ("library", pa.string()), ("library_version", pa.string()), ("architecture", pa.string()),
+    ("width", pa.int64()), ("k", pa.int64()), ("tokens", pa.int64()), ("seconds", pa.float64()),
+    ("flops", pa.float64()),
+])
+SAE_FEATURES_VIEW = """
+CREATE VIEW sae_features AS
+SELECT model, checkpoint, layer, percentile, sae, feature_id, count(*) AS active_tokens,
+       max(activation) AS max_activation, avg(activation) AS mean_activation
+FROM sae_activations WHERE activation > 0
+GROUP BY ALL
+"""
 MATCHES_EMPTY = (
     "SELECT NULL::VARCHAR AS a, NULL::VARCHAR AS b, NULL::INTEGER AS region_a, NULL::INTEGER AS region_b, "
     "NULL::DOUBLE AS cosine, NULL::DOUBLE AS distance_theta, NULL::DOUBLE AS precision, NULL::DOUBLE AS recall, "

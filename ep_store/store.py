@@ -36,7 +36,14 @@ import pyarrow as pa
 
 from ep_store import jsonio
 from ep_store.errors import UsageError
-from ep_store.keys import ActivationKey, DictionaryKey, check_inside, from_segment
+from ep_store.keys import (
+    ActivationKey,
+    DictionaryKey,
+    SAEKey,
+    check_inside,
+    from_segment,
+    to_segment,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +141,33 @@ class Store:
 
     def matches_dir(self, name: str) -> Path:
         return check_inside(self.root, self.root / "matches" / name)
+
+    def sae_dir(self, key: SAEKey) -> Path:
+        """Folder of an SAE in its library's own format, with ep_store's meta.json beside it."""
+        return check_inside(self.root, self.root / "saes" / key.relpath())
+
+    def sae_compare_dir(self, dictionary: DictionaryKey, sae_name: str) -> Path:
+        """Tables of one ``ep sae compare`` run (held-out SAE activations, EP projections)."""
+        return check_inside(self.root, self.root / "sae_compare" / dictionary.relpath() / to_segment(sae_name))
+
+    def list_saes(self) -> list[SAEKey]:
+        keys = []
+        for meta in sorted((self.root / "saes").glob("*/*/L*/*/meta.json")):
+            folder = meta.parent
+            keys.append(SAEKey(from_segment(folder.parent.parent.parent.name), from_segment(folder.parent.parent.name),
+                               int(folder.parent.name[1:]), from_segment(folder.name)))
+        return sorted(keys)
+
+    def list_sae_comparisons(self) -> list[tuple[DictionaryKey, str, Path]]:
+        """(dictionary, SAE name, folder) of every finished ``ep sae compare``."""
+        found = []
+        for meta in sorted((self.root / "sae_compare").glob("*/*/L*/p*/*/meta.json")):
+            folder = meta.parent
+            pdir = folder.parent
+            key = DictionaryKey(from_segment(pdir.parent.parent.parent.name), from_segment(pdir.parent.parent.name),
+                                int(pdir.parent.name[1:]), float(pdir.name[1:]))
+            found.append((key, from_segment(folder.name), folder))
+        return found
 
     # -- generic dataset access ----------------------------------------------------------------
     @staticmethod
@@ -321,6 +355,7 @@ class Store:
         return ds.version
 
     def remove(self, path: Path) -> None:
+        """Delete a dataset folder or a file inside the store (nothing if absent)."""
         check_inside(self.root, path)
         if path.is_dir():
             shutil.rmtree(path)
