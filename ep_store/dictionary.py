@@ -123,7 +123,8 @@ def stream_vectors(store: Store, path: Path, batch_rows: int, limit: int | None 
             bad = nonfinite_rows(store, path, version)
             raise UsageError(
                 f"{path} has {len(bad)} non-finite vectors (rows {bad[:5]}{' ...' if len(bad) > 5 else ''}); "
-                "pass --skip-nonfinite to drop them"
+                "re-harvest with --storage-dtype float32 (it holds the model's range), or pass --skip-nonfinite "
+                "to drop them"
             )
         return finite
 
