@@ -341,6 +341,75 @@ def diff_cmd(a, b, out, top, context, cutoff, store_path, models_dir) -> None:
     emit(diff_report(store_path, a, b, out, models_dir, top, context, cutoff))
 
 
+# -- vector search (issue 14) ----------------------------------------------------------------------
+def emit_stderr(summary: dict) -> None:
+    """The one-line JSON summary on stderr, so stdout holds only data (strict JSON: NaN -> null)."""
+    import math
+
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
+    click.echo(json.dumps(clean, default=str, allow_nan=False), err=True)
+
+
+@main.command("search")
+@click.option("--dictionary", "dictionary_key", required=True, help="<model>/<checkpoint>/L<layer>/p<percentile>.")
+@click.option("--region", type=int, default=None, help="Query: this region's exemplar.")
+@click.option("--token", default=None, help="Query: a stored token, DOC_ID:POS.")
+@click.option("--text", default=None, help="Query: a token of this text, run through the dictionary's model.")
+@click.option("--position", type=int, default=-1, show_default=True, help="Which token of --text (-1: the last).")
+@click.option("--k", type=int, default=20, show_default=True, help="Neighbours to return.")
+@click.option("--exclude-members", is_flag=True, help="Only tokens outside the query's region (its boundary).")
+@click.option("--index", "index_mode", type=click.Choice(["auto", "always", "never"]), default="auto",
+              show_default=True, help="Use the search index (auto: when present; never: exact scan).")
+@click.option("--nprobes", type=int, default=None, help="IVF partitions to probe (default: the index's).")
+@click.option("--candidates", type=int, default=4, show_default=True, help="Index candidates per result, re-ranked exactly.")
+@click.option("--context", type=int, default=8, show_default=True, help="Tokens of context either side.")
+@click.option("--save", default=None, help="Also save the result as searches/<SAVE>.lance (SQL view `searches`).")
+@FORMAT
+@STORE
+@MODELS
+@user_errors
+def search_cmd(dictionary_key, region, token, text, position, k, exclude_members, index_mode, nprobes, candidates,
+               context, save, fmt, store_path, models_dir) -> None:
+    """Nearest stored tokens in a dictionary's centered-cosine geometry (exemplar, token or text query)."""
+    from ep_store import tables
+    from ep_store.search import SearchConfig, search
+    from ep_store.store import Store
+
+    cfg = SearchConfig(dictionary_key, region, token, text, position, k, exclude_members, index_mode, nprobes,
+                       candidates, context, models_dir, save)
+    table, summary = search(cfg, Store(store_path))
+    text_out = tables.render(table, fmt)
+    if text_out:
+        click.echo(text_out)
+    emit_stderr(summary)
+
+
+@main.group("index")
+def index_group() -> None:
+    """Vector search indexes over a dictionary's activations (Lance IVF indexes in the store)."""
+
+
+@index_group.command("build")
+@click.option("--dictionary", "dictionary_key", required=True, help="<model>/<checkpoint>/L<layer>/p<percentile>.")
+@click.option("--index-type", type=click.Choice(["IVF_PQ", "IVF_HNSW_SQ", "IVF_SQ", "IVF_FLAT"]), default="IVF_PQ",
+              show_default=True, help="Lance vector index type.")
+@click.option("--partitions", type=int, default=None, help="IVF partitions (default rows/4096, 1..1024).")
+@click.option("--sub-vectors", type=int, default=None, help="PQ sub-vectors (default width/16).")
+@click.option("--nprobes", type=int, default=None, help="Default partitions probed per query (default partitions/8, >= 4).")
+@click.option("--refine-factor", type=int, default=4, show_default=True, help="Lance re-ranks refine_factor*k stored vectors.")
+@click.option("--overwrite", is_flag=True, help="Rebuild even when up to date.")
+@STORE
+@user_errors
+def index_build(dictionary_key, index_type, partitions, sub_vectors, nprobes, refine_factor, overwrite,
+                store_path) -> None:
+    """Index the centered unit directions of a dictionary's activations (rebuilds a stale index)."""
+    from ep_store.search import IndexConfig, build_index
+    from ep_store.store import Store
+
+    cfg = IndexConfig(dictionary_key, index_type, partitions, sub_vectors, nprobes, refine_factor, overwrite)
+    emit_stderr(build_index(cfg, Store(store_path)))
+
+
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 
