@@ -11,13 +11,13 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import ROOT, tree_snapshot
 
 from ep_store.dictionary import BuildConfig, Dictionary, build
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey
 from ep_store.search import IndexConfig, SearchConfig, build_index, search
 from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
+from tests.conftest import ROOT, tree_snapshot
 
 TINY = "tiny/base/L1/p10"
 SYN = "syn/base/L0/p5"
