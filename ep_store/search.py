@@ -35,6 +35,7 @@ import logging
 import math
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,10 @@ SCAN_ROWS = 32768  # activation rows per read in the exact scan and the index bu
 INDEX_TYPES = ("IVF_PQ", "IVF_HNSW_SQ", "IVF_SQ", "IVF_FLAT")
 INDEX_MODES = ("auto", "always", "never")
 MAX_K = 10_000
+# Lance metric of the index. The indexed u and the queries are unit vectors, so |u - q|^2 = 2 - 2 u.q
+# ranks exactly like the cosine; L2 also matches the Euclidean k-means that trains the IVF cells,
+# and gave recall@20 0.82 against 0.75 for "dot" on the same synthetic index (IVF_SQ, 4 of 24 probes).
+INDEX_METRIC = "L2"
 
 RESULT_SCHEMA = pa.schema([
     ("rank", pa.int32()), ("doc_id", pa.int64()), ("pos", pa.int32()), ("token", pa.string()),
@@ -211,14 +216,35 @@ class TopK:
         return self.rows[keep].numpy()
 
 
-def scan_candidates(batches: Iterator[tuple[np.ndarray, np.ndarray]], center_D: torch.Tensor, q_D: np.ndarray,
+def vectors_f32(column: pa.Array | pa.ChunkedArray) -> torch.Tensor:
+    """Arrow fixed_size_list<float16|float32>[D] -> (N, D) float32 tensor (torch converts float16
+    ~10x faster than numpy's astype, which dominated the exact scan)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    with warnings.catch_warnings():  # read-only Arrow memory: we only read it, into a new tensor
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(flat).view(-1, column.type.list_size).to(torch.float32)
+
+
+def scan_similarities(x_BD: torch.Tensor, center_D: torch.Tensor, q_D: torch.Tensor) -> torch.Tensor:
+    """u(x).q in float32 without materialising u: (x.q - c.q) / sqrt(|x|^2 - 2 x.c + |c|^2).
+
+    Rounding is far below the float64 re-scoring margin (EXACT_MARGIN); non-finite rows give NaN.
+    """
+    xqc = x_BD @ torch.stack([q_D, center_D], dim=1)  # (B, 2)
+    sq = torch.linalg.vector_norm(x_BD, dim=1) ** 2 - 2 * xqc[:, 1] + center_D @ center_D
+    return (xqc[:, 0] - center_D @ q_D) / sq.clamp_min(1e-30).sqrt()
+
+
+def scan_candidates(batches: Iterator[tuple[np.ndarray, torch.Tensor]], center_D: torch.Tensor, q_D: np.ndarray,
                     n: int, regions_N: np.ndarray | None = None, exclude_region: int | None = None) -> np.ndarray:
     """Rows of the ``n`` best float32 similarities over (rows_B, x_BD) batches: the exact scan."""
     top = TopK(n)
     q = torch.from_numpy(np.asarray(q_D, np.float32))
+    c = center_D.to(torch.float32)
     for rows, x in batches:
-        sim = unit_directions(torch.from_numpy(x), center_D) @ q
-        sim = torch.nan_to_num(sim, nan=-math.inf)  # non-finite activations never match
+        sim = torch.nan_to_num(scan_similarities(x, c, q), nan=-math.inf)  # non-finite rows never match
         if exclude_region is not None:
             sim[torch.from_numpy(regions_N[rows] == exclude_region)] = -math.inf
         top.add(sim, torch.from_numpy(rows))
@@ -360,7 +386,7 @@ def _index_batches(store: Store, d: Dictionary, regions: np.ndarray | None) -> I
     source = store.activation_path(d.key.activations)
     row = 0
     for batch in store.scan(source, columns=["doc_id", "pos", "vector"], batch_size=SCAN_ROWS):
-        x = torch.from_numpy(arrow_to_vectors(batch.column("vector")))
+        x = vectors_f32(batch.column("vector"))
         rows = np.arange(row, row + x.shape[0])
         row += x.shape[0]
         u = unit_directions(x, d.center)
@@ -391,7 +417,8 @@ def build_index(cfg: IndexConfig, store: Store, progress: bool = True) -> dict:
     state = index_state(store, d)
     path = st.index_path(store, d.key)
     params, nprobes = index_params(cfg, state["activations_rows"], state["width"])
-    wanted = {"index_type": cfg.index_type, "params": params, "nprobes": nprobes, "refine_factor": cfg.refine_factor}
+    wanted = {"index_type": cfg.index_type, "metric": INDEX_METRIC, "params": params, "nprobes": nprobes,
+              "refine_factor": cfg.refine_factor}
     if store.exists(path) and not cfg.overwrite:
         old = st.index_meta(path)
         if not stale_reasons(old, state) and all(old.get(k) == v for k, v in wanted.items()):
@@ -403,7 +430,7 @@ def build_index(cfg: IndexConfig, store: Store, progress: bool = True) -> dict:
     start = time.perf_counter()
     meta = {**state, **wanted, "regions_indexed": regions is not None, "ep_store_version": ep_store.__version__}
     version = st.write_index(store, path, _index_schema(d.width), _index_batches(store, d, regions), meta,
-                             cfg.index_type, params)
+                             cfg.index_type, params, INDEX_METRIC)
     seconds = time.perf_counter() - start
     built = st.index_meta(path)
     return {"dictionary": str(d.key), "index": str(path), "status": "built", "index_type": cfg.index_type,
@@ -415,7 +442,7 @@ def build_index(cfg: IndexConfig, store: Store, progress: bool = True) -> dict:
 def _scan_batches(store: Store, path: Path) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     row = 0
     for batch in store.scan(path, columns=["vector"], batch_size=SCAN_ROWS):
-        x = arrow_to_vectors(batch.column("vector"))
+        x = vectors_f32(batch.column("vector"))
         yield np.arange(row, row + x.shape[0]), x
         row += x.shape[0]
 

@@ -235,13 +235,14 @@ def searches_dir(store: Store) -> Path:
 
 
 def write_index(store: Store, path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch], meta: dict,
-                index_type: str, params: dict) -> int:
+                index_type: str, params: dict, metric: str = "L2") -> int:
     """Write the index table as one commit, then add the Lance vector index on ``u``.
 
     The table is written to a sibling temp folder and renamed into place only once the vector
     index exists, so a reader never sees a half-built index and a failed build leaves the old one.
     ``index_type`` is a Lance vector index type (IVF_PQ, IVF_HNSW_SQ, ...); ``params`` go to
-    ``LanceDataset.create_index`` (num_partitions, num_sub_vectors, m, ef_construction, ...).
+    ``LanceDataset.create_index`` (num_partitions, num_sub_vectors, m, ef_construction, ...);
+    ``metric`` is Lance's distance (L2, cosine, dot).
     Returns the Lance version of the finished index dataset.
     """
     check_inside(store.root, path)
@@ -254,7 +255,7 @@ def write_index(store: Store, path: Path, schema: pa.Schema, batches: Iterable[p
     if ds.count_rows() == 0:
         store.remove(tmp)
         raise UsageError(f"no finite activation rows to index for {path.stem}")
-    ds = ds.create_index(INDEX_COLUMN, index_type, metric="dot", **params)
+    ds = ds.create_index(INDEX_COLUMN, index_type, metric=metric, **params)
     version = ds.version
     old = path.with_name(path.name + ".old")
     store.remove(old)
@@ -279,7 +280,7 @@ def index_meta(path: Path) -> dict:
 
 def index_candidates(path: Path, q_D: np.ndarray, k: int, nprobes: int, refine_factor: int | None,
                      exclude_region: int | None = None) -> np.ndarray:
-    """Activation rows of the ``k`` approximate nearest ``u`` to ``q_D`` (by dot product), best first.
+    """Activation rows of the ``k`` approximate nearest ``u`` to ``q_D`` (the index's metric), best first.
 
     ``exclude_region`` drops rows of that region before the search (Lance prefilter on
     ``region_id``). Uses ``LanceDataset.to_table(nearest=...)`` with the vector index.

@@ -27,6 +27,7 @@ from pathlib import Path
 import click
 import numpy as np
 import pyarrow as pa
+import torch
 
 from ep_store.dictionary import BuildConfig, Dictionary, build
 from ep_store.keys import ActivationKey, DictionaryKey
@@ -38,22 +39,23 @@ log = logging.getLogger(__name__)
 
 def synthetic_store(root: Path, rows: int, width: int, seed: int = 0, chunk: int = 100_000) -> str:
     """``rows`` clustered vectors (4,096 clusters of varied spread) plus a dictionary on a prefix."""
-    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     store = Store(root)
     key = ActivationKey("synthetic", "base", 0)
-    centers = rng.standard_normal((4096, width)).astype(np.float32) * 2
-    offset = rng.standard_normal(width).astype(np.float32) * 4  # a common direction, as in real activations
+    centers = torch.randn(4096, width, generator=gen) * 2
+    offset = torch.randn(width, generator=gen) * 4  # a common direction, as in real activations
     for start in range(0, rows, chunk):
         n = min(chunk, rows - start)
-        cluster = rng.integers(0, 4096, n)
-        spread = rng.uniform(0.5, 2.0, (n, 1)).astype(np.float32)
-        x = centers[cluster] + spread * rng.standard_normal((n, width), dtype=np.float32) + offset
+        cluster = torch.randint(0, 4096, (n,), generator=gen)
+        spread = torch.rand(n, 1, generator=gen) * 1.5 + 0.5
+        x = (centers[cluster] + spread * torch.randn(n, width, generator=gen) + offset).half().numpy()
         r = np.arange(start, start + n)
+        tokens = pa.array(cluster.numpy().astype(np.int32)).cast(pa.string())
         store.append_activations(key, pa.table({
             "doc_id": pa.array(r // 128, pa.int64()), "pos": pa.array(r % 128, pa.int32()),
-            "token_id": pa.array(cluster, pa.int32()), "token": pa.array([f"c{c}" for c in cluster]),
+            "token_id": pa.array(cluster.numpy(), pa.int32()), "token": tokens,
             "char_start": pa.array(np.zeros(n), pa.int32()), "char_end": pa.array(np.zeros(n), pa.int32()),
-            "vector": vectors_to_arrow(x),
+            "vector": vectors_to_arrow(x, np.float16),
         }), {"synthetic": True})
     build(BuildConfig("synthetic", "base", 0, 10, calibration_tokens=20_000, max_tokens=20_000, device="cpu"),
           store, assign=False, progress=False)
@@ -110,8 +112,10 @@ def compare(store: Store, key: str, qs: list[dict], k: int, exact_every: int = 1
     }
 
 
-def index_and_compare(store: Store, key: str, index_type: str, qs: list[dict], k: int, **extra) -> dict:
-    built = build_index(IndexConfig(key, index_type=index_type, overwrite=True), store, progress=False)
+def index_and_compare(store: Store, key: str, index_type: str, qs: list[dict], k: int, partitions: int | None = None,
+                      **extra) -> dict:
+    cfg = IndexConfig(key, index_type=index_type, num_partitions=partitions, overwrite=True)
+    built = build_index(cfg, store, progress=False)
     result = {"index": {name: built[name] for name in built if name not in ("index", "dictionary")}}
     result["search"] = compare(store, key, qs, k)
     if extra.get("boundary"):
@@ -122,14 +126,18 @@ def index_and_compare(store: Store, key: str, index_type: str, qs: list[dict], k
 @click.command()
 @click.option("--rows", type=int, default=1_000_000, help="Synthetic vectors (width --width).")
 @click.option("--width", type=int, default=640)
-@click.option("--queries", "n_queries", type=int, default=40, help="Queries per comparison.")
+@click.option("--queries", "n_queries", type=int, default=40, help="Queries on the real dictionary.")
+@click.option("--synthetic-queries", type=int, default=10, help="Queries on the synthetic table (exact scans are slow).")
+@click.option("--real-partitions", type=int, default=32,
+              help="IVF partitions for the real table (its 20k rows would get 4 by default: all probed).")
 @click.option("--k", type=int, default=20)
 @click.option("--index-types", default="IVF_PQ", help="Comma-separated index types to compare.")
 @click.option("--real-store", type=click.Path(path_type=Path), default=Path("data/store"))
 @click.option("--real-dictionary", default="gemma-3-270m/base/L6/p1")
 @click.option("--skip-synthetic", is_flag=True, help="Only the real-activation part.")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/metrics/bench_search.json"))
-def main(rows, width, n_queries, k, index_types, real_store, real_dictionary, skip_synthetic, out) -> None:
+def main(rows, width, n_queries, synthetic_queries, real_partitions, k, index_types, real_store, real_dictionary,
+         skip_synthetic, out) -> None:
     logging.basicConfig(level=logging.INFO)
     report: dict = {"k": k, "note": "wall-clock on a shared 2-core machine; compare paths within one run"}
     types = [t.strip() for t in index_types.split(",") if t.strip()]
@@ -143,7 +151,8 @@ def main(rows, width, n_queries, k, index_types, real_store, real_dictionary, sk
             report["real"] = {"dictionary": key, "rows": store.info(store.activation_path(dkey.activations)).rows,
                               "width": Dictionary.load(store, key).width}
             for index_type in types:
-                report["real"][index_type] = index_and_compare(store, key, index_type, qs, k, boundary=True)
+                report["real"][index_type] = index_and_compare(store, key, index_type, qs, k, real_partitions,
+                                                                      boundary=True)
                 log.info("real %s: %s", index_type, report["real"][index_type])
         else:
             report["real"] = f"skipped: no {real_dictionary} in {real_store}"
@@ -152,7 +161,7 @@ def main(rows, width, n_queries, k, index_types, real_store, real_dictionary, sk
             t0 = time.perf_counter()
             key = synthetic_store(store.root, rows, width)
             report["synthetic"] = {"rows": rows, "width": width, "make_seconds": round(time.perf_counter() - t0, 1)}
-            qs = queries(store, key, n_queries, seed=2)
+            qs = queries(store, key, synthetic_queries, seed=2)
             for index_type in types:
                 report["synthetic"][index_type] = index_and_compare(store, key, index_type, qs, k)
                 log.info("synthetic %s: %s", index_type, report["synthetic"][index_type])
