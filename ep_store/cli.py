@@ -223,7 +223,7 @@ def show(table, fmt: str, output: Path | None, summary: dict) -> None:
 def sql(query, fmt, output, as_of, store_path) -> None:
     """Run one read-only SQL query over the store's views.
 
-    Views: dictionaries, exemplars, exemplar_vectors, assignments, tokens, saturation, matches.
+    Views: dictionaries, exemplars, exemplar_vectors, assignments, tokens, saturation, matches, searches.
     """
     from ep_store.sql import StoreDB
 
