@@ -391,7 +391,7 @@ def index_group() -> None:
 
 @index_group.command("build")
 @click.option("--dictionary", "dictionary_key", required=True, help="<model>/<checkpoint>/L<layer>/p<percentile>.")
-@click.option("--index-type", type=click.Choice(["IVF_PQ", "IVF_HNSW_SQ", "IVF_SQ", "IVF_FLAT"]), default="IVF_PQ",
+@click.option("--index-type", type=click.Choice(["IVF_SQ", "IVF_PQ", "IVF_HNSW_SQ", "IVF_FLAT"]), default="IVF_SQ",
               show_default=True, help="Lance vector index type.")
 @click.option("--partitions", type=int, default=None, help="IVF partitions (default rows/4096, 1..1024).")
 @click.option("--sub-vectors", type=int, default=None, help="PQ sub-vectors (default width/16).")
