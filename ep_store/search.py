@@ -465,10 +465,10 @@ def choose_index(cfg: SearchConfig, store: Store, d: Dictionary) -> dict | None:
     reasons = stale_reasons(meta, index_state(store, d))
     if reasons:
         raise UsageError(f"the search index of {d.key} is stale ({'; '.join(reasons)}); rebuild it with "
-                         f"ep index build --dictionary {d.key}, or pass --no-index for an exact scan")
+                         f"ep index build --dictionary {d.key}, or pass --index never for an exact scan")
     if cfg.exclude_members and not meta.get("regions_indexed"):
         raise UsageError(f"the search index of {d.key} was built without assignments; run ep assign and "
-                         "ep index build again, or pass --no-index")
+                         "ep index build again, or pass --index never")
     return meta
 
 
