@@ -409,7 +409,7 @@ def _index_schema(width: int) -> pa.Schema:
     return pa.schema(INDEX_SCHEMA_FIELDS + [(st.INDEX_COLUMN, pa.list_(pa.float16(), width))])
 
 
-def build_index(cfg: IndexConfig, store: Store, progress: bool = True) -> dict:
+def build_index(cfg: IndexConfig, store: Store) -> dict:
     """Index the centered unit directions of ``cfg.dictionary``'s activations; returns the summary.
 
     Skips the work when an index with the same build state exists (unless ``overwrite``).

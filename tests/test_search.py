@@ -54,7 +54,7 @@ def syn_store(tmp_path_factory):
     store = Store(root)
     store.append_activations(ActivationKey("syn", "base", 0), synthetic_table(20_000, 64, 0), {"synthetic": True})
     build(BuildConfig("syn", "base", 0, 5, calibration_tokens=4096, device="cpu"), store, progress=False)
-    summary = build_index(IndexConfig(SYN, index_type="IVF_PQ", num_partitions=16, num_sub_vectors=16, nprobes=4), store, progress=False)
+    summary = build_index(IndexConfig(SYN, index_type="IVF_PQ", num_partitions=16, num_sub_vectors=16, nprobes=4), store)
     assert summary["status"] == "built" and summary["rows"] == 20_000
     return root
 
@@ -163,7 +163,7 @@ def test_index_exclude_members_uses_prefilter(syn_store):
 
 
 def test_index_build_is_skipped_when_fresh(syn_store):
-    summary = build_index(IndexConfig(SYN, index_type="IVF_PQ", num_partitions=16, num_sub_vectors=16, nprobes=4), Store(syn_store), progress=False)
+    summary = build_index(IndexConfig(SYN, index_type="IVF_PQ", num_partitions=16, num_sub_vectors=16, nprobes=4), Store(syn_store))
     assert summary["status"] == "up to date"
 
 
@@ -181,7 +181,7 @@ def test_stale_index_is_detected_refused_and_rebuilt(syn_store, tmp_path):
     assert tree_snapshot(root) == before
     table, summary = search(SearchConfig(SYN, region=1, k=5, index="never"), store)  # exact still works
     assert summary["method"] == "exact" and table.num_rows == 5
-    rebuilt = build_index(IndexConfig(SYN, index_type="IVF_PQ", num_partitions=16, num_sub_vectors=16, nprobes=4), store, progress=False)
+    rebuilt = build_index(IndexConfig(SYN, index_type="IVF_PQ", num_partitions=16, num_sub_vectors=16, nprobes=4), store)
     assert rebuilt["status"] == "built" and rebuilt["rows"] == 20_050
     table, summary = search(SearchConfig(SYN, region=1, k=5), store)
     assert summary["method"].startswith("index") and table.num_rows == 5

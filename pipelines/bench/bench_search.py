@@ -123,7 +123,7 @@ def compare(store: Store, key: str, qs: list[dict], k: int, exact_every: int = 1
 def index_and_compare(store: Store, key: str, index_type: str, qs: list[dict], k: int, partitions: int | None = None,
                       **extra) -> dict:
     cfg = IndexConfig(key, index_type=index_type, num_partitions=partitions, overwrite=True)
-    built = build_index(cfg, store, progress=False)
+    built = build_index(cfg, store)
     result = {"index": {name: built[name] for name in built if name not in ("index", "dictionary")}}
     result["search"] = compare(store, key, qs, k)
     if extra.get("boundary"):
