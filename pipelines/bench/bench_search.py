@@ -145,17 +145,21 @@ def index_and_compare(store: Store, key: str, index_type: str, qs: list[dict], k
 @click.option("--real-store", type=click.Path(path_type=Path), default=Path("data/store"))
 @click.option("--real-dictionary", default="gemma-3-270m/base/L6/p1")
 @click.option("--skip-synthetic", is_flag=True, help="Only the real-activation part.")
+@click.option("--skip-real", is_flag=True, help="Only the synthetic part.")
+@click.option("--synthetic-store", "synthetic_store_path", type=click.Path(path_type=Path), default=None,
+              help="Keep the synthetic store here (reused when it already holds --rows rows).")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/metrics/bench_search.json"))
 def main(rows, width, n_queries, synthetic_queries, real_partitions, k, index_types, synthetic_index_types,
-         real_store, real_dictionary,
-         skip_synthetic, out) -> None:
+         real_store, real_dictionary, skip_synthetic, skip_real, synthetic_store_path, out) -> None:
     logging.basicConfig(level=logging.INFO)
     report: dict = {"k": k, "note": "wall-clock on a shared 2-core machine; compare paths within one run"}
     types = [t.strip() for t in index_types.split(",") if t.strip()]
     with tempfile.TemporaryDirectory(prefix="bench_search_") as tmp:
         tmp = Path(tmp)
         dkey = DictionaryKey.parse(real_dictionary)
-        if (real_store / "dictionaries" / dkey.relpath() / "meta.json").is_file():
+        if skip_real:
+            report["real"] = "skipped (--skip-real)"
+        elif (real_store / "dictionaries" / dkey.relpath() / "meta.json").is_file():
             store = Store(tmp / "real")
             key = copy_real(real_store, real_dictionary, store.root)
             qs = queries(store, key, n_queries, seed=1)
@@ -168,9 +172,15 @@ def main(rows, width, n_queries, synthetic_queries, real_partitions, k, index_ty
         else:
             report["real"] = f"skipped: no {real_dictionary} in {real_store}"
         if not skip_synthetic:
-            store = Store(tmp / "synthetic")
+            store = Store(synthetic_store_path or tmp / "synthetic")
             t0 = time.perf_counter()
-            key = synthetic_store(store.root, rows, width)
+            key = "synthetic/base/L0/p10"
+            held = store.activation_path(ActivationKey("synthetic", "base", 0))
+            if not (store.exists(held) and store.info(held).rows == rows
+                    and (store.dictionary_dir(DictionaryKey.parse(key)) / "meta.json").is_file()):
+                store.remove(store.root / "activations")
+                store.remove(store.root / "dictionaries")
+                key = synthetic_store(store.root, rows, width)
             report["synthetic"] = {"rows": rows, "width": width, "make_seconds": round(time.perf_counter() - t0, 1)}
             qs = queries(store, key, synthetic_queries, seed=2)
             for index_type in [t.strip() for t in synthetic_index_types.split(",") if t.strip()]:
