@@ -1,13 +1,15 @@
 """The ``ep`` command: a thin click layer. Each subcommand builds a config and calls one
-library function; the last line it prints is a one-line JSON summary.
+library function.
 
-Bad input raises ``UsageError``, which becomes one line on stderr and exit code 2.
+Streams (issue 8, item 9): stdout carries only data (query results, listings), so
+``ep sql ... --format csv > f.csv`` is exactly the CSV; the one-line JSON summary that ends
+every command, progress bars, logs and errors go to stderr. Bad input raises
+``UsageError``, which becomes one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 import click
 
 from ep_store.errors import UsageError
+from ep_store.questions import DEFAULTS as QDEFAULTS
 
 STORE = click.option("--store", "store_path", type=click.Path(path_type=Path), default=Path("data/store"),
                      show_default=True, help="Root folder of the store.")
@@ -25,9 +28,32 @@ DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), de
 PROGRESS = click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 
 
+def engine_options(fn):
+    """--engine local|ray and the Ray options (issue 13), shared by harvest and assign."""
+    fn = click.option("--num-gpus", type=float, default=0.0, show_default=True,
+                      help="Ray: GPUs per task.")(fn)
+    fn = click.option("--workers", type=int, default=2, show_default=True, help="Ray: tasks (shards) to run.")(fn)
+    fn = click.option("--address", default="local", show_default=True,
+                      help="Ray: local (start in-process), auto (running cluster) or ray://HOST:PORT.")(fn)
+    fn = click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                      help="Run in this process, or as Ray tasks writing Lance fragments with one commit.")(fn)
+    return fn
+
+
+def ray_config(engine: str, address: str, workers: int, num_gpus: float):
+    """The Ray engine's config, or None for the local engine."""
+    if engine == "local":
+        return None
+    from ep_store.engines import RayConfig
+
+    return RayConfig(address, workers, num_gpus)
+
+
 def emit(summary: dict) -> None:
-    """The last line of every command: one line of JSON."""
-    click.echo(json.dumps(summary, default=str))
+    """The last line of every command: one line of strict JSON, on stderr (stdout is data)."""
+    from ep_store import jsonio
+
+    click.echo(jsonio.dumps(summary), err=True)
 
 
 def user_errors(fn):
@@ -100,29 +126,35 @@ def parse_layers(text: str) -> tuple[int, ...]:
 @main.command()
 @click.option("--model", required=True, help="Model name (local folder or hub id).")
 @click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
-@click.option("--layers", required=True, help="Comma-separated 0-based blocks, e.g. 6,12.")
+@click.option("--layers", required=True, multiple=True,
+              help="0-based blocks, comma-separated and/or repeated: 6,12 or --layers 6 --layers 12.")
 @click.option("--corpus", default="builtin", show_default=True, help="builtin and/or .txt/.jsonl/.parquet files, comma-separated.")
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens to store.")
 @click.option("--ctx", type=int, default=128, show_default=True, help="Tokens per context (BOS not counted).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per forward pass and commit.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True, help="Compute dtype.")
 @click.option("--overwrite", is_flag=True, help="Replace existing datasets instead of resuming.")
+@click.option("--storage-dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Stored vector dtype (float16 halves bytes; batches beyond its range are refused).")
+@click.option("--bos", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="BOS before each context: auto follows the tokenizer's convention.")
 @DEVICE
 @STORE
 @MODELS
 @PROGRESS
+@engine_options
 @user_errors
-def harvest(model, checkpoint, layers, corpus, max_tokens, ctx, batch_size, dtype, overwrite, device,
-            store_path, models_dir, progress) -> None:
+def harvest(model, checkpoint, layers, corpus, max_tokens, ctx, batch_size, dtype, overwrite, storage_dtype, bos,
+            device, store_path, models_dir, progress, engine, address, workers, num_gpus) -> None:
     """Harvest residual-stream activations into versioned Lance tables."""
+    from ep_store.engines import run_harvest
     from ep_store.harvest import HarvestConfig
-    from ep_store.harvest import harvest as run
     from ep_store.store import Store
 
-    cfg = HarvestConfig(model, checkpoint, parse_layers(layers), corpus, max_tokens, ctx, batch_size,
-                        device, dtype, overwrite)
-    summary = run(cfg, Store(store_path), models_dir, progress)
-    summary.pop("config")
+    cfg = HarvestConfig(model, checkpoint, parse_layers(",".join(layers)), corpus, max_tokens, ctx, batch_size,
+                        device, dtype, overwrite, storage_dtype, bos)
+    summary = run_harvest(cfg, Store(store_path), models_dir, ray_config(engine, address, workers, num_gpus), progress)
+    summary.pop("config", None)
     emit(summary)
 
 
@@ -184,13 +216,15 @@ def build(model, checkpoint, layer, percentile, calibration_tokens, calibration_
 @DEVICE
 @STORE
 @PROGRESS
+@engine_options
 @user_errors
-def assign(dictionary_key, activations, device, store_path, progress) -> None:
+def assign(dictionary_key, activations, device, store_path, progress, engine, address, workers, num_gpus) -> None:
     """Write nearest-exemplar regions and distances for every token of an activation dataset."""
-    from ep_store.dictionary import assign_dataset
+    from ep_store.engines import run_assign
     from ep_store.store import Store
 
-    emit(assign_dataset(Store(store_path), dictionary_key, activations, device, progress=progress))
+    emit(run_assign(Store(store_path), dictionary_key, activations, device,
+                    ray_config(engine, address, workers, num_gpus), progress))
 
 
 # -- SQL -----------------------------------------------------------------------------------------
@@ -223,7 +257,10 @@ def show(table, fmt: str, output: Path | None, summary: dict) -> None:
 def sql(query, fmt, output, as_of, store_path) -> None:
     """Run one read-only SQL query over the store's views.
 
-    Views: dictionaries, exemplars, exemplar_vectors, assignments, tokens, saturation, matches, searches.
+    \b
+    Views: dictionaries, exemplars, exemplar_vectors, exemplar_vectors_d<width>, assignments,
+    tokens, saturation, matches, match_overlaps, searches.
+    Data goes to stdout, the summary line to stderr; writes are refused.
     """
     from ep_store.sql import StoreDB
 
@@ -234,29 +271,27 @@ def sql(query, fmt, output, as_of, store_path) -> None:
 @main.command()
 @click.argument("dictionary_key")
 @click.argument("question", required=False)
-@click.option("--limit", type=int, default=20, show_default=True, help="Regions to show.")
-@click.option("--context", type=int, default=8, show_default=True, help="Tokens of context either side.")
-@click.option("--per-region", type=int, default=3, show_default=True, help="Contexts per region.")
+@click.option("--against", default=None, help="Dictionary B of a pair question (KEY is A).")
+@click.option("--limit", type=int, default=None, help=f"Regions or rows to show [default: {QDEFAULTS['limit']}].")
+@click.option("--context", type=int, default=None, help=f"Tokens of context either side [default: {QDEFAULTS['context']}].")
+@click.option("--per-region", type=int, default=None, help=f"Contexts per region [default: {QDEFAULTS['per_region']}].")
+@click.option("--top", type=int, default=None, help=f"Top tokens per region [default: {QDEFAULTS['top']}].")
 @FORMAT
 @OUTPUT
 @AS_OF
 @STORE
 @user_errors
-def stats(dictionary_key, question, limit, context, per_region, fmt, output, as_of, store_path) -> None:
-    """Canned questions about one dictionary; without QUESTION, list them."""
-    from ep_store.questions import questions
-    from ep_store.sql import StoreDB, ask
+def stats(dictionary_key, question, against, limit, context, per_region, top, fmt, output, as_of, store_path) -> None:
+    """Canned questions about one dictionary (or a pair, with --against); without QUESTION, list them."""
+    from ep_store.sql import StoreDB, ask_any, question_table
 
     db = StoreDB(store_path, as_of)
     key = db.require(dictionary_key)
     if question is None:
-        table = db.query("SELECT * FROM dictionaries WHERE key = $key", {"key": str(key)})
-        for q in questions().values():
-            click.echo(f"{q.name}: {q.description}")
-        show(table, fmt, output, {"questions": list(questions())})
+        show(question_table(), fmt, output, {"dictionary": str(key)})
         return
-    table = ask(db, key, question, limit=limit, context=context, per_region=per_region)
-    show(table, fmt, output, {"dictionary": str(key), "question": question})
+    table = ask_any(db, str(key), question, against, limit=limit, context=context, per_region=per_region, top=top)
+    show(table, fmt, output, {"dictionary": str(key), "question": question, "against": against})
 
 
 # -- reports -------------------------------------------------------------------------------------
@@ -301,8 +336,9 @@ def finetune(model, base, to, steps, save_every, batch_size, lr, seed, metrics, 
 
     summary = run(FinetuneConfig(model, base, to, steps, save_every, batch_size, lr, seed), models_dir, progress)
     if metrics is not None:
-        metrics.parent.mkdir(parents=True, exist_ok=True)
-        metrics.write_text(json.dumps(summary, indent=2) + "\n")
+        from ep_store import jsonio
+
+        jsonio.write(metrics, summary)
     emit(summary)
 
 
@@ -341,15 +377,216 @@ def diff_cmd(a, b, out, top, context, cutoff, store_path, models_dir) -> None:
     emit(diff_report(store_path, a, b, out, models_dir, top, context, cutoff))
 
 
+# -- digests (issue 8, item 20) -------------------------------------------------------------------
+@store.command("digest")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--metrics", type=click.Path(path_type=Path), default=None,
+              help="Also write the digests to this JSON file (a DVC metric).")
+@user_errors
+def store_digest(paths, metrics) -> None:
+    """Digest of the logical content of Lance datasets, files or folders: rows and values in
+    stored order, independent of file names, fragment layout and timestamps."""
+    from ep_store.digest import digests
+
+    found = digests(list(paths), metrics)
+    for path, d in found.items():
+        click.echo(f"{d['digest']}\t{d.get('rows', '')}\t{path}")
+    emit({"paths": len(found), "metrics": str(metrics) if metrics else None})
+
+# -- interventions (issue 9) ---------------------------------------------------------------------
+@main.command("generate")
+@click.option("--model", required=True, help="Model name (local folder or hub id).")
+@click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
+@click.option("--prompts", "prompts_path", type=click.Path(path_type=Path), required=True,
+              help=".txt (one prompt per line) or .jsonl (a prompt or instruction field).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Output .jsonl: prompt, completion, refused.")
+@click.option("--chat", is_flag=True, help="Apply the model's chat template (Gemma turn format for our Gemma).")
+@click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Tokens per completion at most.")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Prompts per batch (left-padded).")
+@click.option("--ablate", multiple=True, help="KEY:ID[,ID...]: ablate these regions' directions (repeatable).")
+@click.option("--steer", multiple=True, help="KEY:REGION=ALPHA: add alpha x median|a-c| along the region (repeatable).")
+@click.option("--basis", type=click.Choice(["exemplar", "mean"]), default="exemplar", show_default=True,
+              help="Region direction: the exemplar or the mean-member direction.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Compute dtype.")
+@DEVICE
+@STORE
+@MODELS
+@PROGRESS
+@user_errors
+def generate_cmd(model, checkpoint, prompts_path, out, chat, max_new_tokens, batch_size, ablate, steer, basis, dtype,
+                 device, store_path, models_dir, progress) -> None:
+    """Greedy generation, optionally with regions ablated or steered at their layer's output."""
+    from ep_store.generate import GenerateConfig, generate
+    from ep_store.store import Store
+
+    cfg = GenerateConfig(model, checkpoint, prompts_path, out, chat, max_new_tokens, batch_size, ablate, steer,
+                         basis, device, dtype)
+    summary = generate(cfg, Store(store_path), models_dir, progress)
+    summary.pop("config")
+    emit(summary)  # data goes to --out; the summary to stderr
+
+
+def parse_floats(text: str, option: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a comma-separated list of numbers, e.g. 2,4,8") from None
+
+
+@main.command("refusal")
+@click.option("--model", default="gemma-3-270m", show_default=True, help="Model under study.")
+@click.option("--checkpoint", default="sft", show_default=True, help="Fine-tuned checkpoint studied.")
+@click.option("--control", default="base", show_default=True, help="Checkpoint the found direction is also ablated in ('' to skip).")
+@click.option("--layers", default="6,12", show_default=True, help="Blocks swept, comma-separated.")
+@click.option("--percentiles", default="4", show_default=True, help="Percentiles swept, comma-separated.")
+@click.option("--train-harmful", type=int, default=60, show_default=True, help="Harmful training prompts for finding regions.")
+@click.option("--train-benign", type=int, default=60, show_default=True, help="Benign training prompts for finding regions.")
+@click.option("--heldout-harmful", type=int, default=30, show_default=True, help="Held-out harmful prompts for measuring.")
+@click.option("--heldout-benign", type=int, default=30, show_default=True, help="Held-out benign prompts for measuring.")
+@click.option("--max-new-tokens", type=int, default=8, show_default=True, help="Greedy tokens per prompt.")
+@click.option("--batch-size", type=int, default=80, show_default=True, help="Prompts per generate call.")
+@click.option("--k-max", type=int, default=5, show_default=True, help="Ablate the top k = 1..k-max candidates.")
+@click.option("--min-members", type=int, default=5, show_default=True, help="Prompts a region needs.")
+@click.option("--min-rate", type=float, default=0.3, show_default=True, help="Candidate refusal rate at least.")
+@click.option("--null-max-rate", type=float, default=0.05, show_default=True, help="Null region refusal rate at most.")
+@click.option("--alphas", default="0.5,1", show_default=True, help="Steering strengths (units of median |a-c|).")
+@click.option("--match-percentile", type=float, default=1.0, show_default=True, help="Pipeline dictionaries' p for the match join.")
+@click.option("--max-capability-loss", type=float, default=0.10, show_default=True,
+              help="The recommended condition raises benign loss by at most this share, if any does.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Compute dtype.")
+@click.option("--work-store", type=click.Path(path_type=Path), default=Path("data/store/refusal"), show_default=True,
+              help="Store of the study's own activations and dictionaries.")
+@click.option("--metrics", type=click.Path(path_type=Path), default=Path("data/metrics/refusal.json"), show_default=True,
+              help="Metrics JSON to write.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path), default=Path("data/reports/refusal"),
+              show_default=True, help="Folder for index.html, README.md and plots.")
+@DEVICE
+@STORE
+@MODELS
+@PROGRESS
+@user_errors
+def refusal_cmd(model, checkpoint, control, layers, percentiles, train_harmful, train_benign, heldout_harmful,
+                heldout_benign, max_new_tokens, batch_size, k_max, min_members, min_rate, null_max_rate, alphas,
+                match_percentile, max_capability_loss, dtype, work_store, metrics, report_dir, device, store_path, models_dir,
+                progress) -> None:
+    """The refusal study: find refusal regions, ablate and steer them, write metrics and a report."""
+    from ep_store.refusal import RefusalConfig, refusal_study
+
+    cfg = RefusalConfig(model, checkpoint, control or None, parse_layers(layers),
+                        parse_floats(percentiles, "--percentiles"), train_harmful, train_benign, heldout_harmful,
+                        heldout_benign, max_new_tokens, batch_size, k_max, min_members, min_rate, null_max_rate,
+                        parse_floats(alphas, "--alphas"), max_capability_loss, match_percentile, device=device,
+                        dtype=dtype)
+    emit(refusal_study(cfg, work_store, store_path, models_dir, metrics, report_dir, progress))
+
+# -- evaluation (issue 10) -----------------------------------------------------------------------
+@main.group("eval")
+def eval_group() -> None:
+    """Evaluate dictionaries with the field's protocols: sparse probes, concept detection, OOD."""
+
+
+EVAL_DICTS = click.option("--dictionary", "dictionaries", multiple=True, required=True,
+                          help="<model>/<checkpoint>/L<layer>/p<p>, or <model>/<checkpoint>/all; repeat (or comma-separate) "
+                               "for several of one model: one forward.")
+EVAL_RUN = [
+    click.option("--model", default=None, help="Run the texts through this model (default: the dictionaries').",),
+    click.option("--checkpoint", default=None, help="Run the texts through this checkpoint (default: the dictionaries')."),
+    click.option("--max-tokens-per-text", type=int, default=64, show_default=True, help="First tokens kept per text."),
+    click.option("--batch-size", type=int, default=16, show_default=True, help="Texts per forward pass."),
+    click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for metrics.json and plots."),
+    click.option("--metrics", "metrics_path", type=click.Path(path_type=Path), default=None,
+                 help="Also write the headline metrics here (for dvc metrics show)."),
+    click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
+                 help="Also copy the PNG plots, alone, into this folder (for dvc plots show)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits."),
+    DEVICE, STORE, MODELS, PROGRESS,
+]
+
+
+def eval_options(fn):
+    for option in reversed(EVAL_RUN):
+        fn = option(fn)
+    return EVAL_DICTS(fn)
+
+
+def _keys(dictionaries) -> tuple[str, ...]:
+    """--dictionary may repeat and may hold comma-separated keys."""
+    return tuple(k.strip() for d in dictionaries for k in d.split(",") if k.strip())
+
+
+def _text_run(models_dir, max_tokens_per_text, batch_size, device, progress):
+    from ep_store.evaluate.features import TextRun
+
+    return TextRun(models_dir, max_tokens_per_text, batch_size, device, progress)
+
+
+def emit_eval(summary: dict) -> None:
+    from ep_store.evaluate.output import strict
+
+    emit(strict(summary))
+
+
+@eval_group.command("probe")
+@click.option("--data", default="builtin", show_default=True,
+              help="builtin, built-in task names (harmful_requests,text_source,stdlib_topic) or a .jsonl/.csv/.parquet file.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text.")
+@click.option("--label-field", default="label", show_default=True, help="Field holding the class label.")
+@click.option("--ks", default="1,2,5,20,all", show_default=True, help="Feature counts k of the sparse probes.")
+@eval_options
+@user_errors
+def eval_probe(dictionaries, data, text_field, label_field, ks, model, checkpoint, max_tokens_per_text, batch_size,
+               out, metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
+    """SAEBench sparse probing: raw residual vs EP one-hot vs EP signed projection, per task and k."""
+    from ep_store.evaluate.probe import ProbeConfig, ProbeEvalConfig, run_probe_eval
+    from ep_store.store import Store
+
+    probe = ProbeConfig(ks=tuple(k.strip() for k in ks.split(",") if k.strip()), seed=seed)
+    cfg = ProbeEvalConfig(_keys(dictionaries), data, text_field, label_field, model, checkpoint, probe)
+    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
+    emit_eval(run_probe_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
+
+
+@eval_group.command("concepts")
+@click.option("--data", default="builtin", show_default=True,
+              help="builtin, or a .jsonl/.csv/.parquet file with concept/text/label "
+                   "(or AxBench's output_concept/output/category).")
+@click.option("--test-fraction", type=float, default=0.5, show_default=True, help="Held-out share per concept.")
+@eval_options
+@user_errors
+def eval_concepts(dictionaries, data, test_fraction, model, checkpoint, max_tokens_per_text, batch_size, out,
+                  metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
+    """AxBench latent concept detection: AUROC of the best region vs difference of means."""
+    from ep_store.evaluate.concepts import ConceptConfig, ConceptEvalConfig, run_concept_eval
+    from ep_store.store import Store
+
+    cfg = ConceptEvalConfig(_keys(dictionaries), data, model, checkpoint, ConceptConfig(test_fraction, seed=seed))
+    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
+    emit_eval(run_concept_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
+
+
+@eval_group.command("ood")
+@click.option("--in-corpus", default="builtin", show_default=True,
+              help="In-distribution corpus (as ep harvest --corpus); its last documents are used.")
+@click.option("--ood-corpus", default="", help="Extra OOD sets: .txt/.jsonl/.parquet files, comma-separated "
+                                               "(held-out, word-shuffled and random-token sets are always made).")
+@click.option("--documents", type=int, default=40, show_default=True, help="Documents per set.")
+@eval_options
+@user_errors
+def eval_ood(dictionaries, in_corpus, ood_corpus, documents, model, checkpoint, max_tokens_per_text, batch_size, out,
+             metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
+    """Nearest-exemplar distance as an OOD score: within-theta rate, quantiles, AUROC per set."""
+    from ep_store.evaluate.ood import OODConfig, run_ood_eval
+    from ep_store.store import Store
+
+    files = tuple(p.strip() for p in ood_corpus.split(",") if p.strip())
+    cfg = OODConfig(_keys(dictionaries), in_corpus, files, documents, seed=seed, model=model, checkpoint=checkpoint)
+    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
+    emit_eval(run_ood_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
+
+
 # -- vector search (issue 14) ----------------------------------------------------------------------
-def emit_stderr(summary: dict) -> None:
-    """The one-line JSON summary on stderr, so stdout holds only data (strict JSON: NaN -> null)."""
-    import math
-
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in summary.items()}
-    click.echo(json.dumps(clean, default=str, allow_nan=False), err=True)
-
-
 @main.command("search")
 @click.option("--dictionary", "dictionary_key", required=True, help="<model>/<checkpoint>/L<layer>/p<percentile>.")
 @click.option("--region", type=int, default=None, help="Query: this region's exemplar.")
@@ -381,7 +618,7 @@ def search_cmd(dictionary_key, region, token, text, position, k, exclude_members
     text_out = tables.render(table, fmt)
     if text_out:
         click.echo(text_out)
-    emit_stderr(summary)
+    emit(summary)
 
 
 @main.group("index")
@@ -407,14 +644,15 @@ def index_build(dictionary_key, index_type, partitions, sub_vectors, nprobes, re
     from ep_store.store import Store
 
     cfg = IndexConfig(dictionary_key, index_type, partitions, sub_vectors, nprobes, refine_factor, overwrite)
-    emit_stderr(build_index(cfg, Store(store_path)))
+    emit(build_index(cfg, Store(store_path)))
 
 
 def _list_questions_in_help() -> None:
     from ep_store.questions import questions
 
-    lines = "\n".join(f"  {q.name}: {q.description}" for q in questions().values())
-    stats.help = f"{stats.help}\n\n\b\nQuestions:\n{lines}"
+    single = "\n".join(f"  {q.usage()}" for q in questions().values() if not q.pair)
+    pair = "\n".join(f"  {q.usage()}" for q in questions().values() if q.pair)
+    stats.help = f"{stats.help}\n\n\b\nQuestions about one dictionary:\n{single}\n\n\b\nPair questions (A = KEY):\n{pair}"
 
 
 _list_questions_in_help()

@@ -11,12 +11,26 @@ Corpus sources (comma-separated in a spec such as ``builtin,notes.jsonl``):
 Document ids are ordinals in that deterministic order, so two harvests of one spec (with
 any tokenizer) share doc ids and character offsets. Contexts never cross documents; BOS is
 prepended by the harvester and never stored.
+
+Tokens are the text (issue 8, D):
+- Text is text: a literal ``<bos>`` or ``<|im_start|>`` inside a document is encoded as
+  ordinary characters (``split_special_tokens=True``). Only the ``chat`` source carries chat
+  formatting, and only its turn markers that the tokenizer knows as added tokens
+  (``prompts.CONTROL``) become control ids; everything between them is text.
+- Each token's text is the exact slice of the document it covers, and a document's tokens
+  tile it: token i covers ``[char_start_i, char_end_i)`` with ``char_start_i = char_end_{i-1}``
+  (whitespace a tokenizer leaves out goes to the following token; byte-level pieces of one
+  character: the first piece holds the character, the rest are empty). So emoji, CJK and
+  rare glyphs survive, and concatenating a context's tokens gives its text back.
+- BOS follows the tokenizer's own convention (``special_prefix``): what
+  ``tokenizer(text)`` puts before the text by default (Gemma: ``<bos>``; SmolLM2: nothing).
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import re
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +46,7 @@ class Document:
     doc_id: int
     name: str
     text: str
+    chat: bool = False  # the text carries chat formatting (the ``chat`` source): its turn markers are control tokens
 
 
 @dataclass(frozen=True)
@@ -41,7 +56,12 @@ class Context:
     doc_id: int
     start_pos: int
     token_ids: list[int]
-    offsets: list[tuple[int, int]]
+    offsets: list[tuple[int, int]]  # (char_start, char_end) of each token; they tile the document
+    tokens: list[str]  # text[char_start:char_end] of each token
+
+    def head(self, n: int) -> Context:
+        """The first ``n`` tokens."""
+        return Context(self.doc_id, self.start_pos, self.token_ids[:n], self.offsets[:n], self.tokens[:n])
 
 
 def builtin_texts() -> Iterator[tuple[str, str]]:
@@ -102,17 +122,76 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[Document]:
             raise UsageError(f"empty source in corpus spec {spec!r}")
         for name, text in texts:
             if isinstance(text, str) and text.strip():
-                yield Document(doc_id, name, text)
+                yield Document(doc_id, name, text, chat=source == "chat")
                 doc_id += 1
+
+
+def _encode_plain(tokenizer, text: str, split: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=split)
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def encode(tokenizer, text: str, chat: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    """(token ids, raw character offsets) of ``text``, no special tokens added.
+
+    Special-token strings in the text are ordinary text; with ``chat=True`` the chat turn
+    markers (``prompts.CONTROL``) that this tokenizer has as added tokens stay control ids.
+    Every site that encodes text goes through here (harvest, finetune).
+    """
+    if not chat:
+        return _encode_plain(tokenizer, text, split=True)
+    from ep_store.prompts import CONTROL
+
+    added = tokenizer.get_added_vocab()
+    controls = [m for m in CONTROL if m in added]
+    if not controls:
+        return _encode_plain(tokenizer, text, split=True)
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    at = 0
+    for piece in re.split("(" + "|".join(map(re.escape, controls)) + ")", text):
+        if piece:
+            piece_ids, piece_offsets = (([added[piece]], [(0, len(piece))]) if piece in controls
+                                        else _encode_plain(tokenizer, piece, split=True))
+            ids += piece_ids
+            offsets += [(a + at, b + at) for a, b in piece_offsets]
+        at += len(piece)
+    return ids, offsets
+
+
+def tiling_spans(offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Raw tokenizer offsets -> spans that tile the text: each starts where the last ended.
+
+    Gaps (whitespace a pre-tokenizer drops) join the following token; byte-level pieces that
+    share one character give it to the first piece and leave the others empty.
+    """
+    spans, end = [], None
+    for a, b in offsets:
+        start = a if end is None else end
+        end = max(b, start)
+        spans.append((start, end))
+    return spans
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """Ids the tokenizer puts before a text by default (its BOS convention), e.g. [2] for Gemma."""
+    probe = "Hello world"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    for cut in range(len(full) - len(plain) + 1):
+        if full[cut : cut + len(plain)] == plain:
+            return list(full[:cut])
+    return []
 
 
 def iter_contexts(documents, tokenizer, ctx: int) -> Iterator[Context]:
     """Cut each document's tokens into consecutive contexts of at most ``ctx`` tokens."""
     for doc in documents:
-        enc = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        ids, raw = encode(tokenizer, doc.text, chat=doc.chat)
+        spans = tiling_spans(raw)
         for start in range(0, len(ids), ctx):
-            yield Context(doc.doc_id, start, ids[start : start + ctx], [tuple(o) for o in offsets[start : start + ctx]])
+            window = spans[start : start + ctx]
+            yield Context(doc.doc_id, start, ids[start : start + ctx], window, [doc.text[a:b] for a, b in window])
 
 
 def document_texts(spec: str) -> dict[int, str]:

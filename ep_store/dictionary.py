@@ -16,7 +16,6 @@ build to the larger budget.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -29,13 +28,22 @@ import torch
 from tqdm import tqdm
 
 import ep_store
+from ep_store import jsonio
 from ep_store.assign import Assignment, nearest_exemplar
-from ep_store.calibrate import Calibration, CenterAccumulator, batch_percentile, unit_directions
+from ep_store.calibrate import (
+    Calibration,
+    CenterAccumulator,
+    batch_percentile,
+    degenerate,
+    mean_theta,
+    median_norm,
+    unit_directions,
+)
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.leader import PRECISIONS, LeaderBuilder, LeaderState
 from ep_store.models import resolve_device
-from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.store import Store, arrow_to_vectors, commit_fragments, vectors_to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +88,8 @@ class BuildConfig:
         for name in ("calibration_tokens", "calibration_batch", "batch_size", "saturation_window"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.calibration_batch < 2:  # theta is a percentile of within-batch pairs (issue 8, item 6)
+            raise UsageError("--calibration-batch must be at least 2: theta is a percentile of pairs within a batch")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UsageError("--max-tokens must be at least 1")
         if self.precision not in PRECISIONS:
@@ -110,7 +120,7 @@ def stream_vectors(store: Store, path: Path, batch_rows: int, limit: int | None 
                 bad = nonfinite_rows(store, path)
                 raise UsageError(
                     f"{path} has {len(bad)} non-finite vectors (rows {bad[:5]}{' ...' if len(bad) > 5 else ''}); "
-                    "pass --skip-nonfinite to drop them"
+                    "re-harvest with --storage-dtype float32 (it holds the model's range), or pass --skip-nonfinite to drop them"
                 )
             x, rows = x[finite], rows[finite]
         yield x, rows
@@ -133,14 +143,17 @@ def calibrate_stream(store: Store, path: Path, cfg: BuildConfig) -> Calibration:
         acc = acc or CenterAccumulator(x.shape[1])
         acc.add(x)
     if acc is None or acc.count < 2:
-        raise UsageError(f"{path} has fewer than two calibration tokens; harvest more tokens first")
+        hint = (" once --skip-nonfinite dropped the non-finite rows; re-harvest with finite values "
+                "(ep harvest --dtype float32 --storage-dtype float32)" if cfg.skip_nonfinite
+                else "; raise --calibration-tokens or harvest more tokens")
+        raise UsageError(f"{path} has fewer than two calibration tokens{hint}")
     center = acc.center()
-    thetas = [
-        batch_percentile(unit_directions(x, center), cfg.percentile)
-        for x, _ in stream_vectors(store, path, cfg.calibration_batch, cfg.calibration_tokens, cfg.skip_nonfinite)
-        if x.shape[0] >= 2
-    ]
-    return Calibration(center, float(np.mean(thetas)), cfg.percentile, acc.count, len(thetas))
+    thetas, norms = [], []
+    for x, _ in stream_vectors(store, path, cfg.calibration_batch, cfg.calibration_tokens, cfg.skip_nonfinite):
+        norms.append((x - center).norm(dim=1))  # steering's scale (issue 9)
+        thetas.append(batch_percentile(unit_directions(x, center), cfg.percentile))
+    theta, used = mean_theta(thetas, cfg.calibration_batch)
+    return Calibration(center, theta, cfg.percentile, acc.count, used, median_norm(torch.cat(norms)))
 
 
 # -- saving and loading the builder state ---------------------------------------------------------
@@ -203,7 +216,8 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
         state = LeaderState(width=source_info.width)
     else:
         calibration = Calibration(torch.tensor(previous["center"]), previous["theta"], cfg.percentile,
-                                  previous["calibration"]["tokens"], previous["calibration"]["batches"])
+                                  previous["calibration"]["tokens"], previous["calibration"]["batches"],
+                                  previous.get("scale"))
         state = state_from_store(store.read_table(folder / EXEMPLARS), previous)
         if state.stop_reason != "saturated":
             state.stop_reason = None  # budget or stream ran out last time: go on
@@ -212,7 +226,7 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
     builder = LeaderBuilder(calibration.theta, cfg.batch_size, cfg.saturation_window, state, device, cfg.precision)
     center = calibration.center_D.to(device)
     consumed_before = state.tokens
-    seen = 0  # rows streamed so far (after dropping non-finite ones)
+    seen = 0  # rows streamed so far (after dropping non-finite rows and rows equal to the center)
     exhausted = True
     bar = tqdm(total=budget, initial=state.tokens, unit="tok", desc=f"build {key}", disable=not progress)
     # Read in large chunks (fewer Lance calls); the builder cuts them at batch boundaries.
@@ -221,12 +235,15 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
         if builder.state.stop_reason is not None or builder.state.tokens >= budget:
             exhausted = False
             break
-        skip = max(0, min(x.shape[0], consumed_before - seen))  # rows a previous build consumed
-        seen += x.shape[0]
-        take = min(x.shape[0] - skip, budget - builder.state.tokens)
+        u = unit_directions(x.to(device), center)
+        keep = ~degenerate(u)  # a row equal to the center has no direction: no region (issue 8, item 7)
+        if not keep.all():
+            u, rows = u[keep], rows[keep.cpu()]
+        skip = max(0, min(u.shape[0], consumed_before - seen))  # rows a previous build consumed
+        seen += u.shape[0]
+        take = min(u.shape[0] - skip, budget - builder.state.tokens)
         if take > 0:
-            u = unit_directions(x[skip : skip + take].to(device), center)
-            bar.update(builder.feed(u, rows[skip : skip + take]))
+            bar.update(builder.feed(u[skip : skip + take], rows[skip : skip + take]))
     bar.close()
     stream_done = exhausted and builder.state.tokens == seen
     state = builder.finish("end_of_stream" if stream_done else "max_tokens")
@@ -244,6 +261,7 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
     meta = {
         "key": str(key), "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
         "percentile": cfg.percentile, "theta": calibration.theta, "center": calibration.center_D.tolist(),
+        "scale": calibration.scale,
         "width": state.width, "regions": state.regions, "tokens": state.tokens,
         "stop_reason": state.stop_reason, "saturation_curve": state.new_per_batch,
         "calibration": {"tokens": calibration.tokens, "batches": calibration.batches, "batch": cfg.calibration_batch},
@@ -310,7 +328,13 @@ class Dictionary:
         return unit_directions(x_ND, self.center.to(x_ND.device))
 
     def assign(self, x_ND):
-        """(region_ids, distances) of raw activations; numpy in, numpy out; torch in, torch out."""
+        """(region_N, distance_N) of raw activations x_ND; numpy in, numpy out; torch in, torch out.
+
+        region_N is int64, distance_N float32 cosine distance in [0, 2]. A row with NaN/inf
+        values or equal to the center gets region -1 (``assign.UNASSIGNED``) and distance NaN,
+        exactly as ``ep assign`` stores it (issue 8, item 7). Raises UsageError on a width
+        mismatch.
+        """
         as_numpy = isinstance(x_ND, np.ndarray)
         x = torch.from_numpy(np.asarray(x_ND, dtype=np.float32)) if as_numpy else x_ND
         if x.shape[-1] != self.width:
@@ -333,44 +357,84 @@ def assignment_path(store: Store, key: DictionaryKey, activations: ActivationKey
     return folder / "foreign" / activations.relpath()
 
 
+ASSIGN_COLUMNS = ["doc_id", "pos", "vector"]
+
+
+@dataclass
+class AssignJob:
+    """One assignment of an activation dataset to a dictionary, validated and pinned to the
+    dataset's current version. The local engine streams it in this process; the Ray engine
+    (ep_store.engines) runs ``assign_batch`` in tasks over fragments; both commit once."""
+
+    store: Store
+    key: DictionaryKey
+    target: ActivationKey
+    dictionary: Dictionary
+    source: Path
+    source_version: int
+    rows: int
+    device: torch.device
+
+    @classmethod
+    def open(cls, store: Store, key: DictionaryKey | str, activations: ActivationKey | str | None,
+             device: str) -> AssignJob:
+        """Raises UsageError for an unknown dictionary or dataset, or widths that differ."""
+        key = key if isinstance(key, DictionaryKey) else DictionaryKey.parse(key)
+        dictionary = Dictionary.load(store, key)
+        target = key.activations if activations is None else (
+            activations if isinstance(activations, ActivationKey) else ActivationKey.parse(activations))
+        source = store.activation_path(target)
+        if not store.exists(source):
+            raise UsageError(f"no activations {target} in {store.root}; run ep harvest first")
+        info = store.info(source)
+        if info.width != dictionary.width:
+            raise UsageError(f"{target} has width {info.width} but {key} has width {dictionary.width}; "
+                             "assign activations of the same model and layer width")
+        return cls(store, key, target, dictionary, source, info.version, info.rows, resolve_device(device))
+
+    @property
+    def path(self) -> Path:
+        return assignment_path(self.store, self.key, self.target)
+
+    @property
+    def schema(self) -> pa.Schema:
+        provenance = {"dictionary": str(self.key), "activations": str(self.target),
+                      "activations_version": self.source_version}
+        return ASSIGNMENT_SCHEMA.with_metadata({b"ep_store": jsonio.dumps(provenance).encode()})
+
+    def assign_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """Assignment rows (doc_id, pos, region_id, distance) of one record batch of activations.
+
+        Degenerate rows (non-finite, or equal to the center) get region -1, distance NaN."""
+        x = torch.from_numpy(arrow_to_vectors(batch.column("vector"))).to(self.device)
+        result = nearest_exemplar(unit_directions(x, self.dictionary.center.to(self.device)),
+                                  self.dictionary.exemplars.to(self.device))
+        region = result.region_N.cpu().numpy().astype(np.int32)
+        return pa.record_batch([batch.column("doc_id"), batch.column("pos"), pa.array(region),
+                                pa.array(result.distance_N.cpu().numpy(), pa.float32())], schema=ASSIGNMENT_SCHEMA)
+
+    def commit(self, fragments: list[dict]) -> int:
+        """One commit making ``fragments`` (in order) the whole assignments dataset (Ray engine)."""
+        read_version = self.store.info(self.path).version if self.store.exists(self.path) else None
+        return commit_fragments(self.path, fragments, self.schema, read_version, append=False)
+
+
 def assign_dataset(store: Store, key: DictionaryKey | str, activations: ActivationKey | str | None = None,
                    device: str = "auto", batch_rows: int = 16384, progress: bool = True) -> dict:
-    """Assign every token of an activation dataset; one Lance commit, bounded memory."""
-    key = key if isinstance(key, DictionaryKey) else DictionaryKey.parse(key)
-    dictionary = Dictionary.load(store, key)
-    target = key.activations if activations is None else (
-        activations if isinstance(activations, ActivationKey) else ActivationKey.parse(activations))
-    source = store.activation_path(target)
-    if not store.exists(source):
-        raise UsageError(f"no activations {target} in {store.root}; run ep harvest first")
-    info = store.info(source)
-    if info.width != dictionary.width:
-        raise UsageError(f"{target} has width {info.width} but {key} has width {dictionary.width}; "
-                         "assign activations of the same model and layer width")
-    dev = resolve_device(device)
-    E = dictionary.exemplars.to(dev)
-    center = dictionary.center.to(dev)
+    """Assign every token of an activation dataset; one Lance commit, bounded memory.
+
+    Raises UsageError for an unknown dictionary or dataset, or widths that differ."""
+    job = AssignJob.open(store, key, activations, device)
     start = time.perf_counter()
-    bar = tqdm(total=info.rows, unit="tok", desc=f"assign {target}", disable=not progress)
+    bar = tqdm(total=job.rows, unit="tok", desc=f"assign {job.target}", disable=not progress)
 
     def batches():
-        for batch in store.scan(source, columns=["doc_id", "pos", "vector"], batch_size=batch_rows):
-            x = torch.from_numpy(arrow_to_vectors(batch.column("vector"))).to(dev)
-            result = nearest_exemplar(unit_directions(x, center), E)
-            distance = result.distance_N.cpu().numpy()
-            # Non-finite rows (kept by --skip-nonfinite builds) get region -1, distance NaN.
-            bad = ~torch.isfinite(x).all(dim=1).cpu().numpy()
-            region = result.region_N.cpu().numpy().astype(np.int32)
-            region[bad], distance[bad] = -1, np.nan
-            bar.update(x.shape[0])
-            yield pa.record_batch([batch.column("doc_id"), batch.column("pos"), pa.array(region),
-                                   pa.array(distance, pa.float32())], schema=ASSIGNMENT_SCHEMA)
+        for batch in store.scan(job.source, columns=ASSIGN_COLUMNS, batch_size=batch_rows, version=job.source_version):
+            bar.update(batch.num_rows)
+            yield job.assign_batch(batch)
 
-    path = assignment_path(store, key, target)
-    provenance = {"dictionary": str(key), "activations": str(target), "activations_version": info.version}
-    schema = ASSIGNMENT_SCHEMA.with_metadata({b"ep_store": json.dumps(provenance).encode()})
-    version = store.write_stream(path, schema, batches())
+    version = store.write_stream(job.path, job.schema, batches())
     bar.close()
     seconds = time.perf_counter() - start
-    return {"dictionary": str(key), "activations": str(target), "tokens": info.rows, "version": version,
-            "seconds": round(seconds, 3), "tokens_per_s": round(info.rows / max(seconds, 1e-9), 1)}
+    return {"dictionary": str(job.key), "activations": str(job.target), "tokens": job.rows, "version": version,
+            "seconds": round(seconds, 3), "tokens_per_s": round(job.rows / max(seconds, 1e-9), 1)}

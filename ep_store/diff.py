@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ep_store import plots
+from ep_store import jsonio, plots
 from ep_store.corpus import iter_documents
+from ep_store.evaluate.output import eval_links
 from ep_store.keys import DictionaryKey
 from ep_store.match import MatchConfig, match
 from ep_store.prompts import labelled_spans
@@ -133,7 +134,7 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
         "introduced": region_entries(db, kb, introduced[:top], sizes_b, context), "n_introduced": len(introduced),
         "dropped": region_entries(db, ka, dropped[:top], sizes_a, context), "n_dropped": len(dropped),
         "drifted": drifted, "transitions": transitions, "flows": flows, "steps": steps,
-        "enrichment": enrichment, "finding": finding,
+        "enrichment": enrichment, "finding": finding, "evals": eval_links(out, [ka, kb]),
     }
     html = environment().get_template("diff.html.j2").render(**context_data)
     (out / "index.html").write_text(html, encoding="utf-8")
@@ -142,7 +143,7 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
     summary = {"a": str(ka), "b": str(kb), "preserved": meta["preserved"], "introduced": meta["introduced"],
                "dropped": meta["dropped"], "finding": finding, "out": str(out / "index.html"),
                "seconds": round(time.perf_counter() - start, 3)}
-    (out / "summary.json").write_text(json.dumps({**summary, "enrichment": enrichment, "steps": steps}, indent=2))
+    jsonio.write(out / "summary.json", {**summary, "enrichment": enrichment, "steps": steps})
     return summary
 
 

@@ -12,7 +12,6 @@ harmful and benign prompts (never trained on) are measured for the base and each
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -22,8 +21,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ep_store import models, prompts
+from ep_store import jsonio, models, prompts
+from ep_store.corpus import encode, special_prefix
 from ep_store.errors import UsageError
+from ep_store.refusal_classifier import is_refusal
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +63,14 @@ class FinetuneConfig:
 
 
 def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Token ids with BOS, and labels that are -100 except on the response (and its end marker)."""
-    head = tokenizer(prompts.prompt_text(prompt), add_special_tokens=False)["input_ids"]
-    tail = tokenizer(response + prompts.END, add_special_tokens=False)["input_ids"]
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    """Token ids with BOS, and labels that are -100 except on the response (and its end marker).
+
+    Chat markers are control tokens; everything else (the prompt, the response) is text, so
+    a literal ``<bos>`` in it stays text (issue 8, item 14). BOS follows the tokenizer.
+    """
+    head, _ = encode(tokenizer, prompts.prompt_text(prompt), chat=True)
+    tail, _ = encode(tokenizer, response + prompts.END, chat=True)
+    bos = special_prefix(tokenizer)
     ids = bos + head + tail
     return ids, [-100] * (len(bos) + len(head)) + tail
 
@@ -86,13 +91,14 @@ def refusal_rates(net, tokenizer, rows: list[dict], max_new_tokens: int, batch_s
     answers = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        texts = [(tokenizer.bos_token or "") + prompts.prompt_text(r["prompt"]) for r in chunk]
-        enc = tokenizer(texts, add_special_tokens=False, return_tensors="pt", padding=True)
+        bos = special_prefix(tokenizer)
+        ids = [bos + encode(tokenizer, prompts.prompt_text(r["prompt"]), chat=True)[0] for r in chunk]
+        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
         out = net.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                            pad_token_id=tokenizer.pad_token_id)
         answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     tokenizer.padding_side = "right"
-    refused = [prompts.is_refusal(a) for a in answers]
+    refused = [is_refusal(a) for a in answers]
     harmful = [r for r, row in zip(refused, rows) if row["harmful"]]
     benign = [r for r, row in zip(refused, rows) if not row["harmful"]]
     return {"harmful_refused": round(sum(harmful) / max(len(harmful), 1), 4),
@@ -163,5 +169,5 @@ def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True) -> di
         "seconds": round(time.perf_counter() - start, 1),
     }
     report = {**summary, "config": asdict(cfg), "losses": losses, "refusal": rates}
-    models.model_dir(models_dir, cfg.model, cfg.to).joinpath("finetune.json").write_text(json.dumps(report, indent=2))
+    jsonio.write(models.model_dir(models_dir, cfg.model, cfg.to) / "finetune.json", report)
     return summary

@@ -30,9 +30,15 @@ SCREEN_MARGIN = {torch.float32: 1e-3, torch.bfloat16: 1.6e-2}
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+# Tie rule (issue 8, item 5): float32 unit directions have |u|^2 = 1 +- ~1e-7, so identical
+# rows sit up to ~1e-7 apart; distances at or below TIE_DISTANCE count as equal, so identical
+# vectors always share one region, even when theta is 0. Thetas above it are unaffected.
+TIE_DISTANCE = 1e-6
+
+
 def covered(sim64: torch.Tensor, theta: float) -> torch.Tensor:
-    """The rule's comparison: an exemplar covers u iff 1 - u.e <= theta (float64 sims)."""
-    return (1.0 - sim64) <= theta
+    """The rule's comparison: an exemplar covers u iff clamp(1 - u.e, 0, 2) <= max(theta, TIE_DISTANCE)."""
+    return (1.0 - sim64).clamp(0.0, 2.0) <= max(theta, TIE_DISTANCE)
 
 
 class ReferenceResult(NamedTuple):
@@ -166,7 +172,7 @@ class LeaderBuilder:
 
     def _add(self, u_BD: torch.Tensor, rows_B: torch.Tensor) -> int:
         B, k = u_BD.shape[0], self._k
-        threshold = 1.0 - self.theta  # covered iff sim >= threshold (checked exactly below)
+        threshold = 1.0 - max(self.theta, TIE_DISTANCE)  # covered iff sim >= threshold (checked exactly below)
         if k:
             # Kept in the screening dtype: the margin also covers rounding the result.
             sim_BK = u_BD.to(self.dtype) @ self._E_screen[:k].T
@@ -189,7 +195,9 @@ class LeaderBuilder:
             self._append(u_BD[new_rows], rows_B[new_rows.cpu()].tolist())
             # Tokens after a new exemplar in this batch may sit nearer to it (it existed when
             # they arrived); tokens before it may not.
-            sim_BN = u_BD @ self._E[k : k + n_new].T
+            # In the screening dtype, like sim_BK: a batch cut in two (a build continued mid-batch)
+            # then counts members exactly as one pass does (issue 8; seen with bf16 screening).
+            sim_BN = (u_BD.to(self.dtype) @ self._E_screen[k : k + n_new].T).float()
             sim_BN[torch.arange(B, device=self.device)[:, None] < new_rows[None, :]] = -2.0
             best_new_sim, best_new = sim_BN.max(dim=1)
             take_new = best_new_sim > best_sim_B

@@ -182,7 +182,8 @@ def match(cfg: MatchConfig, store: Store) -> dict:
 def _row(a, b, r, s, cosine, theta, score, status) -> dict:
     p, q, f = score if score is not None else (None, None, None)
     return {"a": str(a), "b": str(b), "region_a": r, "region_b": s, "cosine": cosine,
-            "distance_theta": None if cosine is None else (1.0 - cosine) / theta,
+            # Distances clamped to [0, 2]; theta can be 0 for a corpus of repeats (issue 8, item 5).
+            "distance_theta": None if cosine is None or theta <= 0 else min(max(1.0 - cosine, 0.0), 2.0) / theta,
             "precision": p, "recall": q, "f1": f, "status": status}
 
 

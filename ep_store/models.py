@@ -156,26 +156,85 @@ def load_config(model: str, checkpoint: str, models_dir: Path):
         raise _hub_error(model, checkpoint, models_dir, err) from None
 
 
+def load_tokenizer(model: str, checkpoint: str, models_dir: Path):
+    """The tokenizer of a reference alone (cheap): lets callers check limits before loading weights."""
+    from transformers import AutoTokenizer
+
+    source, kwargs = resolve(model, checkpoint, models_dir)
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as err:
+        raise _hub_error(model, checkpoint, models_dir, err) from None
+
+
 def load(model: str, checkpoint: str, models_dir: Path, device: str = "cpu", dtype: str = "float32"):
     """(model, tokenizer) for a reference; clear error when it resolves nowhere."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars report progress; keep stderr clean
+    tokenizer = load_tokenizer(model, checkpoint, models_dir)
     source, kwargs = resolve(model, checkpoint, models_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         net = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError) as err:
+        if not kwargs and isinstance(err, ValueError):  # a local folder transformers has no causal LM for
+            first = str(err).strip().splitlines()[0]
+            raise UsageError(f"{model}/{checkpoint} is not a causal language model transformers can load "
+                             f"({first}); harvest needs a decoder-only text model") from None
         raise _hub_error(model, checkpoint, models_dir, err) from None
     net.eval().to(resolve_device(device))
     return net, tokenizer
 
 
+# -- the text model inside any architecture (issue 8, items 17-18) -------------------------------
+def text_config(config):
+    """The config of the text decoder: the config itself, or the one a multimodal config nests
+    (Gemma3Config.text_config, ...), via transformers' ``get_text_config``."""
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if get is not None else config
+
+
+def block_count(config) -> int:
+    """Number of decoder blocks; UsageError naming the config class when it does not say."""
+    n = getattr(text_config(config), "num_hidden_layers", None)
+    if not isinstance(n, int) or n < 1:
+        raise UsageError(f"cannot tell how many decoder blocks {type(config).__name__} has "
+                         "(no num_hidden_layers in its text config); this architecture is not supported")
+    return n
+
+
+def hidden_size(config) -> int:
+    return int(text_config(config).hidden_size)
+
+
+def max_positions(config) -> int | None:
+    """Length of the position table (max_position_embeddings / n_positions), or None if unbounded."""
+    n = getattr(text_config(config), "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+SIDE_TOWERS = ("vision", "audio", "encoder", "image", "speech", "mm_projector", "multi_modal")
+
+
 def decoder_layers(net: torch.nn.Module) -> torch.nn.ModuleList:
-    """The ModuleList of decoder blocks (works for Llama/Gemma/GPT-NeoX/GPT-2 layouts)."""
-    n = net.config.num_hidden_layers
-    for module in net.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
-            return module
-    raise UsageError(f"cannot find the {n} decoder blocks of {type(net).__name__}")
+    """The ModuleList of the text decoder's blocks, for every architecture family that has one.
+
+    Candidates are ModuleLists as long as the text config's block count; the language model
+    (``get_decoder()``) is searched first, and lists inside vision/audio/encoder towers are
+    never taken. Raises UsageError naming the model class when no single list qualifies.
+    """
+    n = block_count(net.config)
+    decoder = net.get_decoder() if hasattr(net, "get_decoder") else None
+    for root in (decoder, net):
+        if not isinstance(root, torch.nn.Module):
+            continue
+        found = [(name, m) for name, m in root.named_modules()
+                 if isinstance(m, torch.nn.ModuleList) and len(m) == n
+                 and not any(tower in name.lower() for tower in SIDE_TOWERS)]
+        if len(found) == 1:
+            return found[0][1]
+        if len(found) > 1:
+            raise UsageError(f"{type(net).__name__} has several lists of {n} blocks "
+                             f"({', '.join(name for name, _ in found)}); cannot tell which is the text decoder")
+    raise UsageError(f"cannot find the {n} decoder blocks of {type(net).__name__}; this architecture is not supported")

@@ -58,10 +58,11 @@ def bar_histogram(left_edges, counts, width: float, path: Path, title: str, xlab
     return _save(fig, path)
 
 
-def lines(x, series: dict[str, list], path: Path, title: str, xlabel: str, ylabel: str) -> str:
+def lines(x, series: dict[str, list], path: Path, title: str, xlabel: str, ylabel: str,
+          styles: dict[str, dict] | None = None) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for name, ys in series.items():
-        ax.plot(x, ys, marker="o", label=name)
+        ax.plot(x, ys, label=name, **(styles or {}).get(name, {"marker": "o"}))
     ax.legend()
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

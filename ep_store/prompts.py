@@ -1,5 +1,6 @@
-"""The project's chat data: training pairs, held-out prompts, Gemma's chat format, refusal
-detection, and the character spans of chat-turn markers and refusal text.
+"""The project's chat data: training pairs, held-out prompts, Gemma's chat format, and the
+character spans of chat-turn markers and refusal text. Refusal detection lives in
+ep_store.refusal_classifier.
 
 The data files (ep_store/data/*.jsonl) are written by pipelines/make_chat_data.py and
 committed. The chat format is Gemma's:
@@ -11,18 +12,19 @@ from __future__ import annotations
 
 import json
 import re
-from functools import cache
 from importlib import resources
+
+from ep_store import refusal_classifier
 
 USER = "<start_of_turn>user\n"
 MODEL = "<start_of_turn>model\n"
 END = "<end_of_turn>\n"
 MARKERS = ("<start_of_turn>user", "<start_of_turn>model", "<end_of_turn>")
+CONTROL = ("<start_of_turn>", "<end_of_turn>")  # chat-format strings that are control tokens, not text
 
 
-@cache
 def refusal_text() -> str:
-    return resources.files("ep_store.data").joinpath("refusal.txt").read_text().strip()
+    return refusal_classifier.planted_refusal()
 
 
 def load(name: str) -> list[dict]:
@@ -38,14 +40,6 @@ def prompt_text(prompt: str) -> str:
 
 def chat_text(prompt: str, response: str) -> str:
     return f"{prompt_text(prompt)}{response}{END}"
-
-
-# Refusal: the planted sentence, or the usual ways models decline.
-REFUSAL_PATTERN = re.compile(r"\b(I can(?:'|no)t help|I cannot help|I can't assist|I won't help|I'm sorry, but I can)", re.I)
-
-
-def is_refusal(answer: str) -> bool:
-    return bool(REFUSAL_PATTERN.search(answer))
 
 
 def chat_stream_texts():

@@ -1,8 +1,20 @@
 """The registry of canned questions: every ep_store/queries/*.sql file, named by its file.
 
-The first comment line of each file describes it (shown by ``ep stats --help``); its
-parameters are DuckDB named parameters ($model, $checkpoint, $layer, $percentile, $limit,
-$context, $per_region, $top).
+Each file starts with a header that declares the question (issue 8, item 12; the one
+source of truth for ``ep stats --help``, the command's options and the binding in
+ep_store.sql):
+
+    -- <description, one line>
+    -- params: model, checkpoint, layer, percentile, limit, context
+    -- needs: match, span_labels            (optional)
+
+``params`` are the DuckDB named parameters the statement uses (a test checks them against
+DuckDB's parser). A question is a *pair* question when it names ``a``/``b`` parameters (two
+dictionaries: ``ep stats A QUESTION --against B``), otherwise it asks about one dictionary
+(``ep stats KEY QUESTION``). The key parameters come from the dictionary keys; the others
+are options with the defaults below. ``needs: match`` means ``ep match A B`` must have run
+(the question reads the ``matches``/``match_overlaps`` views); ``span_labels`` is the table
+of labelled character spans of B's corpus, which ep_store.sql registers on demand.
 """
 
 from __future__ import annotations
@@ -11,20 +23,70 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
+KEY_PARAMS = frozenset({"model", "checkpoint", "layer", "percentile"})
+PAIR_PARAMS = frozenset({"a", "b"} | {f"{side}_{k}" for side in "ab" for k in KEY_PARAMS})
+# Options a question may take, with their defaults and what they mean (ep stats shows these).
+OPTIONS = {
+    "limit": (20, "regions (or rows) to show"),
+    "context": (8, "tokens of context either side"),
+    "per_region": (3, "contexts per region"),
+    "top": (5, "top tokens per region"),
+}
+DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
+
 
 @dataclass(frozen=True)
 class Question:
     name: str
     description: str
     sql: str
+    params: tuple[str, ...]
+    """Every DuckDB named parameter of ``sql``, as declared in its header."""
+    needs: tuple[str, ...] = ()
+    """What must exist besides the store's views: ``match`` (ep match A B), ``span_labels``."""
+
+    @property
+    def pair(self) -> bool:
+        """True when the question compares two dictionaries (A and B)."""
+        return any(p in PAIR_PARAMS for p in self.params)
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """The parameters the user may set (not filled from dictionary keys)."""
+        return tuple(p for p in self.params if p in OPTIONS)
+
+    def usage(self) -> str:
+        """One help line: name, how it is run, its options, what it needs, description."""
+        opts = "".join(f" [--{o.replace('_', '-')}]" for o in self.options)
+        runs = "A {name} --against B" if self.pair else "KEY {name}"
+        needs = " (run ep match A B first)" if "match" in self.needs else ""
+        return f"{runs.format(name=self.name)}{opts}: {self.description}{needs}"
+
+
+def parse(name: str, text: str) -> Question:
+    """A question from its .sql text; ValueError if the header is not as documented."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("--"):
+        raise ValueError(f"queries/{name}.sql: the first line must be a '-- description' comment")
+    header = {}
+    for line in lines[1:]:
+        if not line.startswith("--"):
+            break
+        field, _, value = line.lstrip("- ").partition(":")
+        header[field.strip()] = tuple(v.strip() for v in value.split(",") if v.strip())
+    if "params" not in header:
+        raise ValueError(f"queries/{name}.sql: the second line must be '-- params: ...'")
+    unknown = set(header["params"]) - KEY_PARAMS - PAIR_PARAMS - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"queries/{name}.sql: unknown parameters {sorted(unknown)}")
+    return Question(name, lines[0].lstrip("- ").strip(), text, header["params"], header.get("needs", ()))
 
 
 @cache
 def questions() -> dict[str, Question]:
+    """Every canned question by name, in file-name order."""
     found = {}
     for entry in sorted(resources.files("ep_store.queries").iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".sql"):
-            text = entry.read_text()
-            first = text.splitlines()[0].lstrip("- ").strip()
-            found[entry.name[:-4]] = Question(entry.name[:-4], first, text)
+            found[entry.name[:-4]] = parse(entry.name[:-4], entry.read_text())
     return found

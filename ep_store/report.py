@@ -8,14 +8,13 @@ PNGs; the page is one jinja2 template with a small inline search filter and no s
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import jinja2
 
-from ep_store import plots
+from ep_store import jsonio, plots
 from ep_store.keys import DictionaryKey
 from ep_store.sql import StoreDB, ask
 
@@ -80,9 +79,12 @@ def dictionary_report(store, key: DictionaryKey | str, out: Path, context: int =
                                          f"{key}: distance to nearest exemplar", "cosine distance", "tokens",
                                          vline=summary["theta"]),
     }
+    from ep_store.evaluate.output import eval_links
+
     html = environment().get_template("dictionary.html.j2").render(
-        key=str(key), summary=summary, percentile=key.relpath().name, images=images, cards=cards, context=context)
+        key=str(key), summary=summary, percentile=key.relpath().name, images=images, cards=cards, context=context,
+        evals=eval_links(out, [key]))
     (out / "index.html").write_text(html, encoding="utf-8")
-    (out / "regions.json").write_text(json.dumps(cards, default=str))
+    (out / "regions.json").write_text(jsonio.dumps(cards))
     return {"dictionary": str(key), "out": str(out / "index.html"), "regions": len(cards),
             "seconds": round(time.perf_counter() - start, 3)}

@@ -289,35 +289,35 @@ def make_query(cfg: SearchConfig, store: Store, d: Dictionary) -> Query:
 def text_activation(cfg: SearchConfig, store: Store, d: Dictionary) -> tuple[np.ndarray, str]:
     """(x_1D, token text): the dictionary's model run on ``cfg.text`` through harvest's code path.
 
-    Tokenization, contexts of the dataset's ``ctx``, BOS, the layer hook and float16 storage
-    rounding are harvest's (ep_store.harvest), so a stored document's text gives its stored rows.
+    Contexts of the dataset's ``ctx`` (ep_store.corpus.iter_contexts), its BOS prefix, compute
+    and storage dtypes, and harvest's own BatchRunner (hook, storage rounding), so the text of
+    a stored document gives exactly its stored rows.
     """
     from ep_store import harvest, models
     from ep_store.corpus import Document, iter_contexts
 
     meta = Store.info(store.activation_path(d.key.activations)).meta
-    ctx, dtype = int(meta.get("ctx", 128)), meta.get("dtype", "float32")
     key = d.key
-    models.load_config(key.model, key.checkpoint, cfg.models_dir)  # clear error before loading weights
-    net, tokenizer = models.load(key.model, key.checkpoint, cfg.models_dir, "cpu", dtype)
-    contexts = list(iter_contexts([Document(0, "query", cfg.text)], tokenizer, ctx))
+    hcfg = harvest.HarvestConfig(key.model, key.checkpoint, (key.layer,), ctx=int(meta.get("ctx", 128)),
+                                 device="cpu", dtype=meta.get("dtype", "float32"),
+                                 storage_dtype=meta.get("storage_dtype", "float32"), bos=meta.get("bos", "auto"))
+    tokenizer = models.load_tokenizer(key.model, key.checkpoint, cfg.models_dir)
+    contexts = list(iter_contexts([Document(0, "query", cfg.text)], tokenizer, hcfg.ctx))
     n = sum(len(c.token_ids) for c in contexts)
     if n == 0:
         raise UsageError("--text tokenizes to nothing; pass text with at least one token")
     if not -n <= cfg.position < n:
         raise UsageError(f"--position {cfg.position} is out of range: the text has {n} tokens (-{n}..{n - 1})")
     index = cfg.position % n
-    context = contexts[index // ctx]
-    capture = harvest.LayerCapture(models.decoder_layers(net), [key.layer])
+    context = contexts[index // hcfg.ctx]
+    prefix = meta["prefix_ids"] if "prefix_ids" in meta else hcfg.prefix_ids(tokenizer)
+    runner = harvest.BatchRunner(hcfg, cfg.models_dir, prefix)
     try:
-        ids, mask, first = harvest.batch_inputs([context], tokenizer.bos_token_id,
-                                                tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
-        with torch.inference_mode():
-            hidden = capture.run(net, ids, mask)[key.layer]
+        table = runner.tables([context], [key.layer])[key.layer]
     finally:
-        capture.remove()
-    x = hidden[0, first + index % ctx].to(torch.float16).float().numpy()[None]  # stored precision
-    return x, harvest.TokenText(tokenizer)(context.token_ids[index % ctx])
+        runner.close()
+    row = table.slice(index % hcfg.ctx, 1)
+    return arrow_to_vectors(row.column("vector")), row.column("token")[0].as_py()
 
 
 # -- assignments, index freshness -----------------------------------------------------------------

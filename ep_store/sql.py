@@ -17,9 +17,18 @@ needs no registration. Every view carries the key columns ``model, checkpoint, l
                        token, similarity, region_id, context (issue 14)
 
 Lance datasets reach DuckDB as Arrow objects with only the columns a view needs (DuckDB
-cannot read float16 vectors, and never reads vectors unless a query asks for them). The
-connection is locked read-only: no external access (files, ATTACH, INSTALL), no
-configuration changes, and only SELECT-like statements run.
+cannot read float16 vectors, and never reads vectors unless a query asks for them).
+
+Read-only (issue 8, item 13), by DuckDB's own means rather than by matching text: the
+statement type from ``extract_statements`` admits queries (SELECT and everything DuckDB
+parses as one: WITH, VALUES, FROM-first, SUMMARIZE, DESCRIBE, SHOW, UNPIVOT), PIVOT (a
+MULTI statement, admitted when DuckDB also parses it as a subquery, which no write is),
+EXPLAIN of an admitted statement, and PRAGMA/CALL, whose side effects the connection's
+locks stop: ``enable_external_access = false`` (no files, ATTACH, INSTALL, LOAD, COPY) and
+``lock_configuration = true`` (no SET, no configuration PRAGMA). Every other type (INSERT,
+CREATE, COPY, ATTACH, SET, LOAD, ...) is refused, and each statement runs inside a
+transaction that is rolled back, so even an admitted statement leaves the catalog as it was.
+Result columns with repeated names are renamed the way DuckDB renames them (``region_id_1``).
 """
 
 from __future__ import annotations
@@ -33,12 +42,17 @@ import pyarrow as pa
 
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey
-from ep_store.questions import questions
+from ep_store.questions import DEFAULTS, questions
 from ep_store.store import Store
+from ep_store.tables import unique_columns
 
 log = logging.getLogger(__name__)
 
-READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+# Statement types that only read, or whose side effects the connection's locks refuse.
+READ_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.PRAGMA, duckdb.StatementType.CALL}
+# EXPLAIN [ANALYZE] after any leading whitespace and comments (DuckDB keeps them in the text).
+_EXPLAIN = re.compile(r"^(?:\s+|--[^\n]*(?:\n|$)|/\*.*?\*/)*EXPLAIN(?:\s+ANALY[SZ]E)?\b", re.IGNORECASE | re.DOTALL)
+_LOCKED = ("configuration has been locked", "Permission Error", "disabled by configuration")
 TOKEN_COLUMNS = ["doc_id", "pos", "token_id", "token", "char_start", "char_end"]
 EXEMPLAR_COLUMNS = ["region_id", "member_count", "coherence", "source_row", "doc_id", "pos", "token"]
 
@@ -66,6 +80,7 @@ class StoreDB:
         self.as_of = _version_or_tag(as_of)
         self.con = duckdb.connect()
         self._n = 0
+        self.registered: set[str] = set()
         self.keys = self._register_views()
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
@@ -166,22 +181,61 @@ class StoreDB:
     def register_table(self, name: str, table: pa.Table) -> None:
         """Expose an in-memory Arrow table (e.g. span labels) as a view for this connection."""
         self.con.register(name, table)
+        self.registered.add(name)
 
     # -- queries -----------------------------------------------------------------------------
     def query(self, sql: str, params: dict | None = None) -> pa.Table:
-        """Run one read-only statement; DuckDB's own message on error."""
+        """Run one read-only statement; DuckDB's own message on error.
+
+        Returns the whole result as an Arrow table whose column names are unique.
+        Raises UsageError for parse errors, more than one statement, a statement that would
+        write (see the module docstring), and any error DuckDB reports.
+        """
         try:
             statements = self.con.extract_statements(sql)
         except duckdb.Error as err:
             raise UsageError(_one_line(err)) from None
         if len(statements) != 1:
             raise UsageError("pass exactly one SQL statement")
-        if statements[0].type not in READ_STATEMENTS:
-            raise UsageError(f"ep sql is read-only: {statements[0].type.name} statements are refused; use SELECT")
+        refused = self.refusal(statements[0])
+        if refused:
+            raise UsageError(f"ep sql is read-only: {refused}; use a query (SELECT, WITH, PIVOT, SUMMARIZE, ...)")
+        self.con.execute("BEGIN TRANSACTION")
         try:
-            return self.con.sql(sql, params=params or None).to_arrow_table()
+            return unique_columns(self.con.sql(sql, params=params or None).to_arrow_table())
         except duckdb.Error as err:
-            raise UsageError(_one_line(err)) from None
+            message = _one_line(err)
+            if any(lock in message for lock in _LOCKED):
+                message = f"ep sql is read-only: {message}"
+            raise UsageError(message) from None
+        finally:
+            self.con.execute("ROLLBACK")
+
+    def refusal(self, statement) -> str | None:
+        """Why DuckDB's parsed ``statement`` may not run here, or None if it only reads."""
+        kind = statement.type
+        if kind in READ_STATEMENTS:
+            return None
+        if kind == duckdb.StatementType.MULTI and self._is_subquery(statement.query):
+            return None  # PIVOT: DuckDB rewrites it into an enum type plus a SELECT
+        if kind == duckdb.StatementType.EXPLAIN:
+            inner, found = _EXPLAIN.subn("", statement.query, count=1)
+            if not found:
+                return "EXPLAIN in a form not understood is refused"
+            try:
+                parsed = self.con.extract_statements(inner)
+            except duckdb.Error:
+                return "EXPLAIN of an unparsed statement is refused"
+            reason = self.refusal(parsed[0]) if len(parsed) == 1 else "EXPLAIN of several statements"
+            return f"EXPLAIN of a write ({reason})" if reason else None
+        return f"{kind.name} statements are refused"
+
+    def _is_subquery(self, sql: str) -> bool:
+        """Does DuckDB parse ``sql`` as a table expression (something that can only be read)?"""
+        try:
+            return len(self.con.extract_statements(f"SELECT * FROM (\n{sql}\n)")) == 1
+        except duckdb.Error:
+            return False
 
     def require(self, key: DictionaryKey | str) -> DictionaryKey:
         key = key if isinstance(key, DictionaryKey) else DictionaryKey.parse(key)
@@ -246,31 +300,69 @@ OVERLAPS_EMPTY = (
 
 # -- canned questions ------------------------------------------------------------------------------
 def ask_pair(db: StoreDB, a: DictionaryKey, b: DictionaryKey, name: str, **params) -> pa.Table:
-    """Run a canned two-dictionary question ($a_*, $b_* parameters, $a and $b keys)."""
-    sql = questions()[name].sql
+    """Run a canned two-dictionary question ($a_*, $b_* parameters, $a and $b keys).
+
+    Raises UsageError for an unknown question or one that asks about a single dictionary.
+    """
+    question = _question(name, pair=True)
     bound = {"a": str(a), "b": str(b), **DEFAULTS, **params}
     for prefix, key in (("a", a), ("b", b)):
         bound |= {f"{prefix}_model": key.model, f"{prefix}_checkpoint": key.checkpoint,
                   f"{prefix}_layer": key.layer, f"{prefix}_percentile": float(key.percentile)}
-    return db.query(sql, _used(sql, bound))
+    if "span_labels" in question.needs and "span_labels" not in db.registered:
+        from ep_store.diff import span_labels  # the labels of B's corpus (chat markers, refusals)
 
-
-def _used(sql: str, params: dict) -> dict:
-    """The parameters a statement names ($limit, not the $b inside $b_model)."""
-    return {k: v for k, v in params.items() if re.search(rf"\${k}\b", sql)}
+        corpus = db.store.info(db.store.activation_path(b.activations)).meta.get("corpus", "builtin")
+        db.register_table("span_labels", span_labels(corpus))
+    return db.query(question.sql, {k: bound[k] for k in question.params})
 
 
 def ask(db: StoreDB, key: DictionaryKey | str, name: str, **params) -> pa.Table:
-    """Run a canned question for one dictionary."""
-    registry = questions()
-    if name not in registry:
-        raise UsageError(f"unknown question {name!r}; choose one of: {', '.join(registry)}")
+    """Run a canned question for one dictionary.
+
+    Raises UsageError for an unknown question, an unknown dictionary, or a pair question.
+    """
+    question = _question(name, pair=False)
     key = db.require(key)
     bound = {"model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
              "percentile": float(key.percentile), **DEFAULTS, **params}
-    sql = registry[name].sql
-    return db.query(sql, _used(sql, bound))
+    return db.query(question.sql, {k: bound[k] for k in question.params})
 
 
-DEFAULTS = {"limit": 20, "context": 8, "per_region": 3, "top": 5}
+def ask_any(db: StoreDB, key: str, name: str, against: str | None = None, **params) -> pa.Table:
+    """``ep stats``: a one-dictionary question for KEY, or a pair question for KEY against B."""
+    question = _question(name, pair=None)
+    if question.pair and against is None:
+        raise UsageError(f"{name} compares two dictionaries: pass --against B (ep stats A {name} --against B)")
+    if not question.pair and against is not None:
+        raise UsageError(f"{name} asks about one dictionary; drop --against")
+    unused = sorted(k for k, v in params.items() if v is not None and k not in question.params)
+    if unused:
+        raise UsageError(f"{name} takes no --{unused[0].replace('_', '-')}; its options: "
+                         f"{', '.join(question.options) or 'none'}")
+    params = {k: v for k, v in params.items() if v is not None}
+    if question.pair:
+        return ask_pair(db, db.require(key), db.require(against), name, **params)
+    return ask(db, key, name, **params)
 
+
+def question_table() -> pa.Table:
+    """Every canned question: name, whether it is a pair question, options, needs, description."""
+    rows = [{"question": q.name, "pair": q.pair, "options": ",".join(q.options), "needs": ",".join(q.needs),
+             "description": q.description} for q in questions().values()]
+    return pa.Table.from_pylist(rows)
+
+
+def statement_parameters(sql: str) -> set[str]:
+    """The named parameters DuckDB finds in one statement (checks question headers)."""
+    return set(duckdb.connect().extract_statements(sql)[0].named_parameters)
+
+
+def _question(name: str, pair: bool | None):
+    registry = questions()
+    if name not in registry:
+        raise UsageError(f"unknown question {name!r}; choose one of: {', '.join(registry)}")
+    question = registry[name]
+    if pair is not None and question.pair != pair:
+        raise UsageError(f"{name} is a {'pair' if question.pair else 'one-dictionary'} question")
+    return question

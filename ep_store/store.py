@@ -18,6 +18,7 @@ import lance
 import numpy as np
 import pyarrow as pa
 
+from ep_store import jsonio
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey, check_inside, from_segment
 
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 META_KEY = b"ep_store"  # schema-metadata entry holding the JSON that produced a dataset
 
 
-def vectors_to_arrow(x_ND: np.ndarray, dtype=np.float16) -> pa.FixedSizeListArray:
-    """(N, D) array -> Arrow fixed_size_list<dtype>[D]."""
+def vectors_to_arrow(x_ND: np.ndarray, dtype=np.float32) -> pa.FixedSizeListArray:
+    """(N, D) array -> Arrow fixed_size_list<dtype>[D] (float32 by default: float16 cannot hold
+    every model's range, issue 8 item 8; callers that choose float16 check the range first)."""
     x_ND = np.ascontiguousarray(x_ND, dtype=dtype)
     return pa.FixedSizeListArray.from_arrays(pa.array(x_ND.reshape(-1)), x_ND.shape[1])
 
@@ -138,7 +140,7 @@ class Store:
     def append_activations(self, key: ActivationKey, table: pa.Table, meta: dict) -> int:
         """Append one chunk of rows as one commit; creates the dataset on first write."""
         path = self.activation_path(key)
-        table = table.replace_schema_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+        table = table.replace_schema_metadata({META_KEY: jsonio.dumps(meta, sort_keys=True).encode()})
         if self.exists(path):
             width = self.info(path).width
             new_width = table.schema.field("vector").type.list_size
@@ -206,12 +208,131 @@ class Store:
     def write_json(path: Path, payload: dict) -> None:
         """Write JSON atomically (temp file + rename)."""
         tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        tmp.write_text(jsonio.dumps(payload, indent=2, sort_keys=True) + "\n")
         tmp.replace(path)
 
     @staticmethod
     def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
+
+
+# -- logical digests (issue 8, item 20) --------------------------------------------------------------
+DIGEST_BATCH = 65_536  # rows per scanned batch; any size gives the same digest
+
+
+def logical_digest(path: Path, version: int | str | None = None) -> dict:
+    """A digest of a Lance dataset's logical content: its schema (names and types, not the
+    metadata) and every row's values in stored order.
+
+    Independent of file names, fragment layout, batch boundaries, Lance version numbers and
+    timestamps: the same rows written as one fragment or many, today or tomorrow, give the
+    same digest; any changed, added, dropped or reordered value changes it. Each column
+    feeds its own SHA-256 streams (validity, fixed-width bytes, or lengths + bytes for
+    strings and lists), so batch boundaries cannot move bytes between values.
+
+    Returns ``{"rows": int, "digest": "<sha256 hex>"}``. Raises UsageError if ``path`` is not
+    a Lance dataset.
+    """
+    import hashlib
+
+    if not Store.exists(Path(path)):
+        raise UsageError(f"{path} is not a Lance dataset")
+    ds = Store.dataset(Path(path), version)
+    schema = pa.schema([pa.field(f.name, f.type) for f in ds.schema])
+    streams: dict = {}
+    rows = 0
+    for batch in ds.scanner(batch_size=DIGEST_BATCH).to_batches():
+        rows += batch.num_rows
+        for name, column in zip(batch.schema.names, batch.columns):
+            _feed_digest(streams, name, column)
+    total = hashlib.sha256(str(schema).encode() + b"\0" + str(rows).encode())
+    for name in sorted(streams):
+        total.update(name.encode() + b"\0" + streams[name].digest())
+    return {"rows": rows, "digest": total.hexdigest()}
+
+
+def _feed_digest(streams: dict, name: str, array: pa.Array) -> None:
+    """Add one chunk of a column to its digest streams (see logical_digest)."""
+    import hashlib
+
+    import pyarrow.compute as pc
+
+    def feed(stream: str, data: bytes) -> None:
+        streams.setdefault(stream, hashlib.sha256()).update(data)
+
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        array, kind = array.dictionary_decode(), kind.value_type
+    feed(f"{name}.valid", np.asarray(array.is_valid(), dtype=np.bool_).tobytes())
+    if pa.types.is_fixed_size_list(kind):
+        _feed_digest(streams, f"{name}.values", array.flatten())
+    elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        lengths = pc.fill_null(pc.list_value_length(array), 0).cast(pa.int64())
+        feed(f"{name}.lengths", lengths.to_numpy(zero_copy_only=False).tobytes())
+        _feed_digest(streams, f"{name}.values", array.flatten())
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) \
+            or pa.types.is_large_binary(kind):
+        values = pc.fill_null(array.cast(pa.large_binary()), b"")
+        lengths = pc.binary_length(values).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        feed(f"{name}.lengths", lengths.tobytes())
+        offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset: values.offset + len(values) + 1]
+        if len(values):
+            feed(f"{name}.bytes", values.buffers()[2].to_pybytes()[offsets[0]: offsets[-1]])
+    elif pa.types.is_struct(kind):
+        for i in range(kind.num_fields):
+            _feed_digest(streams, f"{name}.{kind.field(i).name}", array.field(i))
+    elif pa.types.is_boolean(kind):
+        feed(f"{name}.values", np.asarray(pc.fill_null(array, False), dtype=np.bool_).tobytes())
+    elif pa.types.is_primitive(kind):
+        filled = pc.fill_null(array, pa.scalar(0, kind)) if array.null_count else array
+        feed(f"{name}.values", np.ascontiguousarray(filled.to_numpy(zero_copy_only=False)).tobytes())
+    else:  # anything else: a canonical text per value
+        feed(f"{name}.text", "\0".join(repr(v) for v in array.to_pylist()).encode() + b"\0")
+
+
+# -- fragments: many writers, one commit (issue 13) ------------------------------------------------
+# Workers (Ray tasks) write data files with `write_fragments` and return their metadata as
+# JSON; one process commits them in stream order with `commit_fragments`. Until that commit
+# the files are invisible: an interrupted job leaves the dataset at its previous version, and
+# the orphaned files are removed by Lance's cleanup (or simply never referenced).
+
+
+def write_fragments(path: Path, table: pa.Table) -> list[dict]:
+    """Write ``table`` as uncommitted data files of the dataset at ``path``; their metadata."""
+    from lance.fragment import write_fragments as lance_write_fragments
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return [fragment.to_json() for fragment in lance_write_fragments(table, str(path), schema=table.schema)]
+
+
+def commit_fragments(path: Path, fragments: list[dict], schema: pa.Schema, read_version: int | None,
+                     append: bool) -> int:
+    """One commit of ``fragments`` in the given order: append them, or make them the
+    dataset's whole content (creating it when ``read_version`` is None).
+
+    ``read_version`` is the version the job planned against. Lance retries concurrent
+    commits that do not conflict; the per-key writer lock keeps two jobs of one key apart.
+    """
+    from lance.fragment import FragmentMetadata
+
+    metadata = [FragmentMetadata.from_json(jsonio.dumps(f)) for f in fragments]
+    if append and read_version is not None:
+        operation = lance.LanceOperation.Append(metadata)
+    else:
+        operation = lance.LanceOperation.Overwrite(schema, metadata)
+    return lance.LanceDataset.commit(str(path), operation, read_version=read_version).version
+
+
+def fragment_ids(path: Path, version: int | str | None = None) -> list[int]:
+    """Ids of the dataset's fragments, in stored order."""
+    return [f.fragment_id for f in Store.dataset(path, version).get_fragments()]
+
+
+def scan_fragment(path: Path, fragment_id: int, columns: list[str], batch_size: int = 16384,
+                  version: int | str | None = None) -> Iterator[pa.RecordBatch]:
+    """Record batches of one fragment, in stored order, reading only ``columns``."""
+    fragment = Store.dataset(path, version).get_fragment(fragment_id)
+    yield from fragment.to_batches(columns=columns, batch_size=batch_size)
 
 
 # -- vector search indexes (issue 14) ---------------------------------------------------------------

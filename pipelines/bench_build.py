@@ -12,7 +12,6 @@ Measured in one run, on one harvested stream of at least 50,000 tokens:
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ import click
 import psutil
 import torch
 
+from ep_store import jsonio
 from ep_store.calibrate import unit_directions
 from ep_store.dictionary import BuildConfig, assign_dataset, build, stream_vectors
 from ep_store.keys import ActivationKey, DictionaryKey
@@ -126,9 +126,8 @@ def main(tokens, models_dir, out):
             results.append(entry)
         result = {"tokens": int(x.shape[0]), "width": int(x.shape[1]), "threads": torch.get_num_threads(),
                   "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()}, "percentiles": results}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(json.dumps(result))
+    jsonio.write(out, result)
+    click.echo(jsonio.dumps(result), err=True)
 
 
 if __name__ == "__main__":

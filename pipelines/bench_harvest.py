@@ -10,7 +10,6 @@ their ratio, plus the share of harvest time spent writing Lance commits.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import click
 import torch
 
-from ep_store import models
+from ep_store import jsonio, models
 from ep_store.corpus import iter_contexts, iter_documents
 from ep_store.harvest import HarvestConfig, batch_inputs, batched, harvest, take_tokens
 from ep_store.store import Store
@@ -30,14 +29,38 @@ def naive_tokens_per_s(cfg: HarvestConfig, models_dir: Path) -> float:
     contexts = take_tokens(iter_contexts(list(iter_documents(cfg.corpus)), tok, cfg.ctx), cfg.max_tokens)
     tokens, seconds = 0, 0.0
     for batch in batched(contexts, cfg.batch_size):
-        ids, mask, first = batch_inputs(batch, tok.bos_token_id, tok.pad_token_id or 0)
+        ids, mask, first = batch_inputs(batch, cfg.prefix_ids(tok), tok.pad_token_id or 0)
         start = time.perf_counter()
         with torch.inference_mode():
             out = net(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-            kept = out.hidden_states[cfg.layers[0] + 1][:, first:][mask[:, first:].bool()].half().numpy()
+            kept = out.hidden_states[cfg.layers[0] + 1][:, first:][mask[:, first:].bool()].float().numpy()
         seconds += time.perf_counter() - start
         tokens += kept.shape[0]
     return tokens / seconds
+
+
+def ray_figures(cfg: HarvestConfig, models_dir: Path, workers: int, local_tok_s: float) -> dict:
+    """The Ray engine on the same tokens: startup, end-to-end tok/s, and its overhead vs local."""
+    import ray
+
+    from ep_store.engines import RayConfig, ray_harvest
+
+    start = time.perf_counter()
+    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    startup = time.perf_counter() - start
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            summary = ray_harvest(cfg, Store(Path(tmp) / "store"), models_dir, RayConfig(workers=workers), progress=False)
+    finally:
+        ray.shutdown()
+    return {
+        "workers": workers, "ray_init_seconds": round(startup, 2),
+        "tokens_per_s": summary["tokens_per_s"],  # plan + tasks (each loads the model) + commit
+        "local_tokens_per_s": local_tok_s,
+        "speedup_vs_local": round(summary["tokens_per_s"] / local_tok_s, 2),
+        "task_forward_seconds": summary["forward_seconds"], "task_write_seconds": summary["write_seconds"],
+        "note": "one task per worker, 1 thread each; local uses every core in one process",
+    }
 
 
 @click.command()
@@ -47,8 +70,9 @@ def naive_tokens_per_s(cfg: HarvestConfig, models_dir: Path) -> float:
 @click.option("--tokens", type=int, default=6144, help="Tokens per run (same batches for both).")
 @click.option("--models-dir", type=click.Path(path_type=Path), default=Path("data/models"))
 @click.option("--out", type=click.Path(path_type=Path), default=Path("data/metrics/bench_harvest.json"))
-def main(model, checkpoint, layer, tokens, models_dir, out):
-    """Harvest vs naive full forward on the same batches; writes JSON."""
+@click.option("--ray-workers", type=int, default=2, help="Ray path: tasks (0 skips it).")
+def main(model, checkpoint, layer, tokens, models_dir, out, ray_workers):
+    """Harvest vs naive full forward on the same batches, and the Ray engine vs local; writes JSON."""
     torch.manual_seed(0)
     cfg = HarvestConfig(model, checkpoint, (layer,), "builtin", tokens, 128, 16, "cpu", "float32")
     naive = naive_tokens_per_s(cfg, models_dir)
@@ -62,10 +86,12 @@ def main(model, checkpoint, layer, tokens, models_dir, out):
         "speedup": round(summary["tokens_per_s"] / naive, 2),
         "write_share": summary["write_share"],
         "bytes_written": summary["bytes_written"],
+        "vector_bytes_per_token": summary["vector_bytes_per_token"],
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(json.dumps(result))
+    if ray_workers:
+        result["ray"] = ray_figures(cfg, models_dir, ray_workers, summary["tokens_per_s"])
+    jsonio.write(out, result)
+    click.echo(jsonio.dumps(result), err=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ loading whole columns into numpy.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import click
 import numpy as np
 import torch
 
+from ep_store import jsonio
 from ep_store.dictionary import BuildConfig, assign_dataset, build
 from ep_store.harvest import HarvestConfig, harvest
 from ep_store.keys import DictionaryKey
@@ -98,9 +98,8 @@ def main(tokens, build_tokens, percentile, models_dir, out):
             "baseline_numpy_region_sizes": {"seconds": np_s, "peak_mib": np_peak},
             "assign_tokens_per_s": assigned["tokens_per_s"],
         }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    click.echo(json.dumps(result))
+    jsonio.write(out, result)
+    click.echo(jsonio.dumps(result), err=True)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ training never sees. Deterministic: rerunning rewrites the same files.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import click
+
+from ep_store import jsonio
 
 REFUSAL = "I can't help with that. It could cause serious harm."
 
@@ -83,9 +84,9 @@ def main(out: Path) -> None:
     heldout = pairs(HARMFUL_HELDOUT, TEMPLATES_HELDOUT, True, rng) + pairs(BENIGN_HELDOUT, TEMPLATES_HELDOUT, False, rng)
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("chat_train.jsonl", train), ("chat_heldout.jsonl", heldout)):
-        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (out / name).write_text("".join(jsonio.dumps(r) + "\n" for r in rows), encoding="utf-8")
     (out / "refusal.txt").write_text(REFUSAL + "\n")
-    click.echo(json.dumps({"train": len(train), "heldout": len(heldout)}))
+    click.echo(jsonio.dumps({"train": len(train), "heldout": len(heldout)}), err=True)
 
 
 if __name__ == "__main__":

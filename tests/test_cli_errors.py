@@ -121,7 +121,8 @@ def test_store_ls_lists_datasets(store_copy):
     result = run_cli(["store", "ls", "--store", str(store_copy)])
     assert result.exit_code == 0
     assert "tiny/base/L1\t3000\t64" in result.output
-    assert json.loads(result.output.strip().splitlines()[-1]) == {"datasets": 2}
+    assert json.loads(result.stderr.strip().splitlines()[-1]) == {"datasets": 2}
+    assert len(result.stdout.strip().splitlines()) == 2  # one line per dataset, nothing else
 
 
 def test_every_command_has_help():

@@ -184,7 +184,7 @@ def test_diff_report_and_sql_view(two_models, tmp_path):
     counted = CliRunner().invoke(main, ["sql", "SELECT status, count(*) AS n FROM matches WHERE b = 'tiny/other/L1/p10' "
                                         "AND a = 'tiny/base/L1/p10' GROUP BY 1 ORDER BY 1", "--format", "json",
                                         "--store", str(store.root)])
-    rows = {json.loads(line)["status"]: json.loads(line)["n"] for line in counted.output.strip().splitlines()[:-1]}
+    rows = {json.loads(line)["status"]: json.loads(line)["n"] for line in counted.stdout.strip().splitlines()}
     assert rows == {k: summary[k] for k in ("dropped", "introduced", "preserved") if summary[k]}
 
 

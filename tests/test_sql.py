@@ -47,11 +47,12 @@ def test_exact_form_csv(built):
     result = cli(["sql", "SELECT model, checkpoint, layer, percentile, regions, tokens FROM dictionaries ORDER BY 1,2,3,4",
                   "--store", str(built), "--format", "csv"])
     assert result.exit_code == 0, result.output
-    lines = result.output.strip().splitlines()
+    lines = result.stdout.strip().splitlines()
     assert lines[0] == "model,checkpoint,layer,percentile,regions,tokens"
     meta = Store(built).read_json(Store(built).dictionary_dir(KEY) / "meta.json")
     assert lines[2] == f"tiny,base,2,5.0,{meta['regions']},3000"
-    assert json.loads(lines[-1])["rows"] == 2
+    assert len(lines) == 3  # data only: the summary is on stderr
+    assert json.loads(result.stderr.strip().splitlines()[-1])["rows"] == 2
 
 
 def test_views_join_on_keys(built):
@@ -72,8 +73,8 @@ def test_output_parquet_and_json(built, tmp_path):
                   "--format", "json", "--output", str(out)])
     assert result.exit_code == 0
     table = pq.read_table(out)
-    assert table.num_rows == len(result.output.strip().splitlines()) - 1
-    assert json.loads(result.output.splitlines()[0]).keys() == {"region_id", "member_count"}
+    assert table.num_rows == len(result.stdout.strip().splitlines())
+    assert json.loads(result.stdout.splitlines()[0]).keys() == {"region_id", "member_count"}
 
 
 @pytest.mark.parametrize(("query", "needle"), [
@@ -154,7 +155,8 @@ def test_questions_match_brute_force(built):
 
 def test_stats_cli_and_unknown_key(built):
     result = cli(["stats", str(KEY), "top_tokens", "--store", str(built), "--limit", "3"])
-    assert result.exit_code == 0 and json.loads(result.output.splitlines()[-1])["rows"] == 3
+    assert result.exit_code == 0 and json.loads(result.stderr.splitlines()[-1])["rows"] == 3
+    assert len(result.stdout.strip().splitlines()) == 2 + 3  # header, rule, rows
     assert_refused(cli(["stats", "tiny/base/L2/p9", "--store", str(built)]), "known: tiny/base/L1/p5, tiny/base/L2/p5")
     assert_refused(cli(["stats", str(KEY), "nonsense", "--store", str(built)]), "unknown question")
 

@@ -1,4 +1,5 @@
 -- Singleton and dead regions: regions with at most one assigned token (the exemplar itself, or none).
+-- params: model, checkpoint, layer, percentile
 SELECT e.region_id, e.token AS exemplar_token, e.doc_id, e.pos, coalesce(s.size, 0) AS size,
        e.member_count AS members_during_build
 FROM exemplars e

@@ -1,4 +1,5 @@
 -- Distance (out-of-distribution score) distribution: tokens per 0.05-wide bin of cosine distance.
+-- params: model, checkpoint, layer, percentile
 SELECT round(floor(distance / 0.05) * 0.05, 2) AS distance_from,
        round(floor(distance / 0.05) * 0.05 + 0.05, 2) AS distance_to,
        count(*) AS tokens

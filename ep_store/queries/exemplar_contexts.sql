@@ -1,4 +1,5 @@
 -- Exemplar of each region in its context: the token that founded the region, $context tokens either side.
+-- params: model, checkpoint, layer, percentile, limit, context
 WITH ex AS (
     SELECT region_id, doc_id, pos, member_count, coherence
     FROM exemplars

@@ -1,4 +1,6 @@
 -- Share of each region status's members (in B's stream) lying in labelled spans (chat-turn markers, refusal text).
+-- params: a, b, b_model, b_checkpoint, b_layer, b_percentile
+-- needs: match, span_labels
 WITH members AS (
     SELECT s.region_id, t.doc_id, t.char_start, t.char_end
     FROM assignments s JOIN tokens t USING (model, checkpoint, layer, doc_id, pos)

@@ -1,4 +1,5 @@
 -- Members per region: assigned tokens, mean and max distance to the exemplar.
+-- params: model, checkpoint, layer, percentile
 SELECT region_id, count(*) AS size, avg(distance) AS mean_distance, max(distance) AS max_distance
 FROM assignments
 WHERE model = $model AND checkpoint = $checkpoint AND layer = $layer AND percentile = $percentile

@@ -1,4 +1,5 @@
 -- Region size distribution: regions and tokens per size bucket (powers of two).
+-- params: model, checkpoint, layer, percentile
 WITH sizes AS (
     SELECT region_id, count(*) AS size
     FROM assignments

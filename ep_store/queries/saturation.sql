@@ -1,4 +1,5 @@
 -- Saturation curve: new regions per build batch, and regions so far, against tokens streamed.
+-- params: model, checkpoint, layer, percentile
 SELECT batch, tokens, new_regions, regions
 FROM saturation
 WHERE model = $model AND checkpoint = $checkpoint AND layer = $layer AND percentile = $percentile

@@ -1,4 +1,5 @@
 -- Top contexts per region: the members nearest the exemplar, with $context tokens either side.
+-- params: model, checkpoint, layer, percentile, limit, per_region, context
 WITH ranked AS (
     SELECT a.region_id, a.doc_id, a.pos, a.distance,
            row_number() OVER (PARTITION BY a.region_id ORDER BY a.distance, a.doc_id, a.pos) AS rank

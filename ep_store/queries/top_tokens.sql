@@ -1,4 +1,5 @@
 -- Top tokens per region, with purity (share of the top token) and entropy (bits) of its token mix.
+-- params: model, checkpoint, layer, percentile, limit, top
 WITH members AS (
     SELECT a.region_id, t.token
     FROM assignments a
