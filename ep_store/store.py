@@ -370,7 +370,7 @@ def write_index(store: Store, path: Path, schema: pa.Schema, batches: Iterable[p
     tmp = path.with_name(path.name + ".tmp")
     store.remove(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    schema = schema.with_metadata({META_KEY: json.dumps(meta, sort_keys=True).encode()})
+    schema = schema.with_metadata({META_KEY: jsonio.dumps(meta, sort_keys=True).encode()})
     reader = pa.RecordBatchReader.from_batches(schema, batches)
     ds = lance.write_dataset(reader, str(tmp), schema=schema, mode="create")
     if ds.count_rows() == 0:

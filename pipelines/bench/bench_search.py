@@ -18,7 +18,6 @@ Timings are wall-clock on whatever else the machine runs: compare the two paths 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -30,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ep_store import jsonio
 from ep_store.dictionary import BuildConfig, Dictionary, build
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.search import IndexConfig, SearchConfig, build_index, search
@@ -187,8 +187,8 @@ def main(rows, width, n_queries, synthetic_queries, real_partitions, k, index_ty
                 report["synthetic"][index_type] = index_and_compare(store, key, index_type, qs, k)
                 log.info("synthetic %s: %s", index_type, report["synthetic"][index_type])
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    click.echo(json.dumps(report))
+    jsonio.write(out, report)
+    click.echo(jsonio.dumps(report))
 
 
 if __name__ == "__main__":
