@@ -259,7 +259,7 @@ def sql(query, fmt, output, as_of, store_path) -> None:
 
     \b
     Views: dictionaries, exemplars, exemplar_vectors, exemplar_vectors_d<width>, assignments,
-    tokens, saturation, matches, match_overlaps.
+    tokens, saturation, matches, match_overlaps, searches.
     Data goes to stdout, the summary line to stderr; writes are refused.
     """
     from ep_store.sql import StoreDB
@@ -683,6 +683,66 @@ def store_compact(keys, all_, store_path) -> None:
         raise UsageError("pass one or more keys (e.g. gemma-3-270m/base/L6) or --all, not both")
     results = Store(store_path).compact_keys(None if all_ else list(keys))
     emit({"compacted": results})
+
+# -- vector search (issue 14) ----------------------------------------------------------------------
+@main.command("search")
+@click.option("--dictionary", "dictionary_key", required=True, help="<model>/<checkpoint>/L<layer>/p<percentile>.")
+@click.option("--region", type=int, default=None, help="Query: this region's exemplar.")
+@click.option("--token", default=None, help="Query: a stored token, DOC_ID:POS.")
+@click.option("--text", default=None, help="Query: a token of this text, run through the dictionary's model.")
+@click.option("--position", type=int, default=-1, show_default=True, help="Which token of --text (-1: the last).")
+@click.option("--k", type=int, default=20, show_default=True, help="Neighbours to return.")
+@click.option("--exclude-members", is_flag=True, help="Only tokens outside the query's region (its boundary).")
+@click.option("--index", "index_mode", type=click.Choice(["auto", "always", "never"]), default="auto",
+              show_default=True, help="Use the search index (auto: when present; never: exact scan).")
+@click.option("--nprobes", type=int, default=None, help="IVF partitions to probe (default: the index's).")
+@click.option("--candidates", type=int, default=4, show_default=True, help="Index candidates per result, re-ranked exactly.")
+@click.option("--context", type=int, default=8, show_default=True, help="Tokens of context either side.")
+@click.option("--save", default=None, help="Also save the result as searches/<SAVE>.lance (SQL view `searches`).")
+@FORMAT
+@STORE
+@MODELS
+@user_errors
+def search_cmd(dictionary_key, region, token, text, position, k, exclude_members, index_mode, nprobes, candidates,
+               context, save, fmt, store_path, models_dir) -> None:
+    """Nearest stored tokens in a dictionary's centered-cosine geometry (exemplar, token or text query)."""
+    from ep_store import tables
+    from ep_store.search import SearchConfig, search
+    from ep_store.store import Store
+
+    cfg = SearchConfig(dictionary_key, region, token, text, position, k, exclude_members, index_mode, nprobes,
+                       candidates, context, models_dir, save)
+    table, summary = search(cfg, Store(store_path))
+    text_out = tables.render(table, fmt)
+    if text_out:
+        click.echo(text_out)
+    emit(summary)
+
+
+@main.group("index")
+def index_group() -> None:
+    """Vector search indexes over a dictionary's activations (Lance IVF indexes in the store)."""
+
+
+@index_group.command("build")
+@click.option("--dictionary", "dictionary_key", required=True, help="<model>/<checkpoint>/L<layer>/p<percentile>.")
+@click.option("--index-type", type=click.Choice(["IVF_SQ", "IVF_PQ", "IVF_HNSW_SQ", "IVF_FLAT"]), default="IVF_SQ",
+              show_default=True, help="Lance vector index type.")
+@click.option("--partitions", type=int, default=None, help="IVF partitions (default rows/4096, 1..1024).")
+@click.option("--sub-vectors", type=int, default=None, help="PQ sub-vectors (default width/16).")
+@click.option("--nprobes", type=int, default=None, help="Default partitions probed per query (default partitions/8, >= 4).")
+@click.option("--refine-factor", type=int, default=4, show_default=True, help="Lance re-ranks refine_factor*k stored vectors.")
+@click.option("--overwrite", is_flag=True, help="Rebuild even when up to date.")
+@STORE
+@user_errors
+def index_build(dictionary_key, index_type, partitions, sub_vectors, nprobes, refine_factor, overwrite,
+                store_path) -> None:
+    """Index the centered unit directions of a dictionary's activations (rebuilds a stale index)."""
+    from ep_store.search import IndexConfig, build_index
+    from ep_store.store import Store
+
+    cfg = IndexConfig(dictionary_key, index_type, partitions, sub_vectors, nprobes, refine_factor, overwrite)
+    emit(build_index(cfg, Store(store_path)))
 
 
 def _list_questions_in_help() -> None:

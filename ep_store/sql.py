@@ -19,6 +19,8 @@ needs no registration. Every view carries the key columns ``model, checkpoint, l
     ep_projections     dictionary key, sae, doc_id, pos, region_id, projection: each region's top positive
                        signed projections (x - c).e_k on the same held-out tokens
     sae_features       one row per SAE feature and comparison: active tokens, max and mean activation
+    searches           saved `ep search --save NAME` results: search, key, query, rank, doc_id, pos,
+                       token, similarity, region_id, context (issue 14)
 
 Lance datasets reach DuckDB as Arrow objects with only the columns a view needs (DuckDB
 cannot read float16 vectors, and never reads vectors unless a query asks for them).
@@ -167,6 +169,7 @@ class StoreDB:
                     "NULL::INTEGER AS char_end LIMIT 0"))
         self._register_matches()
         self._register_saes()
+        self._register_searches()
         return keys
 
     def _register_matches(self):
@@ -203,6 +206,11 @@ class StoreDB:
         self.con.execute("CREATE VIEW ep_projections AS " + _union(
             projections, f"{key_empty}, NULL::INTEGER AS region_id, NULL::FLOAT AS projection LIMIT 0"))
         self.con.execute(SAE_FEATURES_VIEW)
+
+    def _register_searches(self):
+        parts = [f"SELECT * FROM {self._relation(self.store.dataset(path))}"
+                 for path in sorted((self.store.root / "searches").glob("*.lance")) if self.store.exists(path)]
+        self.con.execute("CREATE VIEW searches AS " + _union(parts, SEARCHES_EMPTY))
 
     def register_table(self, name: str, table: pa.Table) -> None:
         """Expose an in-memory Arrow table (e.g. span labels) as a view for this connection."""
@@ -320,6 +328,13 @@ MATCHES_EMPTY = (
     "SELECT NULL::VARCHAR AS a, NULL::VARCHAR AS b, NULL::INTEGER AS region_a, NULL::INTEGER AS region_b, "
     "NULL::DOUBLE AS cosine, NULL::DOUBLE AS distance_theta, NULL::DOUBLE AS precision, NULL::DOUBLE AS recall, "
     "NULL::DOUBLE AS f1, NULL::VARCHAR AS status LIMIT 0"
+)
+
+SEARCHES_EMPTY = (
+    "SELECT NULL::VARCHAR AS search, NULL::VARCHAR AS model, NULL::VARCHAR AS checkpoint, NULL::INTEGER AS layer, "
+    "NULL::DOUBLE AS percentile, NULL::VARCHAR AS query, NULL::INTEGER AS query_region, NULL::INTEGER AS rank, "
+    "NULL::BIGINT AS doc_id, NULL::INTEGER AS pos, NULL::VARCHAR AS token, NULL::DOUBLE AS similarity, "
+    "NULL::INTEGER AS region_id, NULL::VARCHAR AS context LIMIT 0"
 )
 
 
