@@ -259,7 +259,8 @@ def sql(query, fmt, output, as_of, store_path) -> None:
 
     \b
     Views: dictionaries, exemplars, exemplar_vectors, exemplar_vectors_d<width>, assignments,
-    tokens, saturation, matches, match_overlaps, searches.
+    tokens, saturation, matches, match_overlaps, saes, sae_activations, ep_projections, sae_features,
+    searches.
     Data goes to stdout, the summary line to stderr; writes are refused.
     """
     from ep_store.sql import StoreDB
