@@ -9,7 +9,6 @@ dataset, in stored order, and writes them as an (N, D) float32 .npy (atomically)
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ep_store import jsonio
 from ep_store.dictionary import stream_vectors
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey
@@ -50,7 +50,7 @@ def main(store_path, activations, tokens, out):
     except UsageError as error:
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
-    click.echo(json.dumps(summary), err=True)
+    click.echo(jsonio.dumps(summary), err=True)
 
 
 if __name__ == "__main__":

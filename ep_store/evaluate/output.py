@@ -4,11 +4,12 @@ folder that replaces ``out`` in one rename, so a failed run leaves the old folde
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
 from pathlib import Path
+
+from ep_store import jsonio
 
 
 def strict(value):
@@ -25,7 +26,7 @@ def strict(value):
 
 
 def dumps(value) -> str:
-    return json.dumps(strict(value), indent=1, allow_nan=False, default=str) + "\n"
+    return jsonio.dumps(strict(value), indent=1) + "\n"
 
 
 @contextlib.contextmanager

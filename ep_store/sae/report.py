@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ep_store import plots
+from ep_store import jsonio, plots
 
 TOKENS_SHOWN = 8
 
@@ -66,7 +66,7 @@ def write_outputs(out: Path, metrics: dict, s: dict, held: dict, top_pairs: int,
     extra = {"out": str(out), "files": ["metrics.json", "pairs.csv", plot, "README.md"], "top_pairs": pairs,
              "f1_histogram": {"edges": edges.round(3).tolist(), "ep_regions": ep_counts.tolist(),
                               "sae_features": np.histogram(s["sae_best_f1"], edges)[0].tolist()}}
-    (out / "metrics.json").write_text(json.dumps(strict(metrics | extra), indent=2, allow_nan=False) + "\n")
+    jsonio.write(out / "metrics.json", strict(metrics | extra))
     (out / "README.md").write_text(readme(metrics | extra, plot))
     return extra
 
@@ -135,7 +135,5 @@ def summarise_files(paths: list[Path], out: Path) -> dict:
             "ep_seconds": c["ep"]["seconds"], "sae_seconds": c["sae"]["seconds"],
             "probe": m.get("probe", {}).get("mean_by_k")}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(strict(summary), indent=2, allow_nan=False) + "\n")
-    tmp.replace(out)
+    jsonio.write(out, strict(summary))
     return {"comparisons": len(summary), "out": str(out)}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,7 @@ try:
 except ImportError:  # run as a script from a checkout without PYTHONPATH
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from ep_store import jsonio  # noqa: E402
 from ep_store.calibrate import batch_percentile, calibrate, unit_directions  # noqa: E402
 from ep_store.hostcopy import HostCopy  # noqa: E402
 from ep_store.leader import LeaderBuilder, LeaderState, leader_reference  # noqa: E402
@@ -223,8 +223,8 @@ def main(argv=None) -> dict:
     # Proof of the torch-only promise: neither Lance nor DuckDB was imported.
     result["imported_lance_or_duckdb"] = sorted(m for m in sys.modules if m.split(".")[0] in ("lance", "duckdb"))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result), file=sys.stderr)
+    jsonio.write(args.out, result)
+    print(jsonio.dumps(result), file=sys.stderr)
     return result
 
 
