@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ep_store import jsonio, models, prompts
 from ep_store.dictionary import Dictionary
-from ep_store.errors import UsageError
+from ep_store.errors import UsageError, check_output_file
 from ep_store.intervene import (
     BASES,
     Edit,
@@ -81,6 +81,7 @@ class GenerateConfig:
             raise UsageError(f"unknown basis {self.basis!r}; use {' or '.join(BASES)}")
         if self.dtype not in models.DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}; use one of {', '.join(models.DTYPES)}")
+        check_output_file(self.out, "--out")
         self.ablate = tuple(self.ablate)
         self.steer = tuple(self.steer)
         for spec in self.ablate:

@@ -1,0 +1,76 @@
+"""Unhappy paths found by trying the ``ep`` command as a new user would (QA pass): each is
+refused with exit code 2 and one line, before any work and without writing anything."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from ep_store.cli import main
+from tests.conftest import tree_snapshot
+
+
+def run_cli(args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_refused(result, needle: str):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def built_store(tmp_path_factory, tiny_store):
+    """A copy of the tiny store with tiny/base/L1/p10 built."""
+    import shutil
+
+    dst = tmp_path_factory.mktemp("qa") / "store"
+    shutil.copytree(tiny_store, dst)
+    result = run_cli(["build", "--model", "tiny", "--checkpoint", "base", "--layer", "1", "--percentile", "10",
+                      "--calibration-tokens", "400", "--calibration-batch", "100", "--batch-size", "256",
+                      "--device", "cpu", "--no-progress", "--store", dst])
+    assert result.exit_code == 0, result.output
+    return dst
+
+
+def output_cases(tmp_path, store, models_dir):
+    """(args, needle) of every command whose output path is an existing file, under a file or a folder."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello 😀\n")
+    key = "tiny/base/L1/p10"
+    st = ["--store", store]
+    gen = ["generate", "--model", "tiny", "--checkpoint", "base", "--prompts", prompts, "--max-new-tokens", "2",
+           "--device", "cpu", "--no-progress", "--models-dir", models_dir, *st]
+    ev = ["eval", "ood", "--dictionary", key, "--documents", "2", "--max-tokens-per-text", "4", "--device", "cpu",
+          "--no-progress", "--models-dir", models_dir, *st]
+    return [
+        (["report", "dictionary", key, "--out", a_file, *st], "is a file"),
+        (["report", "dictionary", key, "--out", a_file / "sub", *st], "is a file, not a folder"),
+        (["diff", key, key, "--out", a_file / "sub", *st], "is a file, not a folder"),
+        ([*gen, "--out", a_file / "g.jsonl"], "is a file, not a folder"),
+        ([*gen, "--out", a_dir], "is a folder"),
+        (["sql", "SELECT 1", "--output", a_file / "x.csv", *st], "is a file, not a folder"),
+        (["stats", key, "top_tokens", "--output", a_file / "x.parquet", *st], "is a file, not a folder"),
+        (["store", "digest", prompts, "--metrics", a_file / "m.json"], "is a file, not a folder"),
+        ([*ev, "--out", a_file / "sub"], "--out"),
+        ([*ev, "--out", tmp_path / "ev", "--metrics", a_file / "m.json"], "--metrics"),
+        ([*ev, "--out", tmp_path / "ev", "--metrics", a_dir], "--metrics"),
+        ([*ev, "--out", tmp_path / "ev", "--plots", a_file], "--plots"),
+    ]
+
+
+def test_unwritable_output_paths_are_refused_before_work(built_store, models_dir, tmp_path):
+    """Found: `ep report dictionary KEY --out FILE` (and diff, generate, eval --metrics, sql --output, ...)
+    crashed with a traceback, some only after all the work; now exit 2, one line, nothing written."""
+    for args, needle in output_cases(tmp_path, built_store, models_dir):
+        before_store, before_tmp = tree_snapshot(built_store), tree_snapshot(tmp_path)
+        assert_refused(run_cli(args), needle)
+        assert tree_snapshot(built_store) == before_store, args
+        assert tree_snapshot(tmp_path) == before_tmp, args
