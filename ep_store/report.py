@@ -17,7 +17,7 @@ import jinja2
 from ep_store import jsonio, plots
 from ep_store.errors import check_output_folder
 from ep_store.keys import DictionaryKey
-from ep_store.sql import StoreDB, ask
+from ep_store.sql import StoreDB, ask, check_options
 
 ALL = 2**31 - 1  # "no limit" for the canned questions
 
@@ -65,6 +65,7 @@ def dictionary_report(store, key: DictionaryKey | str, out: Path, context: int =
                       as_of: str | None = None) -> dict:
     start = time.perf_counter()
     check_output_folder(out, "--out")
+    check_options({"context": context, "per_region": per_region})
     db = StoreDB(store, as_of)
     key = db.require(key)
     out.mkdir(parents=True, exist_ok=True)

@@ -74,3 +74,56 @@ def test_unwritable_output_paths_are_refused_before_work(built_store, models_dir
         assert_refused(run_cli(args), needle)
         assert tree_snapshot(built_store) == before_store, args
         assert tree_snapshot(tmp_path) == before_tmp, args
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["stats", "tiny/base/L1/p10", "top_tokens", "--top", "-5"], "--top must lie in [1,"),
+        (["stats", "tiny/base/L1/p10", "top_contexts", "--limit", "0"], "--limit must lie in [1,"),
+        (["stats", "tiny/base/L1/p10", "top_contexts", "--context", "9223372036854775807"], "--context must lie in [0,"),
+        (["stats", "tiny/base/L1/p10", "transitions", "--against", "tiny/base/L1/p10", "--limit", "-1"],
+         "--limit must lie"),
+        (["report", "dictionary", "tiny/base/L1/p10", "--out", "{tmp}/rep", "--per-region", "0"], "--per-region"),
+        (["report", "dictionary", "tiny/base/L1/p10", "--out", "{tmp}/rep", "--context", "-3"], "--context"),
+        (["diff", "tiny/base/L1/p10", "tiny/base/L1/p10", "--out", "{tmp}/diff", "--top", "-1"], "--top"),
+    ],
+)
+def test_question_options_out_of_range_are_refused(built_store, tmp_path, args, needle):
+    """Found: `ep stats KEY top_tokens --top -5` printed an empty table with exit 0, and
+    `--context 9223372036854775807` surfaced DuckDB's INT64 overflow; report/diff made their
+    folder before failing. Now every question option is range-checked first."""
+    before = tree_snapshot(built_store)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert_refused(run_cli([*args, "--store", built_store]), needle)
+    assert tree_snapshot(built_store) == before
+    assert not (tmp_path / "rep").exists() and not (tmp_path / "diff").exists()
+
+
+def test_generate_refuses_lengths_beyond_the_position_table(built_store, models_dir, tmp_path):
+    """Found: `ep generate ... --max-new-tokens 999999999999` ran past the tiny model's 512
+    positions for hours; now exit 2 naming the largest value that fits (prompt + new <= 512)."""
+    from transformers import AutoTokenizer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello 😀 你好 <bos> world\nshort\n")
+    longest = len(AutoTokenizer.from_pretrained(models_dir / "tiny" / "base")("Hello 😀 你好 <bos> world")["input_ids"])
+    base = ["generate", "--model", "tiny", "--checkpoint", "base", "--prompts", prompts, "--out", tmp_path / "g.jsonl",
+            "--device", "cpu", "--no-progress", "--models-dir", models_dir, "--store", built_store]
+    for n in (str(512 - longest + 1), "999999999999"):  # the small one first: before the fix it ran, not hung
+        assert_refused(run_cli([*base, "--max-new-tokens", n]), f"at most --max-new-tokens {512 - longest}")
+    assert not (tmp_path / "g.jsonl").exists()
+    assert run_cli([*base, "--max-new-tokens", "2"]).exit_code == 0
+
+
+@pytest.mark.parametrize("alpha", ["1e308", "-1e300", "1e39"])
+def test_steering_beyond_float32_is_refused(built_store, models_dir, tmp_path, alpha):
+    """Found: `--steer KEY:1=1e308` passed (alpha is finite) and ran the model on inf
+    activations; alpha x scale must fit float32."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello\n")
+    result = run_cli(["generate", "--model", "tiny", "--checkpoint", "base", "--prompts", prompts,
+                      "--out", tmp_path / "g.jsonl", "--max-new-tokens", "2", "--device", "cpu", "--no-progress",
+                      "--steer", f"tiny/base/L1/p10:1={alpha}", "--models-dir", models_dir, "--store", built_store])
+    assert_refused(result, "beyond float32's range")
+    assert not (tmp_path / "g.jsonl").exists()
