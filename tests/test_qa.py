@@ -127,3 +127,23 @@ def test_steering_beyond_float32_is_refused(built_store, models_dir, tmp_path, a
                       "--steer", f"tiny/base/L1/p10:1={alpha}", "--models-dir", models_dir, "--store", built_store])
     assert_refused(result, "beyond float32's range")
     assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_unreachable_ray_address_is_one_line(store_tmp_copy, models_dir):
+    """Found: `ep harvest --engine ray --address ray://127.0.0.1:1 ...` (and `--address auto`
+    with no cluster) ended in a Ray traceback; now exit 2, one line naming the address."""
+    pytest.importorskip("ray")
+    before = tree_snapshot(store_tmp_copy)
+    result = run_cli(["harvest", "--engine", "ray", "--address", "ray://127.0.0.1:1", "--workers", "2",
+                      "--model", "tiny", "--checkpoint", "base", "--layers", "3", "--max-tokens", "50",
+                      "--device", "cpu", "--no-progress", "--models-dir", models_dir, "--store", store_tmp_copy])
+    assert_refused(result, "cannot start or reach Ray at --address ray://127.0.0.1:1")
+    assert tree_snapshot(store_tmp_copy) == before
+
+
+@pytest.fixture()
+def store_tmp_copy(tiny_store, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_store, tmp_path / "store")
+    return tmp_path / "store"
