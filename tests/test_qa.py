@@ -147,3 +147,19 @@ def store_tmp_copy(tiny_store, tmp_path):
 
     shutil.copytree(tiny_store, tmp_path / "store")
     return tmp_path / "store"
+
+
+def test_store_ls_is_parseable_tsv(built_store):
+    """Found: `ep store ls > f.tsv` wrote tags as a Python dict repr ({'tokens-600': 1});
+    each line is now kind, key, rows, width, version and the tags as JSON."""
+    import json
+
+    result = CliRunner().invoke(main, ["store", "ls", "--store", str(built_store)], catch_exceptions=False)
+    assert result.exit_code == 0
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("activations\t", "dictionary\t"))]
+    assert any(line.startswith("dictionary\ttiny/base/L1/p10\t") for line in lines), result.stdout
+    for line in lines:
+        kind, key, rows, width, version, tags = line.split("\t")
+        assert int(rows) > 0 and int(width) == 64 and int(version) >= 1
+        assert isinstance(json.loads(tags), dict)
+    assert "tokens-" in next(line for line in lines if line.startswith("dictionary\t"))
