@@ -4,6 +4,7 @@ folder that replaces ``out`` in one rename, so a failed run leaves the old folde
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -24,9 +25,7 @@ def strict(value):
 
 
 def dumps(value) -> str:
-    from ep_store import jsonio
-
-    return jsonio.dumps(strict(value), indent=1) + "\n"
+    return json.dumps(strict(value), indent=1, allow_nan=False, default=str) + "\n"
 
 
 @contextlib.contextmanager
