@@ -169,11 +169,13 @@ def store() -> None:
 @user_errors
 def store_ls(store_path: Path) -> None:
     """List activation datasets and dictionaries with rows, width, versions and tags."""
+    from ep_store import jsonio
     from ep_store.catalog import catalog
 
     rows = catalog(store_path)
-    for row in rows:
-        click.echo("\t".join(str(row[k]) for k in ("kind", "key", "rows", "width", "version", "tags")))
+    for row in rows:  # tags as JSON, so the listing parses (a Python repr does not)
+        click.echo("\t".join(jsonio.dumps(row[k]) if k == "tags" else str(row[k])
+                             for k in ("kind", "key", "rows", "width", "version", "tags")))
     emit({"datasets": len(rows)})
 
 

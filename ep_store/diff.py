@@ -21,12 +21,13 @@ import pyarrow as pa
 
 from ep_store import jsonio, plots
 from ep_store.corpus import iter_documents
+from ep_store.errors import check_output_folder
 from ep_store.evaluate.output import eval_links
 from ep_store.keys import DictionaryKey
 from ep_store.match import MatchConfig, match
 from ep_store.prompts import labelled_spans
 from ep_store.report import ALL, environment
-from ep_store.sql import StoreDB, ask, ask_pair
+from ep_store.sql import StoreDB, ask, ask_pair, check_options
 from ep_store.store import Store
 
 
@@ -84,6 +85,8 @@ def exemplar_tokens(db: StoreDB, key: DictionaryKey) -> dict[int, str]:
 def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("data/models"), top: int = 15,
                 context: int = 8, cutoff: float = 0.7) -> dict:
     start = time.perf_counter()
+    check_output_folder(out, "--out")
+    check_options({"context": context, "top": top})
     store = Store(store_path)
     ka, kb = DictionaryKey.parse(a), DictionaryKey.parse(b)
     folder = store.matches_dir(f"{ka.slug()}__{kb.slug()}")

@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from ep_store import jsonio
-from ep_store.errors import UsageError
+from ep_store.errors import UsageError, check_output_file
 from ep_store.store import Store, logical_digest
 
 VOLATILE_KEYS = frozenset({"seconds", "write_share", "peak_mib"})
@@ -97,6 +97,7 @@ def _parts(folder: Path) -> list[Path]:
 
 def digests(paths: list[Path], metrics: Path | None = None) -> dict[str, dict]:
     """Digest every path (keys are the paths as given); also write them to ``metrics`` as JSON."""
+    check_output_file(metrics, "--metrics")
     result = {str(p): digest(Path(p)) for p in paths}
     if metrics is not None:
         jsonio.write(metrics, result, sort_keys=True)

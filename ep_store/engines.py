@@ -79,8 +79,12 @@ def ray_session(cfg: RayConfig):
     started = False
     if not ray.is_initialized():
         kwargs = {"num_cpus": cfg.workers} if cfg.address == "local" else {"address": cfg.address}
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}}, **kwargs)
+        try:
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                     runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}}, **kwargs)
+        except (ConnectionError, ValueError, RuntimeError, TimeoutError) as err:  # no cluster, no ray[client], ...
+            cause = " ".join(str(err).split())[:300]
+            raise UsageError(f"cannot start or reach Ray at --address {cfg.address}: {type(err).__name__}: {cause}") from None
         started = True
     try:
         yield ray

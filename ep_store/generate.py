@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ep_store import jsonio, models, prompts
 from ep_store.dictionary import Dictionary
-from ep_store.errors import UsageError
+from ep_store.errors import UsageError, check_output_file
 from ep_store.intervene import (
     BASES,
     Edit,
@@ -81,6 +81,7 @@ class GenerateConfig:
             raise UsageError(f"unknown basis {self.basis!r}; use {' or '.join(BASES)}")
         if self.dtype not in models.DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}; use one of {', '.join(models.DTYPES)}")
+        check_output_file(self.out, "--out")
         self.ablate = tuple(self.ablate)
         self.steer = tuple(self.steer)
         for spec in self.ablate:
@@ -202,11 +203,25 @@ def stop_ids(tokenizer, net) -> list[int]:
 
 # -- generation -----------------------------------------------------------------------------------
 @torch.no_grad()
+def check_positions(net, tokenizer, inputs: list[str], max_new_tokens: int, add_special_tokens: bool = True) -> None:
+    """Refuse (UsageError) a longest prompt plus ``max_new_tokens`` beyond the model's position
+    table, before generating: past it a model errors or degrades, and a huge value would run
+    for hours (the model limits of issue 8, as ``ep harvest --ctx``)."""
+    positions = models.max_positions(net.config)
+    if positions is None or not inputs:
+        return
+    longest = max(len(ids) for ids in tokenizer(inputs, add_special_tokens=add_special_tokens)["input_ids"])
+    if longest + max_new_tokens > positions:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} does not fit: the longest prompt has {longest} tokens and "
+                         f"the model {positions} positions, so at most --max-new-tokens {max(positions - longest, 0)}")
+
+
 def greedy_tokens(net, tokenizer, inputs: list[str], max_new_tokens: int, batch_size: int = 16,
                   add_special_tokens: bool = True, progress: bool = False,
                   desc: str = "generate") -> list[tuple[list[int], list[int]]]:
     """(prompt ids, completion ids) of greedy decoding in left-padded batches; the completion
     ends before the first stop token (EOS or end of turn)."""
+    check_positions(net, tokenizer, inputs, max_new_tokens, add_special_tokens)
     stops = stop_ids(tokenizer, net)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(net.parameters()).device

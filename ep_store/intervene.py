@@ -141,6 +141,10 @@ def steering(dictionary, region: int, alpha: float, scale: float, basis: str = "
     alpha = float(alpha)
     if not np.isfinite(alpha):
         raise UsageError(f"steering alpha must be a finite number, got {alpha}")
+    shift = abs(alpha) * float(scale)
+    if not shift <= float(np.finfo(np.float32).max):  # also NaN: the hooked activations would be inf/NaN
+        raise UsageError(f"steering alpha {alpha:g} x scale {float(scale):g} is beyond float32's range; "
+                         "pass a smaller alpha")
     d = region_directions(dictionary, [region], basis)[0]
     d = d / d.norm().clamp_min(1e-12)
     return Edit(dictionary.key.layer, "steer", dictionary.width, d_D=d, alpha=alpha, scale=float(scale),

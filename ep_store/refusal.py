@@ -43,7 +43,7 @@ import torch
 
 from ep_store import jsonio, models, prompts
 from ep_store.dictionary import BuildConfig, Dictionary, build
-from ep_store.errors import UsageError
+from ep_store.errors import UsageError, check_output_file, check_output_folder
 from ep_store.finetune import response_loss
 from ep_store.generate import format_prompts, greedy_tokens
 from ep_store.harvest import HarvestConfig, harvest
@@ -413,6 +413,9 @@ def refusal_study(cfg: RefusalConfig, work_store: Path, main_store: Path, models
                   report: Path | None = None, progress: bool = True) -> dict:
     """Run the study; write ``metrics`` (JSON) and the report; return the summary."""
     start = time.perf_counter()
+    check_output_file(metrics, "--metrics")
+    check_output_folder(report, "--report")
+    check_output_folder(work_store, "--work-store")
     config = models.load_config(cfg.model, cfg.checkpoint, models_dir)
     bad = [L for L in cfg.layers if L >= config.num_hidden_layers]
     if bad:

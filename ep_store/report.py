@@ -15,8 +15,9 @@ from pathlib import Path
 import jinja2
 
 from ep_store import jsonio, plots
+from ep_store.errors import check_output_folder
 from ep_store.keys import DictionaryKey
-from ep_store.sql import StoreDB, ask
+from ep_store.sql import StoreDB, ask, check_options
 
 ALL = 2**31 - 1  # "no limit" for the canned questions
 
@@ -63,6 +64,8 @@ def region_cards(db: StoreDB, key: DictionaryKey, context: int, per_region: int)
 def dictionary_report(store, key: DictionaryKey | str, out: Path, context: int = 8, per_region: int = 3,
                       as_of: str | None = None) -> dict:
     start = time.perf_counter()
+    check_output_folder(out, "--out")
+    check_options({"context": context, "per_region": per_region})
     db = StoreDB(store, as_of)
     key = db.require(key)
     out.mkdir(parents=True, exist_ok=True)

@@ -352,6 +352,7 @@ def ask_pair(db: StoreDB, a: DictionaryKey, b: DictionaryKey, name: str, **param
     Raises UsageError for an unknown question or one that asks about a single dictionary.
     """
     question = _question(name, pair=True)
+    check_options(params)
     bound = {"a": str(a), "b": str(b), **DEFAULTS, **params}
     for prefix, key in (("a", a), ("b", b)):
         bound |= {f"{prefix}_model": key.model, f"{prefix}_checkpoint": key.checkpoint,
@@ -364,12 +365,27 @@ def ask_pair(db: StoreDB, a: DictionaryKey, b: DictionaryKey, name: str, **param
     return db.query(question.sql, {k: bound[k] for k in question.params})
 
 
+OPTION_MAX = 2**31 - 1  # questions do arithmetic on positions (pos +- context) in DuckDB integers
+
+
+def check_options(params: dict) -> None:
+    """Refuse question options out of range (UsageError): ``--context`` below 0, the others below 1,
+    any beyond ``OPTION_MAX`` (DuckDB would overflow on ``pos + context``)."""
+    for name, value in params.items():
+        if name not in DEFAULTS or value is None:
+            continue
+        low = 0 if name == "context" else 1
+        if not low <= value <= OPTION_MAX:
+            raise UsageError(f"--{name.replace('_', '-')} must lie in [{low}, {OPTION_MAX}], got {value}")
+
+
 def ask(db: StoreDB, key: DictionaryKey | str, name: str, **params) -> pa.Table:
     """Run a canned question for one dictionary.
 
     Raises UsageError for an unknown question, an unknown dictionary, or a pair question.
     """
     question = _question(name, pair=False)
+    check_options(params)
     key = db.require(key)
     bound = {"model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
              "percentile": float(key.percentile), **DEFAULTS, **params}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ep_store import jsonio
-from ep_store.errors import UsageError
+from ep_store.errors import UsageError, check_output_file
 
 MAX_CELL = 60
 
@@ -77,6 +77,7 @@ def save(table: pa.Table, path: Path) -> None:
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".csv", ".json", ".jsonl"):
         raise UsageError(f"--output {path}: use a .parquet, .csv or .json file name")
+    check_output_file(path, "--output")
     path.parent.mkdir(parents=True, exist_ok=True)
     table = unique_columns(table)
     tmp = path.with_name(f".{path.name}.tmp")

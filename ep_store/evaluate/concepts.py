@@ -139,12 +139,15 @@ def run_concept_eval(cfg: ConceptEvalConfig, store, run, out, metrics_path=None,
     from ep_store import plots
     from ep_store.evaluate import features, tasks
     from ep_store.evaluate.output import (
+        check_outputs,
         copy_images,
         dumps,
         output_folder,
         write_index,
         write_metrics,
     )
+
+    check_outputs(out, metrics_path, plots_dir)
 
     dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
     rows = tasks.concept_rows(cfg.data)

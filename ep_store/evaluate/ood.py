@@ -159,12 +159,15 @@ def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None, plots_dir=N
     histogram per dictionary; returns the one-line summary."""
     from ep_store.evaluate import features
     from ep_store.evaluate.output import (
+        check_outputs,
         copy_images,
         dumps,
         output_folder,
         write_index,
         write_metrics,
     )
+
+    check_outputs(out, metrics_path, plots_dir)
 
     dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
     reference, heldout = in_distribution(cfg.in_corpus, cfg.documents)

@@ -30,13 +30,12 @@ def dumps(value) -> str:
 
 
 @contextlib.contextmanager
-def output_folder(out: Path):
+def output_folder(out: Path, option: str = "--out"):
     """Yield a temporary folder; on success it becomes ``out`` (replacing an old one)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        from ep_store.errors import UsageError
+    from ep_store.errors import check_output_folder
 
-        raise UsageError(f"--out {out} is a file; pass a folder")
+    out = Path(out)
+    check_output_folder(out, option)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -51,6 +50,15 @@ def output_folder(out: Path):
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_outputs(out: Path, metrics_path: Path | None, plots_dir: Path | None) -> None:
+    """Refuse unwritable ``--out``, ``--metrics`` and ``--plots`` paths before any work (UsageError)."""
+    from ep_store.errors import check_output_file, check_output_folder
+
+    check_output_folder(out, "--out")
+    check_output_file(metrics_path, "--metrics")
+    check_output_folder(plots_dir, "--plots")
 
 
 def write_metrics(path: Path | None, metrics: dict) -> None:
@@ -68,7 +76,7 @@ def copy_images(out: Path, plots_dir: Path | None) -> None:
     """Also put ``out``'s PNGs, alone, in ``plots_dir`` (a DVC ``plots:`` folder), replacing it."""
     if plots_dir is None or Path(plots_dir) == Path(out):
         return
-    with output_folder(Path(plots_dir)) as tmp:
+    with output_folder(Path(plots_dir), "--plots") as tmp:
         for png in sorted(Path(out).glob("*.png")):
             shutil.copy2(png, tmp / png.name)
 

@@ -247,12 +247,15 @@ def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None, plo
     """
     from ep_store.evaluate import features, tasks
     from ep_store.evaluate.output import (
+        check_outputs,
         copy_images,
         dumps,
         output_folder,
         write_index,
         write_metrics,
     )
+
+    check_outputs(out, metrics_path, plots_dir)
 
     dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
     task_list = tasks.probe_tasks(cfg.data, cfg.text_field, cfg.label_field)

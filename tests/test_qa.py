@@ -1,0 +1,165 @@
+"""Unhappy paths found by trying the ``ep`` command as a new user would (QA pass): each is
+refused with exit code 2 and one line, before any work and without writing anything."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+from ep_store.cli import main
+from tests.conftest import tree_snapshot
+
+
+def run_cli(args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def assert_refused(result, needle: str):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert "Traceback" not in result.output
+    assert needle in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def built_store(tmp_path_factory, tiny_store):
+    """A copy of the tiny store with tiny/base/L1/p10 built."""
+    import shutil
+
+    dst = tmp_path_factory.mktemp("qa") / "store"
+    shutil.copytree(tiny_store, dst)
+    result = run_cli(["build", "--model", "tiny", "--checkpoint", "base", "--layer", "1", "--percentile", "10",
+                      "--calibration-tokens", "400", "--calibration-batch", "100", "--batch-size", "256",
+                      "--device", "cpu", "--no-progress", "--store", dst])
+    assert result.exit_code == 0, result.output
+    return dst
+
+
+def output_cases(tmp_path, store, models_dir):
+    """(args, needle) of every command whose output path is an existing file, under a file or a folder."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    a_dir = tmp_path / "a_dir"
+    a_dir.mkdir()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello 😀\n")
+    key = "tiny/base/L1/p10"
+    st = ["--store", store]
+    gen = ["generate", "--model", "tiny", "--checkpoint", "base", "--prompts", prompts, "--max-new-tokens", "2",
+           "--device", "cpu", "--no-progress", "--models-dir", models_dir, *st]
+    ev = ["eval", "ood", "--dictionary", key, "--documents", "2", "--max-tokens-per-text", "4", "--device", "cpu",
+          "--no-progress", "--models-dir", models_dir, *st]
+    return [
+        (["report", "dictionary", key, "--out", a_file, *st], "is a file"),
+        (["report", "dictionary", key, "--out", a_file / "sub", *st], "is a file, not a folder"),
+        (["diff", key, key, "--out", a_file / "sub", *st], "is a file, not a folder"),
+        ([*gen, "--out", a_file / "g.jsonl"], "is a file, not a folder"),
+        ([*gen, "--out", a_dir], "is a folder"),
+        (["sql", "SELECT 1", "--output", a_file / "x.csv", *st], "is a file, not a folder"),
+        (["stats", key, "top_tokens", "--output", a_file / "x.parquet", *st], "is a file, not a folder"),
+        (["store", "digest", prompts, "--metrics", a_file / "m.json"], "is a file, not a folder"),
+        ([*ev, "--out", a_file / "sub"], "--out"),
+        ([*ev, "--out", tmp_path / "ev", "--metrics", a_file / "m.json"], "--metrics"),
+        ([*ev, "--out", tmp_path / "ev", "--metrics", a_dir], "--metrics"),
+        ([*ev, "--out", tmp_path / "ev", "--plots", a_file], "--plots"),
+    ]
+
+
+def test_unwritable_output_paths_are_refused_before_work(built_store, models_dir, tmp_path):
+    """Found: `ep report dictionary KEY --out FILE` (and diff, generate, eval --metrics, sql --output, ...)
+    crashed with a traceback, some only after all the work; now exit 2, one line, nothing written."""
+    for args, needle in output_cases(tmp_path, built_store, models_dir):
+        before_store, before_tmp = tree_snapshot(built_store), tree_snapshot(tmp_path)
+        assert_refused(run_cli(args), needle)
+        assert tree_snapshot(built_store) == before_store, args
+        assert tree_snapshot(tmp_path) == before_tmp, args
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["stats", "tiny/base/L1/p10", "top_tokens", "--top", "-5"], "--top must lie in [1,"),
+        (["stats", "tiny/base/L1/p10", "top_contexts", "--limit", "0"], "--limit must lie in [1,"),
+        (["stats", "tiny/base/L1/p10", "top_contexts", "--context", "9223372036854775807"], "--context must lie in [0,"),
+        (["stats", "tiny/base/L1/p10", "transitions", "--against", "tiny/base/L1/p10", "--limit", "-1"],
+         "--limit must lie"),
+        (["report", "dictionary", "tiny/base/L1/p10", "--out", "{tmp}/rep", "--per-region", "0"], "--per-region"),
+        (["report", "dictionary", "tiny/base/L1/p10", "--out", "{tmp}/rep", "--context", "-3"], "--context"),
+        (["diff", "tiny/base/L1/p10", "tiny/base/L1/p10", "--out", "{tmp}/diff", "--top", "-1"], "--top"),
+    ],
+)
+def test_question_options_out_of_range_are_refused(built_store, tmp_path, args, needle):
+    """Found: `ep stats KEY top_tokens --top -5` printed an empty table with exit 0, and
+    `--context 9223372036854775807` surfaced DuckDB's INT64 overflow; report/diff made their
+    folder before failing. Now every question option is range-checked first."""
+    before = tree_snapshot(built_store)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert_refused(run_cli([*args, "--store", built_store]), needle)
+    assert tree_snapshot(built_store) == before
+    assert not (tmp_path / "rep").exists() and not (tmp_path / "diff").exists()
+
+
+def test_generate_refuses_lengths_beyond_the_position_table(built_store, models_dir, tmp_path):
+    """Found: `ep generate ... --max-new-tokens 999999999999` ran past the tiny model's 512
+    positions for hours; now exit 2 naming the largest value that fits (prompt + new <= 512)."""
+    from transformers import AutoTokenizer
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello 😀 你好 <bos> world\nshort\n")
+    longest = len(AutoTokenizer.from_pretrained(models_dir / "tiny" / "base")("Hello 😀 你好 <bos> world")["input_ids"])
+    base = ["generate", "--model", "tiny", "--checkpoint", "base", "--prompts", prompts, "--out", tmp_path / "g.jsonl",
+            "--device", "cpu", "--no-progress", "--models-dir", models_dir, "--store", built_store]
+    for n in (str(512 - longest + 1), "999999999999"):  # the small one first: before the fix it ran, not hung
+        assert_refused(run_cli([*base, "--max-new-tokens", n]), f"at most --max-new-tokens {512 - longest}")
+    assert not (tmp_path / "g.jsonl").exists()
+    assert run_cli([*base, "--max-new-tokens", "2"]).exit_code == 0
+
+
+@pytest.mark.parametrize("alpha", ["1e308", "-1e300", "1e39"])
+def test_steering_beyond_float32_is_refused(built_store, models_dir, tmp_path, alpha):
+    """Found: `--steer KEY:1=1e308` passed (alpha is finite) and ran the model on inf
+    activations; alpha x scale must fit float32."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello\n")
+    result = run_cli(["generate", "--model", "tiny", "--checkpoint", "base", "--prompts", prompts,
+                      "--out", tmp_path / "g.jsonl", "--max-new-tokens", "2", "--device", "cpu", "--no-progress",
+                      "--steer", f"tiny/base/L1/p10:1={alpha}", "--models-dir", models_dir, "--store", built_store])
+    assert_refused(result, "beyond float32's range")
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_unreachable_ray_address_is_one_line(store_tmp_copy, models_dir):
+    """Found: `ep harvest --engine ray --address ray://127.0.0.1:1 ...` (and `--address auto`
+    with no cluster) ended in a Ray traceback; now exit 2, one line naming the address."""
+    pytest.importorskip("ray")
+    before = tree_snapshot(store_tmp_copy)
+    result = run_cli(["harvest", "--engine", "ray", "--address", "ray://127.0.0.1:1", "--workers", "2",
+                      "--model", "tiny", "--checkpoint", "base", "--layers", "3", "--max-tokens", "50",
+                      "--device", "cpu", "--no-progress", "--models-dir", models_dir, "--store", store_tmp_copy])
+    assert_refused(result, "cannot start or reach Ray at --address ray://127.0.0.1:1")
+    assert tree_snapshot(store_tmp_copy) == before
+
+
+@pytest.fixture()
+def store_tmp_copy(tiny_store, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_store, tmp_path / "store")
+    return tmp_path / "store"
+
+
+def test_store_ls_is_parseable_tsv(built_store):
+    """Found: `ep store ls > f.tsv` wrote tags as a Python dict repr ({'tokens-600': 1});
+    each line is now kind, key, rows, width, version and the tags as JSON."""
+    import json
+
+    result = CliRunner().invoke(main, ["store", "ls", "--store", str(built_store)], catch_exceptions=False)
+    assert result.exit_code == 0
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("activations\t", "dictionary\t"))]
+    assert any(line.startswith("dictionary\ttiny/base/L1/p10\t") for line in lines), result.stdout
+    for line in lines:
+        kind, key, rows, width, version, tags = line.split("\t")
+        assert int(rows) > 0 and int(width) == 64 and int(version) >= 1
+        assert isinstance(json.loads(tags), dict)
+    assert "tokens-" in next(line for line in lines if line.startswith("dictionary\t"))
