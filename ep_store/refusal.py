@@ -396,19 +396,6 @@ def control(cfg: RefusalConfig, work: Store, best: dict, heldout: Prompts, model
     return {"checkpoint": cfg.control, "unhooked": unhooked, "ablated": ablated}
 
 
-def strict(obj):
-    """NaN and inf -> None, numpy scalars -> Python (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: strict(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [strict(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def refusal_study(cfg: RefusalConfig, work_store: Path, main_store: Path, models_dir: Path, metrics: Path,
                   report: Path | None = None, progress: bool = True) -> dict:
     """Run the study; write ``metrics`` (JSON) and the report; return the summary."""
@@ -454,7 +441,7 @@ def refusal_study(cfg: RefusalConfig, work_store: Path, main_store: Path, models
     result["seconds"] = {"total": seconds, "label_and_unhooked": labelled - start, "harvest_and_build": built - labelled,
                          "sweeps": swept - built, "control": time.perf_counter() - swept}
     result["config"] = asdict(cfg)
-    result = strict(result)
+    result = jsonio.clean(result)
     metrics.parent.mkdir(parents=True, exist_ok=True)
     jsonio.write(metrics, result)
     if report is not None:
