@@ -82,6 +82,12 @@ def exemplar_tokens(db: StoreDB, key: DictionaryKey) -> dict[int, str]:
     return dict(zip(rows.column("region_id").to_pylist(), rows.column("token").to_pylist()))
 
 
+def _drift_order(pair: dict) -> tuple:
+    """Most drifted first (lowest cosine, else lowest F1), ties by region ids: one order every run."""
+    score = pair["cosine"] if pair["cosine"] is not None else -pair["f1"]
+    return score, pair["region_a"], pair["region_b"]
+
+
 def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("data/models"), top: int = 15,
                 context: int = 8, cutoff: float = 0.7) -> dict:
     start = time.perf_counter()
@@ -98,14 +104,14 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
     db.require(kb)
     out.mkdir(parents=True, exist_ok=True)
 
-    pairs = db.query("SELECT * FROM matches WHERE a = $a AND b = $b", {"a": str(ka), "b": str(kb)}).to_pylist()
+    pairs = db.query("SELECT * FROM matches WHERE a = $a AND b = $b ORDER BY status, region_a, region_b", {"a": str(ka), "b": str(kb)}).to_pylist()
     sizes_a, sizes_b = region_sizes(db, ka), region_sizes(db, kb)
-    introduced = sorted((p["region_b"] for p in pairs if p["status"] == "introduced"), key=lambda r: -sizes_b.get(r, 0))
-    dropped = sorted((p["region_a"] for p in pairs if p["status"] == "dropped"), key=lambda r: -sizes_a.get(r, 0))
+    introduced = sorted((p["region_b"] for p in pairs if p["status"] == "introduced"), key=lambda r: (-sizes_b.get(r, 0), r))
+    dropped = sorted((p["region_a"] for p in pairs if p["status"] == "dropped"), key=lambda r: (-sizes_a.get(r, 0), r))
     preserved = [p for p in pairs if p["status"] == "preserved"]
     ex_a, ex_b = exemplar_tokens(db, ka), exemplar_tokens(db, kb)
     drifted = [{**p, "token_a": ex_a.get(p["region_a"]), "token_b": ex_b.get(p["region_b"])}
-               for p in sorted(preserved, key=lambda p: p["cosine"] if p["cosine"] is not None else -p["f1"])[:top]]
+               for p in sorted(preserved, key=_drift_order)[:top]]
 
     membership = meta.get("membership_by") is not None
     transitions = ask_pair(db, ka, kb, "transition_summary").to_pylist() if membership else []

@@ -190,3 +190,39 @@ def test_report_renders_in_browser(built, tmp_path):
     shot = out / "screenshot.png"
     subprocess.run([*common, "--window-size=1280,1400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
     assert shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 20_000
+
+
+def _top_level(sql: str) -> str:
+    """The SQL outside every parenthesis, comments removed: the clauses of the outermost SELECT."""
+    depth, kept = 0, []
+    for ch in re.sub(r"--[^\n]*", "", sql):
+        depth += ch == "("
+        if depth == 0:
+            kept.append(ch)
+        depth -= ch == ")"
+    return " ".join("".join(kept).split()).upper()
+
+
+def test_every_question_orders_its_rows():
+    """DuckDB returns a GROUP BY in any order from run to run (parallel hash aggregation): every
+    canned question must end in an ORDER BY so its rows, and anything written from them (match's
+    overlaps.lance, the diff report) are byte-identical across runs. same_tokens is exempt: it
+    returns one row (counts over a join, no GROUP BY)."""
+    from ep_store.questions import questions
+
+    for name, question in questions().items():
+        outer = _top_level(question.sql)
+        if name == "same_tokens":
+            assert "GROUP BY" not in outer
+        else:
+            assert "ORDER BY" in outer.rsplit("SELECT ", 1)[-1], name
+
+
+def test_membership_overlap_rows_come_sorted(built):
+    from ep_store.sql import ask_pair
+
+    a, b = DictionaryKey("tiny", "base", 1, 5.0), KEY
+    runs = [ask_pair(StoreDB(built), a, b, "membership_overlap").to_pylist() for _ in range(2)]
+    pairs = [(r["region_a"], r["region_b"]) for r in runs[0]]
+    assert len(pairs) > 10 and pairs == sorted(pairs)
+    assert runs[0] == runs[1]

@@ -7,3 +7,4 @@ WHERE a.model = $a_model AND a.checkpoint = $a_checkpoint AND a.layer = $a_layer
   AND b.model = $b_model AND b.checkpoint = $b_checkpoint AND b.layer = $b_layer AND b.percentile = $b_percentile
   AND a.region_id >= 0 AND b.region_id >= 0
 GROUP BY 1, 2
+ORDER BY 1, 2

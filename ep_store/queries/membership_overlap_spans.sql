@@ -17,3 +17,4 @@ SELECT a.region_id AS region_a, b.region_id AS region_b,
 FROM a JOIN b
   ON a.doc_id = b.doc_id AND a.char_start < b.char_end AND b.char_start < a.char_end
 GROUP BY 1, 2
+ORDER BY 1, 2

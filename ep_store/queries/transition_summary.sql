@@ -11,4 +11,4 @@ SELECT CASE WHEN p.partner_b = o.region_b THEN 'stayed with matched region'
        round(sum(o.overlap) / (SELECT sum(overlap) FROM o), 4) AS share
 FROM o LEFT JOIN partner p USING (region_a) LEFT JOIN status_b sb USING (region_b)
 GROUP BY 1
-ORDER BY 2 DESC
+ORDER BY 2 DESC, 1

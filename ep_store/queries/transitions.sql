@@ -14,5 +14,5 @@ SELECT o.region_a, o.region_b, o.overlap, round(o.recall, 4) AS share_of_a, roun
        coalesce(sb.status_b, 'preserved') AS status_b,
        (p.partner_b IS NOT NULL AND p.partner_b = o.region_b) AS to_partner
 FROM o LEFT JOIN partner p USING (region_a) LEFT JOIN status_b sb USING (region_b)
-ORDER BY o.overlap DESC
+ORDER BY o.overlap DESC, o.region_a, o.region_b
 LIMIT $limit
