@@ -138,6 +138,9 @@ def parse_layers(text: str) -> tuple[int, ...]:
               help="Stored vector dtype (float16 halves bytes; batches beyond its range are refused).")
 @click.option("--bos", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="BOS before each context: auto follows the tokenizer's convention.")
+@click.option("--writer-depth", type=int, default=2, show_default=True,
+              help="Batches queued for the background Lance writer while the next forward pass runs; "
+                   "0 writes each batch before the next.")
 @DEVICE
 @STORE
 @MODELS
@@ -145,14 +148,14 @@ def parse_layers(text: str) -> tuple[int, ...]:
 @engine_options
 @user_errors
 def harvest(model, checkpoint, layers, corpus, max_tokens, ctx, batch_size, dtype, overwrite, storage_dtype, bos,
-            device, store_path, models_dir, progress, engine, address, workers, num_gpus) -> None:
+            writer_depth, device, store_path, models_dir, progress, engine, address, workers, num_gpus) -> None:
     """Harvest residual-stream activations into versioned Lance tables."""
     from ep_store.engines import run_harvest
     from ep_store.harvest import HarvestConfig
     from ep_store.store import Store
 
     cfg = HarvestConfig(model, checkpoint, parse_layers(",".join(layers)), corpus, max_tokens, ctx, batch_size,
-                        device, dtype, overwrite, storage_dtype, bos)
+                        device, dtype, overwrite, storage_dtype, bos, writer_depth)
     summary = run_harvest(cfg, Store(store_path), models_dir, ray_config(engine, address, workers, num_gpus), progress)
     summary.pop("config", None)
     emit(summary)

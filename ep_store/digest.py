@@ -7,7 +7,8 @@ a digest of what it wrote that depends only on content:
 - a Lance dataset: rows and values in stored order, schema without metadata
   (ep_store.store.logical_digest; fragment layout, file names, timestamps do not count);
 - a JSON file: its parsed content without run-time measurements (keys ``seconds``,
-  ``*_seconds``, ``*_per_s``, ``write_share``, ``peak_mib``), keys sorted;
+  ``*_seconds``, ``*_per_s``, ``*_wait_share``, ``*_idle_share``, ``write_share``,
+  ``peak_mib``), keys sorted;
 - any other file: its bytes (SHA-256);
 - a folder: the digests of everything inside by relative path (Lance datasets as one entry).
 
@@ -27,7 +28,7 @@ from ep_store.errors import UsageError, check_output_file
 from ep_store.store import Store, logical_digest
 
 VOLATILE_KEYS = frozenset({"seconds", "write_share", "peak_mib"})
-VOLATILE_SUFFIXES = ("_seconds", "_per_s")
+VOLATILE_SUFFIXES = ("_seconds", "_per_s", "_wait_share", "_idle_share")
 
 
 def _is_volatile(key: str) -> bool:

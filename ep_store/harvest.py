@@ -52,8 +52,10 @@ from tqdm import tqdm
 from ep_store import jsonio, models
 from ep_store.corpus import Context, iter_contexts, iter_documents, special_prefix
 from ep_store.errors import UsageError
+from ep_store.hostcopy import HostBlock, to_host
 from ep_store.keys import ActivationKey
 from ep_store.store import META_KEY, Store, commit_fragments, vectors_to_arrow
+from ep_store.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +88,9 @@ class HarvestConfig:
     bos: str = "auto"
     """auto: the tokenizer's own convention (what tokenizer(text) prepends); always: prepend
     the tokenizer's BOS; never: no BOS. Recorded in the dataset metadata (issue 8, item 15)."""
+    writer_depth: int = 2
+    """Batches queued for the background Lance writer while the next forward pass runs
+    (issue 12); 0 writes each batch before the next forward pass. Either way the same rows."""
 
     def __post_init__(self):
         self.layers = tuple(sorted(set(int(x) for x in self.layers)))
@@ -94,6 +99,8 @@ class HarvestConfig:
         for name in ("max_tokens", "ctx", "batch_size"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive")
+        if self.writer_depth < 0:
+            raise UsageError("--writer-depth must be 0 (synchronous writes) or more")
         if self.dtype not in models.DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}; use one of {', '.join(models.DTYPES)}")
         if self.storage_dtype not in STORAGE_DTYPES:
@@ -119,6 +126,7 @@ class HarvestConfig:
 
 
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+TORCH_STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 BOS_POLICIES = ("auto", "always", "never")
 
 
@@ -207,11 +215,12 @@ def metadata_columns(batch: list[Context]) -> dict[str, pa.Array]:
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65,504
 
 
-def storable(x_ND: torch.Tensor, cfg: HarvestConfig, key: ActivationKey, stream_row: int) -> np.ndarray:
-    """Hidden states of one batch as a numpy array of the storage dtype, or UsageError.
+def check_storable(x_ND: torch.Tensor, cfg: HarvestConfig, key: ActivationKey, stream_row: int) -> None:
+    """UsageError unless the hidden states of one batch can be stored as they are.
 
     Refuses (before anything of the batch is written) non-finite values from the model's
     compute, naming the real cause, and values beyond the storage dtype's range (issue 8, item 8).
+    Runs on the tensor's own device.
     """
     finite = torch.isfinite(x_ND).all(dim=1)
     if not finite.all():
@@ -227,7 +236,6 @@ def storable(x_ND: torch.Tensor, cfg: HarvestConfig, key: ActivationKey, stream_
             raise UsageError(f"{key}: values up to {peak:.4g} from stream row {stream_row} on exceed float16's range "
                              f"(+-{FLOAT16_MAX:.0f}); harvest with --storage-dtype float32; "
                              "nothing of this batch was written")
-    return x_ND.to(torch.float32).cpu().numpy().astype(STORAGE_DTYPES[cfg.storage_dtype], copy=False)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -370,26 +378,41 @@ class BatchRunner:
         self.capture = LayerCapture(models.decoder_layers(self.net), cfg.layers)
         self.keys = {L: ActivationKey(cfg.model, cfg.checkpoint, L) for L in cfg.layers}
 
-    def tables(self, batch: list[Context], layers: list[int], stream_row: int = 0) -> dict[int, pa.Table]:
-        """Rows of every real token of ``batch`` (no BOS, no padding) for each of ``layers``.
+    def host_blocks(self, batch: list[Context], layers: list[int],
+                    stream_row: int = 0) -> tuple[dict[str, pa.Array], dict[int, HostBlock]]:
+        """Metadata columns of every real token of ``batch`` (no BOS, no padding) and, per
+        layer, its (N, D) vectors converted to the storage dtype on the model's device and on
+        their way to host memory (pinned, non-blocking on CUDA; issue 12).
 
-        Every layer is checked (storable) before any table is returned: a refused batch
-        writes nothing."""
+        Every layer is checked (check_storable) before anything is returned: a refused
+        batch writes nothing."""
         ids, mask, first = batch_inputs(batch, self.prefix_ids, self.pad_id)
         with torch.inference_mode():
             hidden = self.capture.run(self.net, ids.to(self.device), mask.to(self.device))
-        keep = mask[:, first:].bool().reshape(-1).to(self.device)  # real tokens only, in row order
-        vectors = {L: storable(hidden[L][:, first:].reshape(-1, hidden[L].shape[-1])[keep],
-                               self.cfg, self.keys[L], stream_row) for L in layers}
-        columns = metadata_columns(batch)
-        dtype = STORAGE_DTYPES[self.cfg.storage_dtype]
-        return {L: pa.table({**columns, "vector": vectors_to_arrow(vectors[L], dtype)}) for L in layers}
+            keep = mask[:, first:].bool().reshape(-1).to(self.device)  # real tokens only, in row order
+            vectors = {L: hidden[L][:, first:].reshape(-1, hidden[L].shape[-1])[keep] for L in layers}
+            for L in layers:
+                check_storable(vectors[L], self.cfg, self.keys[L], stream_row)
+            dtype = TORCH_STORAGE_DTYPES[self.cfg.storage_dtype]
+            return metadata_columns(batch), {L: to_host(vectors[L], dtype) for L in layers}
+
+    def tables(self, batch: list[Context], layers: list[int], stream_row: int = 0) -> dict[int, pa.Table]:
+        """One table per layer of ``layers``: the rows of every real token of ``batch``."""
+        columns, blocks = self.host_blocks(batch, layers, stream_row)
+        return {L: rows_table(columns, blocks[L]) for L in layers}
 
     def fingerprint(self) -> dict:
         return stream_fingerprint(self.net, self.tokenizer)
 
     def close(self) -> None:
         self.capture.remove()
+
+
+def rows_table(columns: dict[str, pa.Array], block: HostBlock) -> pa.Table:
+    """The activation rows of one batch and layer: metadata columns and the vectors (waits for
+    the block's copy to land)."""
+    vectors_ND = block.numpy()
+    return pa.table({**columns, "vector": vectors_to_arrow(vectors_ND, vectors_ND.dtype)})
 
 
 def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool = True) -> dict:
@@ -419,43 +442,80 @@ def _harvest_locked(cfg: HarvestConfig, store: Store, models_dir: Path, progress
         for key in keys.values():
             store.remove(store.activation_path(key))
     bytes_before = sum(_dir_bytes(store.activation_path(k)) for k in keys.values())
-    held = dict(plan_.held)
-    total = new_tokens = 0
-    forward_s = write_s = 0.0
     start = time.perf_counter()
     bar = tqdm(total=cfg.max_tokens, unit="tok", desc=f"harvest {cfg.model}/{cfg.checkpoint}", disable=not progress)
     try:
-        for stream_row, batch in plan_.batches():
-            n = sum(len(c.token_ids) for c in batch)
-            todo = [L for L in cfg.layers if held[L] < stream_row + n]
-            if todo:
-                t0 = time.perf_counter()
-                tables = runner.tables(batch, todo, stream_row)
-                t1 = time.perf_counter()
-                for L in todo:
-                    skip = max(0, held[L] - stream_row)  # rows of this batch already stored
-                    store.append_activations(keys[L], tables[L].slice(skip), plan_.meta(L))
-                    held[L] = stream_row + n
-                write_s += time.perf_counter() - t1
-                forward_s += t1 - t0
-                new_tokens += n
-            bar.update(n)
-            total = stream_row + n
+        with BackgroundWriter(cfg.writer_depth) as writer:
+            loop = _forward_and_write(plan_, runner, writer, bar)
     finally:
         bar.close()
         runner.close()
-    if total == 0:
+    if loop.total == 0:
         raise UsageError(f"corpus {cfg.corpus!r} produced no tokens")
     seconds = time.perf_counter() - start
     bytes_written = sum(_dir_bytes(store.activation_path(k)) for k in keys.values()) - bytes_before
     return {
-        **plan_.summary(new_tokens, seconds),
-        "tokens_total": total,
-        "forward_seconds": round(forward_s, 3),
-        "write_seconds": round(write_s, 3),
-        "write_share": round(write_s / seconds, 4) if seconds else 0.0,
+        **plan_.summary(loop.new_tokens, seconds),
+        "tokens_total": loop.total,
+        **_timings(loop, writer, seconds),
         "bytes_written": bytes_written,
         "config": asdict(cfg),
+    }
+
+
+@dataclass
+class _Loop:
+    """What the forward loop did: stream rows seen, rows stored, and where the time went."""
+
+    total: int = 0
+    new_tokens: int = 0
+    forward_s: float = 0.0
+    """Main thread: forward passes, checks, conversion to the storage dtype, copy issue."""
+    copy_s: float = 0.0
+    """Writer thread: waiting for device-to-host copies to land, building Arrow tables."""
+
+
+def _forward_and_write(plan_: HarvestPlan, runner: BatchRunner, writer: BackgroundWriter, bar) -> _Loop:
+    """Every batch with rows still to store: forward pass here, Lance commits on ``writer``."""
+    loop, held = _Loop(), dict(plan_.held)
+    for stream_row, batch in plan_.batches():
+        n = sum(len(c.token_ids) for c in batch)
+        todo = [L for L in plan_.cfg.layers if held[L] < stream_row + n]
+        if todo:
+            t0 = time.perf_counter()
+            columns, blocks = runner.host_blocks(batch, todo, stream_row)
+            loop.forward_s += time.perf_counter() - t0
+            skips = {L: max(0, held[L] - stream_row) for L in todo}  # rows of this batch already stored
+            writer.submit(_write_batch, plan_, columns, blocks, skips, loop)
+            held.update({L: stream_row + n for L in todo})
+            loop.new_tokens += n
+        bar.update(n)
+        loop.total = stream_row + n
+    return loop
+
+
+def _write_batch(plan_: HarvestPlan, columns: dict, blocks: dict[int, HostBlock], skips: dict[int, int],
+                 loop: _Loop) -> None:
+    """One Lance commit per layer of one batch (runs on the writer thread)."""
+    for layer, skip in skips.items():
+        t0 = time.perf_counter()
+        rows = rows_table(columns, blocks[layer]).slice(skip)
+        loop.copy_s += time.perf_counter() - t0
+        plan_.store.append_activations(plan_.keys[layer], rows, plan_.meta(layer))
+
+
+def _timings(loop: _Loop, writer: BackgroundWriter, seconds: float) -> dict:
+    """Where a harvest's time went (issue 12): the model's forward passes, the copies, the
+    Lance writes, and the time the model sat idle waiting for the writer."""
+    write_s = max(writer.busy_s - loop.copy_s, 0.0)
+    return {
+        "forward_seconds": round(loop.forward_s, 3),
+        "copy_seconds": round(loop.copy_s, 3),
+        "write_seconds": round(write_s, 3),
+        "model_idle_seconds": round(writer.wait_s, 3),
+        "model_idle_share": round(writer.wait_s / seconds, 4) if seconds else 0.0,
+        "write_share": round(write_s / seconds, 4) if seconds else 0.0,
+        "writer_depth": writer.depth,
     }
 
 

@@ -104,7 +104,8 @@ def test_cli_digest_and_metrics(tmp_path):
     store, table = Store(tmp_path / "store"), rows()
     key = write(store, "one", table, [5])
     folder = store.activation_path(key).parent
-    (folder / "notes.json").write_text(json.dumps({"rows": 3, "seconds": 1.25, "nested": {"tokens_per_s": 9.0}}))
+    (folder / "notes.json").write_text(json.dumps({"rows": 3, "seconds": 1.25, "nested": {"tokens_per_s": 9.0},
+                                                       "input_wait_share": 0.1, "model_idle_share": 0.2}))
     metrics = tmp_path / "metrics" / "d.json"
     result = CliRunner().invoke(main, ["store", "digest", str(folder), str(store.activation_path(key)),
                                        "--metrics", str(metrics)])
@@ -113,7 +114,8 @@ def test_cli_digest_and_metrics(tmp_path):
     assert written[str(store.activation_path(key))] == {"kind": "lance", **logical_digest(store.activation_path(key))}
     assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [d["digest"] for d in written.values()]
     before = written[str(folder)]["digest"]
-    (folder / "notes.json").write_text(json.dumps({"rows": 3, "seconds": 9.5, "nested": {"tokens_per_s": 1.0}}))
+    (folder / "notes.json").write_text(json.dumps({"rows": 3, "seconds": 9.5, "nested": {"tokens_per_s": 1.0},
+                                                       "input_wait_share": 0.6, "model_idle_share": 0.0}))
     assert digest(folder)["digest"] == before  # run-time measurements do not count
     (folder / "notes.json").write_text(json.dumps({"rows": 4, "seconds": 9.5}))
     assert digest(folder)["digest"] != before

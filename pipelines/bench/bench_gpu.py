@@ -40,7 +40,7 @@ except ImportError:  # run as a script from a checkout without PYTHONPATH
 
 from ep_store import jsonio  # noqa: E402
 from ep_store.calibrate import batch_percentile, calibrate, unit_directions  # noqa: E402
-from ep_store.hostcopy import HostCopy  # noqa: E402
+from ep_store.hostcopy import to_host  # noqa: E402
 from ep_store.leader import LeaderBuilder, LeaderState, leader_reference  # noqa: E402
 
 FULL = {"peak_n": 8192, "width": 2304, "k0": [16_384, 131_072], "batch": [2048, 8192], "batches": 6,
@@ -187,14 +187,8 @@ def harvest_path(cfg: dict, device: torch.device) -> dict:
         handle.remove()
     x = kept["x"].reshape(-1, kept["x"].shape[-1])
     naive_s = timed(lambda: x.float().cpu().numpy().astype("float16"), device, repeats=3)
-    copier = HostCopy()
-
-    def fast():
-        copier.copy(x, torch.float16)
-        copier.wait()
-
-    fast_s = timed(fast, device, repeats=3)
-    same = bool(torch.equal(copier.copy(x, torch.float16).cpu(), x.to(torch.float16).cpu()))
+    fast_s = timed(lambda: to_host(x, torch.float16).wait(), device, repeats=3)
+    same = bool(torch.equal(torch.from_numpy(to_host(x, torch.float16).numpy()), x.to(torch.float16).cpu()))
     tokens = batch * length
     return {"model": "gemma-2-2b shape (random init)" if cfg is FULL else "small gemma-2 shape (random init)",
             "layer": cfg["harvest_layer"], "tokens": tokens, "forward_s": round(forward_s, 5),
