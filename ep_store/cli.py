@@ -611,12 +611,6 @@ def _text_run(models_dir, max_tokens_per_text, batch_size, device, progress):
     return TextRun(models_dir, max_tokens_per_text, batch_size, device, progress)
 
 
-def emit_eval(summary: dict) -> None:
-    from ep_store.evaluate.output import strict
-
-    emit(strict(summary))
-
-
 @eval_group.command("probe")
 @click.option("--data", default="builtin", show_default=True,
               help="builtin, built-in task names (harmful_requests,text_source,stdlib_topic) or a .jsonl/.csv/.parquet file.")
@@ -634,7 +628,7 @@ def eval_probe(dictionaries, data, text_field, label_field, ks, model, checkpoin
     probe = ProbeConfig(ks=tuple(k.strip() for k in ks.split(",") if k.strip()), seed=seed)
     cfg = ProbeEvalConfig(_keys(dictionaries), data, text_field, label_field, model, checkpoint, probe)
     run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
-    emit_eval(run_probe_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
+    emit(run_probe_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
 
 
 @eval_group.command("concepts")
@@ -652,7 +646,7 @@ def eval_concepts(dictionaries, data, test_fraction, model, checkpoint, max_toke
 
     cfg = ConceptEvalConfig(_keys(dictionaries), data, model, checkpoint, ConceptConfig(test_fraction, seed=seed))
     run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
-    emit_eval(run_concept_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
+    emit(run_concept_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
 
 
 @eval_group.command("ood")
@@ -672,7 +666,7 @@ def eval_ood(dictionaries, in_corpus, ood_corpus, documents, model, checkpoint, 
     files = tuple(p.strip() for p in ood_corpus.split(",") if p.strip())
     cfg = OODConfig(_keys(dictionaries), in_corpus, files, documents, seed=seed, model=model, checkpoint=checkpoint)
     run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
-    emit_eval(run_ood_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
+    emit(run_ood_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
 
 
 # -- store maintenance (issue 8, A2) -------------------------------------------------------------------

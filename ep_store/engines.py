@@ -179,16 +179,10 @@ def ray_harvest(cfg, store, models_dir: Path, ray_cfg: RayConfig, progress: bool
 
     Holds every key's writer lock for the whole job, like the local path; raises
     UsageError for bad input (before any task starts) or a resume of another stream."""
-    with contextlib.ExitStack() as locks:
-        for key in _keys(cfg):
-            locks.enter_context(store.lock(store.activation_path(key), f"activations {key}"))
+    from ep_store.harvest import writer_locks
+
+    with writer_locks(cfg, store):
         return _ray_harvest_locked(cfg, store, models_dir, ray_cfg)
-
-
-def _keys(cfg):
-    from ep_store.keys import ActivationKey
-
-    return [ActivationKey(cfg.model, cfg.checkpoint, layer) for layer in cfg.layers]
 
 
 def _ray_harvest_locked(cfg, store, models_dir: Path, ray_cfg: RayConfig) -> dict:

@@ -108,6 +108,11 @@ class HarvestConfig:
         if self.bos not in BOS_POLICIES:
             raise UsageError(f"unknown BOS policy {self.bos!r}; use one of {', '.join(BOS_POLICIES)}")
 
+    @property
+    def keys(self) -> dict[int, ActivationKey]:
+        """The activation dataset key of each layer."""
+        return {L: ActivationKey(self.model, self.checkpoint, L) for L in self.layers}
+
     def stream_meta(self, layer: int, prefix_ids: list[int]) -> dict:
         """What a dataset was harvested with; resuming needs the same stream."""
         return {"model": self.model, "checkpoint": self.checkpoint, "layer": layer,
@@ -254,7 +259,7 @@ def prepare_keys(cfg: HarvestConfig, store: Store, config, prefix_ids: list[int]
                          f"--ctx {positions - len(prefix_ids)} with {len(prefix_ids)} prefix (BOS) token(s)")
     held = {}
     for layer in cfg.layers:
-        path = store.activation_path(ActivationKey(cfg.model, cfg.checkpoint, layer))
+        path = store.activation_path(cfg.keys[layer])
         held[layer] = 0
         if store.exists(path) and not cfg.overwrite:
             info = store.info(path)
@@ -286,7 +291,7 @@ class HarvestPlan:
 
     @property
     def keys(self) -> dict[int, ActivationKey]:
-        return {L: ActivationKey(self.cfg.model, self.cfg.checkpoint, L) for L in self.cfg.layers}
+        return self.cfg.keys
 
     def meta(self, layer: int) -> dict:
         """The dataset metadata rows of ``layer`` are written with (needs the fingerprint)."""
@@ -376,7 +381,7 @@ class BatchRunner:
         self.device = next(self.net.parameters()).device
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.capture = LayerCapture(models.decoder_layers(self.net), cfg.layers)
-        self.keys = {L: ActivationKey(cfg.model, cfg.checkpoint, L) for L in cfg.layers}
+        self.keys = cfg.keys
 
     def host_blocks(self, batch: list[Context], layers: list[int],
                     stream_row: int = 0) -> tuple[dict[str, pa.Array], dict[int, HostBlock]]:
@@ -423,14 +428,21 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
     that holds one), and compacts each dataset at the end (issue 8, A2 and A3). Raises
     UsageError for bad input (before anything is written).
     """
-    keys = [ActivationKey(cfg.model, cfg.checkpoint, L) for L in cfg.layers]
-    with contextlib.ExitStack() as locks:
-        for key in keys:
-            locks.enter_context(store.lock(store.activation_path(key), f"activations {key}"))
+    with writer_locks(cfg, store):
         summary = _harvest_locked(cfg, store, models_dir, progress)
-        summary["compaction"] = {str(k): store.compact(store.activation_path(k)) for k in keys
+        summary["compaction"] = {str(k): store.compact(store.activation_path(k)) for k in cfg.keys.values()
                                  if store.exists(store.activation_path(k))}
     return summary
+
+
+@contextlib.contextmanager
+def writer_locks(cfg: HarvestConfig, store: Store):
+    """Hold the writer lock of every activation dataset ``cfg`` writes (both engines; issue 8, A3).
+    Raises UsageError naming the process that holds one."""
+    with contextlib.ExitStack() as locks:
+        for key in cfg.keys.values():
+            locks.enter_context(store.lock(store.activation_path(key), f"activations {key}"))
+        yield
 
 
 def _harvest_locked(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool) -> dict:

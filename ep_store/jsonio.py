@@ -22,14 +22,15 @@ import numpy as np
 def clean(value):
     """``value`` with every non-finite float replaced by None and numpy/Decimal made plain.
 
-    Recurses into dicts, lists and tuples (tuples become lists); dict keys are kept.
+    Recurses into dicts, lists and tuples (tuples become lists); dict keys become strings, as
+    JSON has them (numpy scalar keys by their value: ``np.int64(3)`` -> ``"3"``).
     """
     if isinstance(value, bool) or value is None or isinstance(value, (str, int)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: clean(v) for k, v in value.items()}
+        return {_key(k): clean(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [clean(v) for v in value]
     if isinstance(value, np.ndarray):
@@ -41,6 +42,12 @@ def clean(value):
             return None
         return int(value) if value == value.to_integral_value() else float(value)
     return value
+
+
+def _key(key) -> str:
+    if isinstance(key, str):
+        return key
+    return str(key.item() if isinstance(key, np.generic) else key)
 
 
 def dumps(value, *, indent: int | None = None, sort_keys: bool = False) -> str:

@@ -161,6 +161,9 @@ def test_non_finite_values_become_null(paired, tmp_path):
 
     assert strict_loads(jsonio.dumps({"a": float("nan"), "b": np.float32("inf"), "c": [np.nan, 2], "d": np.int64(3)})) \
         == {"a": None, "b": None, "c": [None, 2], "d": 3}
+    # keys as JSON has them, numpy scalar keys included (a region id from np.unique), sortable when mixed
+    assert strict_loads(jsonio.dumps({np.int64(7): 1, 3: np.float64("nan"), "k": 2}, sort_keys=True)) \
+        == {"7": 1, "3": None, "k": 2}
 
 
 def test_no_json_written_around_the_strict_helper():

@@ -39,6 +39,17 @@ def test_one_list_of_layers():
         "a checkpoint, layer or percentile spelled by hand in dvc.yaml"
 
 
+def test_layer_subsets_name_harvested_layers():
+    """The SAE and refusal sweeps may take fewer layers than blocks.layers, never others: the
+    SAE trains on stored activations, and the refusal study is matched against built layers."""
+    layers = set(PARAMS["blocks"]["layers"])
+    assert set(PARAMS["sae"]["layers"]) <= layers
+    assert {int(x) for x in str(PARAMS["refusal"]["layers"]).split(",")} <= layers
+    target = (PARAMS["sae"]["target"]["model"], PARAMS["sae"]["target"]["checkpoint"])
+    assert target in {(t["model"], t["checkpoint"]) for t in PARAMS["harvest"]["targets"]}
+    assert PARAMS["sae"]["percentile"] in PARAMS["build"]["percentiles"]
+
+
 def test_finetune_checkpoints_agree_with_targets_and_matches():
     names = finetune_checkpoints(PARAMS)
     assert names == PARAMS["match"]["finetuned"]

@@ -4,7 +4,6 @@ folder that replaces ``out`` in one rename, so a failed run leaves the old folde
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 from pathlib import Path
@@ -12,21 +11,8 @@ from pathlib import Path
 from ep_store import jsonio
 
 
-def strict(value):
-    """JSON-safe copy: NaN and inf become null, numpy scalars and arrays plain Python."""
-    if isinstance(value, dict):
-        return {str(k): strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [strict(v) for v in value]
-    if hasattr(value, "tolist"):
-        return strict(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def dumps(value) -> str:
-    return jsonio.dumps(strict(value), indent=1) + "\n"
+    return jsonio.dumps(value, indent=1) + "\n"
 
 
 @contextlib.contextmanager
@@ -115,7 +101,7 @@ def write_index(folder: Path, title: str, metrics: dict, images: list[str]) -> N
     import jinja2
 
     rows: list = []
-    _flat("", strict(metrics), rows)
+    _flat("", jsonio.clean(metrics), rows)
     page = jinja2.Environment(autoescape=True).from_string(
         "<!doctype html><meta charset='utf-8'><title>{{ title }}</title>"
         "<style>body{font:14px system-ui;margin:1.5em auto;max-width:1100px}td{padding:1px 10px}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +12,6 @@ import numpy as np
 from ep_store import jsonio, plots
 
 TOKENS_SHOWN = 8
-
-
-def strict(value):
-    """JSON-safe copy: NaN/inf -> None, numpy scalars -> Python."""
-    if isinstance(value, dict):
-        return {str(k): strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [strict(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def top_tokens(sets, held: dict) -> dict[int, list[str]]:
@@ -66,7 +52,7 @@ def write_outputs(out: Path, metrics: dict, s: dict, held: dict, top_pairs: int,
     extra = {"out": str(out), "files": ["metrics.json", "pairs.csv", plot, "README.md"], "top_pairs": pairs,
              "f1_histogram": {"edges": edges.round(3).tolist(), "ep_regions": ep_counts.tolist(),
                               "sae_features": np.histogram(s["sae_best_f1"], edges)[0].tolist()}}
-    jsonio.write(out / "metrics.json", strict(metrics | extra))
+    jsonio.write(out / "metrics.json", metrics | extra)
     (out / "README.md").write_text(readme(metrics | extra, plot))
     return extra
 
@@ -135,5 +121,5 @@ def summarise_files(paths: list[Path], out: Path) -> dict:
             "ep_seconds": c["ep"]["seconds"], "sae_seconds": c["sae"]["seconds"],
             "probe": m.get("probe", {}).get("mean_by_k")}
     out.parent.mkdir(parents=True, exist_ok=True)
-    jsonio.write(out, strict(summary))
+    jsonio.write(out, summary)
     return {"comparisons": len(summary), "out": str(out)}
