@@ -56,8 +56,13 @@ def emit(summary: dict) -> None:
     click.echo(jsonio.dumps(summary), err=True)
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
 def user_errors(fn):
-    """Turn UsageError into a one-line message and exit code 2 (no traceback)."""
+    """Turn UsageError into a one-line message and exit code 2, and Ctrl-C into one line and
+    exit code 130 (no traceback either way). Every write is atomic, so an interrupted command
+    leaves only whole commits; rerunning it resumes or redoes the work."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -66,6 +71,9 @@ def user_errors(fn):
         except UsageError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; only completed writes were kept: rerun the command to finish", err=True)
+            sys.exit(EXIT_INTERRUPTED)
 
     return wrapper
 

@@ -8,18 +8,11 @@ from click.testing import CliRunner
 
 from ep_store.cli import main
 from tests.conftest import tree_snapshot
+from tests.test_cli_errors import assert_refused
 
 
 def run_cli(args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def assert_refused(result, needle: str):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    assert needle in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +156,38 @@ def test_store_ls_is_parseable_tsv(built_store):
         assert int(rows) > 0 and int(width) == 64 and int(version) >= 1
         assert isinstance(json.loads(tags), dict)
     assert "tokens-" in next(line for line in lines if line.startswith("dictionary\t"))
+
+
+def test_ctrl_c_exits_130_with_one_line_and_a_rerun_finishes(models_dir, tmp_path):
+    """SIGINT (Ctrl-C) mid-harvest: exit code 130 as shells report it, one line, no traceback,
+    every committed version readable; the same command then completes the stream."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ep_store.keys import ActivationKey
+    from ep_store.store import Store
+
+    store = Store(tmp_path / "store")
+    args = [sys.executable, "-m", "ep_store", "harvest", "--model", "tiny", "--checkpoint", "base", "--layers", "1",
+            "--max-tokens", "100000", "--ctx", "32", "--batch-size", "2", "--device", "cpu", "--no-progress",
+            "--models-dir", str(models_dir), "--store", str(store.root)]
+    path = store.activation_path(ActivationKey("tiny", "base", 1))
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 120
+    while not (store.exists(path) and store.info(path).rows > 0) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted"), err
+    rows = store.info(path).rows
+    assert 0 < rows < 100000 and store.read_table(path, columns=["doc_id"]).num_rows == rows
+    finish = [a if a != "100000" else "2000" for a in args]
+    done = subprocess.run(finish, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert store.info(path).rows == max(rows, 2000)
