@@ -7,6 +7,8 @@ Corpus sources (comma-separated in a spec such as ``builtin,notes.jsonl``):
 - ``chat``: the project's held-out chat prompts with their target responses, in Gemma's
   chat format (ep_store.prompts); put it first (``chat,builtin``) so a token budget keeps it.
 - ``*.txt`` (one document per file), ``*.jsonl`` and ``*.parquet`` (a ``text`` field).
+- ``chat:FILE``: a file of that kind whose texts are in Gemma's chat format, turn markers
+  included (the refusal study harvests its chat-formatted prompts this way).
 
 Document ids are ordinals in that deterministic order, so two harvests of one spec (with
 any tokenizer) share doc ids and character offsets. Contexts never cross documents; BOS is
@@ -14,7 +16,7 @@ prepended by the harvester and never stored.
 
 Tokens are the text (issue 8, D):
 - Text is text: a literal ``<bos>`` or ``<|im_start|>`` inside a document is encoded as
-  ordinary characters (``split_special_tokens=True``). Only the ``chat`` source carries chat
+  ordinary characters (``split_special_tokens=True``). Only the ``chat`` sources carry chat
   formatting, and only its turn markers that the tokenizer knows as added tokens
   (``prompts.CONTROL``) become control ids; everything between them is text.
 - Each token's text is the exact slice of the document it covers, and a document's tokens
@@ -116,14 +118,51 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[Document]:
             texts = builtin_texts()
         elif source == "chat":
             texts = chat_texts()
+        elif source.startswith("chat:"):
+            texts = file_texts(Path(source[len("chat:"):]), text_field)
         elif source:
             texts = file_texts(Path(source), text_field)
         else:
             raise UsageError(f"empty source in corpus spec {spec!r}")
         for name, text in texts:
             if isinstance(text, str) and text.strip():
-                yield Document(doc_id, name, text, chat=source == "chat")
+                yield Document(doc_id, name, text, chat=source == "chat" or source.startswith("chat:"))
                 doc_id += 1
+
+
+def encode_turn(tokenizer, before: str, content: str, after: str) -> list[int]:
+    """Ids of one chat-template rendering ``before + content + after`` (issue 9; QA).
+
+    Strings of the tokenizer's added tokens (BOS, turn markers) inside the template parts
+    ``before`` and ``after`` are control ids; everything else is text, encoded as in the
+    corpus, and the content whole: a ``<start_of_turn>`` a user typed stays characters, as
+    it does in a harvest. Text runs between control ids are encoded in one piece, template
+    text and content together (``user\n`` + prompt), as ``encode(chat=True)`` does.
+    """
+    added = tokenizer.get_added_vocab()
+    pattern = re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
+    segments: list[str | int] = []
+    for part in (before, None, after):
+        if part is None:
+            segments.append(content)
+            continue
+        at = 0
+        for m in pattern.finditer(part) if pattern else ():
+            segments += [part[at : m.start()], added[m.group()]]
+            at = m.end()
+        segments.append(part[at:])
+    ids: list[int] = []
+    text = ""
+    for seg in [*segments, -1]:
+        if isinstance(seg, str):
+            text += seg
+            continue
+        if text:
+            ids += _encode_plain(tokenizer, text, split=True)[0]
+            text = ""
+        if seg >= 0:
+            ids.append(seg)
+    return ids
 
 
 def _encode_plain(tokenizer, text: str, split: bool) -> tuple[list[int], list[tuple[int, int]]]:

@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ep_store import jsonio, models, prompts
+from ep_store.corpus import encode, encode_turn, special_prefix
 from ep_store.dictionary import Dictionary
 from ep_store.errors import UsageError, check_output_file
 from ep_store.intervene import (
@@ -177,17 +178,36 @@ def has_gemma_turns(tokenizer) -> bool:
     return "<start_of_turn>" in vocab and "<end_of_turn>" in vocab
 
 
-def format_prompts(tokenizer, texts: list[str], chat: bool) -> tuple[list[str], bool]:
-    """(model inputs as text, whether the tokenizer should add special tokens itself)."""
-    if not chat:
-        return texts, True
+PLACEHOLDER = "\ue000"  # a private-use character: no chat template rewrites it
+
+
+def chat_frame(tokenizer) -> tuple[str, str]:
+    """(text before, text after) the user's prompt in the model's chat format with the
+    generation prompt: the tokenizer's template, else Gemma's turn format. UsageError if
+    neither exists or the template does not put the prompt in verbatim."""
     if tokenizer.chat_template:
-        return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
-                                              add_generation_prompt=True) for t in texts], False
-    if has_gemma_turns(tokenizer):
-        bos = tokenizer.bos_token or ""
-        return [bos + prompts.prompt_text(t) for t in texts], False
-    raise UsageError("--chat: this tokenizer has no chat template and no Gemma turn tokens; drop --chat")
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": PLACEHOLDER}], tokenize=False,
+                                                 add_generation_prompt=True)
+    elif has_gemma_turns(tokenizer):
+        rendered = (tokenizer.bos_token or "") + prompts.prompt_text(PLACEHOLDER)
+    else:
+        raise UsageError("--chat: this tokenizer has no chat template and no Gemma turn tokens; drop --chat")
+    before, found, after = rendered.partition(PLACEHOLDER)
+    if not found or PLACEHOLDER in after:
+        raise UsageError("--chat: the model's chat template does not put the prompt in verbatim; drop --chat")
+    return before, after
+
+
+def prompt_ids(tokenizer, texts: list[str], chat: bool) -> list[list[int]]:
+    """Model input ids of each prompt: the tokenizer's BOS convention and the text, or with
+    ``chat`` the chat format around it. The prompt is text either way: special-token strings
+    a user typed (``<bos>``, ``<start_of_turn>``, ``<|im_start|>``) stay characters, as in
+    a harvest (ep_store.corpus)."""
+    if not chat:
+        prefix = special_prefix(tokenizer)
+        return [prefix + encode(tokenizer, t)[0] for t in texts]
+    before, after = chat_frame(tokenizer)
+    return [encode_turn(tokenizer, before, t, after) for t in texts]
 
 
 def stop_ids(tokenizer, net) -> list[int]:
@@ -202,55 +222,59 @@ def stop_ids(tokenizer, net) -> list[int]:
 
 
 # -- generation -----------------------------------------------------------------------------------
-@torch.no_grad()
-def check_positions(net, tokenizer, inputs: list[str], max_new_tokens: int, add_special_tokens: bool = True) -> None:
+def check_positions(net, inputs: list[list[int]], max_new_tokens: int) -> None:
     """Refuse (UsageError) a longest prompt plus ``max_new_tokens`` beyond the model's position
     table, before generating: past it a model errors or degrades, and a huge value would run
     for hours (the model limits of issue 8, as ``ep harvest --ctx``)."""
     positions = models.max_positions(net.config)
     if positions is None or not inputs:
         return
-    longest = max(len(ids) for ids in tokenizer(inputs, add_special_tokens=add_special_tokens)["input_ids"])
+    longest = max(len(ids) for ids in inputs)
     if longest + max_new_tokens > positions:
         raise UsageError(f"--max-new-tokens {max_new_tokens} does not fit: the longest prompt has {longest} tokens and "
                          f"the model {positions} positions, so at most --max-new-tokens {max(positions - longest, 0)}")
 
 
-def greedy_tokens(net, tokenizer, inputs: list[str], max_new_tokens: int, batch_size: int = 16,
-                  add_special_tokens: bool = True, progress: bool = False,
-                  desc: str = "generate") -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids) of greedy decoding in left-padded batches; the completion
-    ends before the first stop token (EOS or end of turn)."""
-    check_positions(net, tokenizer, inputs, max_new_tokens, add_special_tokens)
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (B, T): ``rows`` right-aligned, padding on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def greedy_tokens(net, tokenizer, inputs: list[list[int]], max_new_tokens: int, batch_size: int = 16,
+                  progress: bool = False, desc: str = "generate") -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids) of greedy decoding of each prompt's ids (prompt_ids) in
+    left-padded batches; the completion ends before the first stop token (EOS or end of turn)."""
+    check_positions(net, inputs, max_new_tokens)
     stops = stop_ids(tokenizer, net)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     device = next(net.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
     out: list[tuple[list[int], list[int]]] = []
-    bar = tqdm(total=len(inputs), unit="prompt", desc=desc, disable=not progress)
-    try:
+    with tqdm(total=len(inputs), unit="prompt", desc=desc, disable=not progress) as bar:
         for start in range(0, len(inputs), batch_size):
-            enc = tokenizer(inputs[start : start + batch_size], add_special_tokens=add_special_tokens,
-                            return_tensors="pt", padding=True).to(device)
-            new = net.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                               eos_token_id=stops, top_p=None, top_k=None, temperature=None)
-            width = enc["input_ids"].shape[1]
-            for ids, mask, row in zip(enc["input_ids"].tolist(), enc["attention_mask"].tolist(),
-                                      new[:, width:].tolist()):
-                cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-                out.append(([t for t, m in zip(ids, mask) if m], row[:cut]))
-            bar.update(len(enc["input_ids"]))
-    finally:
-        tokenizer.padding_side = side
-        bar.close()
+            chunk = inputs[start : start + batch_size]
+            ids, mask = left_padded(chunk, pad)
+            new = net.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                               do_sample=False, pad_token_id=pad, eos_token_id=stops, top_p=None, top_k=None,
+                               temperature=None)
+            for prompt, row in zip(chunk, new[:, ids.shape[1]:].tolist()):
+                cut = next((i for i, tok in enumerate(row) if tok in stops), len(row))
+                out.append((list(prompt), row[:cut]))
+            bar.update(len(chunk))
     return out
 
 
-def greedy(net, tokenizer, inputs: list[str], max_new_tokens: int, batch_size: int = 16,
-           add_special_tokens: bool = True, progress: bool = False, desc: str = "generate") -> list[str]:
-    """Greedy completions of ``inputs`` as text (see ``greedy_tokens``)."""
-    pairs = greedy_tokens(net, tokenizer, inputs, max_new_tokens, batch_size, add_special_tokens, progress, desc)
+def greedy(net, tokenizer, inputs: list[list[int]], max_new_tokens: int, batch_size: int = 16,
+           progress: bool = False, desc: str = "generate") -> list[str]:
+    """Greedy completions of ``inputs`` (prompt ids) as text (see ``greedy_tokens``)."""
+    pairs = greedy_tokens(net, tokenizer, inputs, max_new_tokens, batch_size, progress, desc)
     return [tokenizer.decode(completion, skip_special_tokens=True) for _, completion in pairs]
 
 
@@ -272,10 +296,10 @@ def generate(cfg: GenerateConfig, store: Store, models_dir: Path, progress: bool
     check_edits(config, edits)  # layer and width checks before loading weights
     models.resolve_device(cfg.device)
     net, tokenizer = models.load(cfg.model, cfg.checkpoint, models_dir, cfg.device, cfg.dtype)
-    inputs, special = format_prompts(tokenizer, texts, cfg.chat)
+    inputs = prompt_ids(tokenizer, texts, cfg.chat)
     start = time.perf_counter()
     with intervene(net, edits):
-        completions = greedy(net, tokenizer, inputs, cfg.max_new_tokens, cfg.batch_size, special, progress)
+        completions = greedy(net, tokenizer, inputs, cfg.max_new_tokens, cfg.batch_size, progress)
     seconds = time.perf_counter() - start
     rows = [{"prompt": p, "completion": c, "refused": is_refusal(c)} for p, c in zip(texts, completions)]
     write_jsonl(cfg.out, rows)

@@ -42,10 +42,11 @@ import numpy as np
 import torch
 
 from ep_store import jsonio, models, prompts
+from ep_store.corpus import encode
 from ep_store.dictionary import BuildConfig, Dictionary, build
 from ep_store.errors import UsageError, check_output_file, check_output_folder
 from ep_store.finetune import response_loss
-from ep_store.generate import format_prompts, greedy_tokens
+from ep_store.generate import greedy_tokens, prompt_ids
 from ep_store.harvest import HarvestConfig, harvest
 from ep_store.intervene import Edit, ablation, intervene, steering, steering_scale
 from ep_store.keys import DictionaryKey
@@ -174,7 +175,8 @@ class Prompts:
     """Chat-formatted model inputs of one prompt set, with the harmful flag of each."""
 
     texts: list[str]
-    inputs: list[str]
+    inputs: list[list[int]]
+    """Model input ids (generate.prompt_ids with chat)."""
     harmful: list[bool]
 
 
@@ -194,9 +196,9 @@ class Runner:
     def __init__(self, net, tokenizer, cfg: RefusalConfig, progress: bool):
         self.net, self.tokenizer, self.cfg, self.progress = net, tokenizer, cfg, progress
 
-    def complete(self, inputs: list[str], desc: str) -> list[tuple[list[int], list[int]]]:
+    def complete(self, inputs: list[list[int]], desc: str) -> list[tuple[list[int], list[int]]]:
         return greedy_tokens(self.net, self.tokenizer, inputs, self.cfg.max_new_tokens, self.cfg.batch_size,
-                             add_special_tokens=False, progress=self.progress, desc=desc)
+                             progress=self.progress, desc=desc)
 
     def text(self, pairs) -> list[str]:
         return [self.tokenizer.decode(c, skip_special_tokens=True) for _, c in pairs]
@@ -259,9 +261,29 @@ def prompt_sets(cfg: RefusalConfig, tokenizer) -> tuple[Prompts, Prompts]:
                          ("heldout", cfg.heldout_harmful, cfg.heldout_benign)):
         rows = select(prompts.load(name), nh, nb, f"ep_store/data/chat_{name}.jsonl")
         texts = [r["prompt"] for r in rows]
-        inputs, _ = format_prompts(tokenizer, texts, chat=True)
-        sets.append(Prompts(texts, inputs, [bool(r["harmful"]) for r in rows]))
+        sets.append(Prompts(texts, prompt_ids(tokenizer, texts, chat=True), [bool(r["harmful"]) for r in rows]))
     return sets[0], sets[1]
+
+
+def harvest_documents(tokenizer, train: Prompts) -> tuple[list[str], str]:
+    """(the training prompts as chat-format documents, the harvest's BOS policy): harvested as
+    a ``chat:`` corpus (doc_id = prompt index) they store the very tokens generation starts
+    from, the template's BOS left to the harvester (never stored). UsageError if the model's
+    chat format cannot be harvested that way."""
+    from ep_store.generate import chat_frame
+
+    before, after = chat_frame(tokenizer)
+    bos = tokenizer.bos_token
+    policy, prefix = "never", []
+    if bos and before.startswith(bos):
+        policy, prefix, before = "always", [tokenizer.bos_token_id], before[len(bos):]
+    docs = [before + t + after for t in train.texts]
+    for doc, ids in zip(docs, train.inputs):
+        if prefix + encode(tokenizer, doc, chat=True)[0] != ids:
+            raise UsageError(f"prompt {doc!r} of {tokenizer.name_or_path} does not harvest as the tokens generation "
+                             "sees (a typed turn marker, or a chat format other than Gemma's turns); remove the "
+                             "marker or run the study on a Gemma-format model")
+    return docs, policy
 
 
 def build_dictionaries(cfg: RefusalConfig, work: Store, train: Prompts, tokenizer, models_dir: Path,
@@ -270,14 +292,11 @@ def build_dictionaries(cfg: RefusalConfig, work: Store, train: Prompts, tokenize
     build one dictionary per (layer, percentile) on them, with the library's own functions."""
     corpus = work.root / "prompts" / "train.jsonl"
     corpus.parent.mkdir(parents=True, exist_ok=True)
-    # The very tokens generation starts from, less the BOS the harvester prepends itself;
-    # doc_id = index of the training prompt.
-    bos = tokenizer.bos_token or ""
-    docs = [x[len(bos):] if bos and x.startswith(bos) else x for x in train.inputs]
+    docs, bos = harvest_documents(tokenizer, train)
     corpus.write_text("".join(jsonio.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    lengths = [len(tokenizer(d, add_special_tokens=False)["input_ids"]) for d in docs]
-    harvest(HarvestConfig(cfg.model, cfg.checkpoint, cfg.layers, str(corpus), sum(lengths), max(lengths),
-                          batch_size=32, device=cfg.device, dtype=cfg.dtype, overwrite=True),
+    lengths = [len(ids) - (bos == "always") for ids in train.inputs]
+    harvest(HarvestConfig(cfg.model, cfg.checkpoint, cfg.layers, f"chat:{corpus}", sum(lengths), max(lengths),
+                          batch_size=32, device=cfg.device, dtype=cfg.dtype, overwrite=True, bos=bos),
             work, models_dir, progress)
     keys = []
     for layer in cfg.layers:
@@ -385,8 +404,7 @@ def control(cfg: RefusalConfig, work: Store, best: dict, heldout: Prompts, model
     """The recommended ablation, same direction and center, applied to the control checkpoint."""
     net, tokenizer = models.load(cfg.model, cfg.control, models_dir, cfg.device, cfg.dtype)
     runner = Runner(net, tokenizer, cfg, progress)
-    inputs, _ = format_prompts(tokenizer, heldout.texts, chat=True)
-    heldout = Prompts(heldout.texts, inputs, heldout.harmful)
+    heldout = Prompts(heldout.texts, prompt_ids(tokenizer, heldout.texts, chat=True), heldout.harmful)
     plain = runner.complete(heldout.inputs, f"{cfg.control} unhooked")
     benign_ref = [pc for pc, h in zip(plain, heldout.harmful) if not h]
     unhooked = {**rates_of(runner.text(plain), heldout.harmful), "capability_loss": runner.loss(benign_ref)}

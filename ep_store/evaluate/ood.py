@@ -126,15 +126,13 @@ def random_token_docs(model: str, checkpoint: str, models_dir: Path, like: list[
                       seed: int) -> list[list[int]]:
     """Uniformly random non-special token ids: one list per text of ``like``, as long as its
     first ``max_tokens`` tokens."""
-    from transformers import AutoTokenizer
-
     from ep_store import models
+    from ep_store.corpus import encode
 
-    source, kwargs = models.resolve(model, checkpoint, models_dir)
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    tokenizer = models.load_tokenizer(model, checkpoint, models_dir)
     vocab = min(len(tokenizer), models.load_config(model, checkpoint, models_dir).vocab_size)
     allowed = np.setdiff1d(np.arange(vocab), np.asarray(tokenizer.all_special_ids, dtype=np.int64))
-    lengths = [min(len(ids), max_tokens) for ids in tokenizer(like, add_special_tokens=False)["input_ids"]]
+    lengths = [min(len(encode(tokenizer, text)[0]), max_tokens) for text in like]  # as the texts harvest
     rng = np.random.default_rng(seed)
     return [rng.choice(allowed, n).tolist() for n in lengths if n]
 
