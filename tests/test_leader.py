@@ -147,6 +147,20 @@ def test_properties(params, batch_size):
     assert torch.allclose(result.distance_N.double(), (1 - best).clamp(0, 2), atol=1e-6)
 
 
+@pytest.mark.parametrize("rows", [2, 3, 7, 100, 513, 2048])
+def test_batch_percentile_equals_numpy_exactly(rows):
+    """The order-statistic percentile (no sort, no pair list) is numpy's, to the bit, ties
+    (a duplicated row) and the extreme percentiles included (issue 12)."""
+    x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)) + 0.3
+    x[rows // 2] = x[0]
+    u = unit_directions(x, torch.zeros(64))
+    uu = u.double()
+    i, j = np.triu_indices(rows, 1)
+    pairs = (1.0 - uu @ uu.T).clamp(0.0, 2.0).numpy()[i, j]
+    for p in (0.0, 0.5, 1.0, 4.0, 10.0, 50.0, 99.9, 100.0):
+        assert batch_percentile(u, p) == float(np.percentile(pairs, p)), p
+
+
 def test_calibration_formulas_by_hand():
     x = torch.tensor([[3.0, 0.0], [0.0, 4.0], [1.0, 1.0]])
     acc = CenterAccumulator(2)
