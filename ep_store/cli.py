@@ -78,7 +78,25 @@ def user_errors(fn):
     return wrapper
 
 
-@click.group()
+class OneLineErrors(click.Group):
+    """Click's own usage errors (a bad option type, a missing option, an unknown command) as
+    one line on stderr and exit code 2, like UsageError, instead of usage + hint + error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as err:
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.exceptions.Abort:
+            click.echo("error: interrupted; only completed writes were kept: rerun the command to finish", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=OneLineErrors)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 @click.version_option(package_name="ep_store")
 def main(verbose: int) -> None:
@@ -136,7 +154,8 @@ def parse_layers(text: str) -> tuple[int, ...]:
 @click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
 @click.option("--layers", required=True, multiple=True,
               help="0-based blocks, comma-separated and/or repeated: 6,12 or --layers 6 --layers 12.")
-@click.option("--corpus", default="builtin", show_default=True, help="builtin and/or .txt/.jsonl/.parquet files, comma-separated.")
+@click.option("--corpus", default="builtin", show_default=True, help="Comma-separated sources: builtin, chat (the held-out chat prompts), .txt/.jsonl/.parquet files, "
+              "and chat:FILE (a file in Gemma's chat format: its turn markers become control tokens).")
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens to store.")
 @click.option("--ctx", type=int, default=128, show_default=True, help="Tokens per context (BOS not counted).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per forward pass and commit.")
@@ -147,8 +166,8 @@ def parse_layers(text: str) -> tuple[int, ...]:
 @click.option("--bos", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="BOS before each context: auto follows the tokenizer's convention.")
 @click.option("--writer-depth", type=int, default=2, show_default=True,
-              help="Batches queued for the background Lance writer while the next forward pass runs; "
-                   "0 writes each batch before the next.")
+              help="Batches queued for the background Lance writer while the next forward pass runs "
+                   "(0..64; 0 writes each batch before the next; local engine only).")
 @DEVICE
 @STORE
 @MODELS

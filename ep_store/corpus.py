@@ -88,8 +88,11 @@ def chat_texts() -> Iterator[tuple[str, str]]:
 
 
 def file_texts(path: Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
+    if path.is_dir():
+        raise UsageError(f"corpus file {path} is a folder; pass a .txt/.jsonl/.parquet file")
     if not path.is_file():
-        raise UsageError(f"corpus file {path} does not exist; pass builtin, chat or a .txt/.jsonl/.parquet file")
+        raise UsageError(f"corpus file {path} does not exist; pass builtin, chat, a .txt/.jsonl/.parquet file "
+                         "or chat:FILE")
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
@@ -98,7 +101,10 @@ def file_texts(path: Path, text_field: str = "text") -> Iterator[tuple[str, str]
             with path.open(encoding="utf-8") as lines:
                 for i, line in enumerate(lines):
                     if line.strip():
-                        yield f"{path.name}:{i}", json.loads(line)[text_field]
+                        text = json.loads(line)[text_field]
+                        if isinstance(text, str):
+                            text.encode("utf-8")  # a lone surrogate (\ud83d) is no text: UnicodeEncodeError
+                        yield f"{path.name}:{i}", text
         elif suffix == ".parquet":
             import pyarrow.parquet as pq
 
@@ -106,7 +112,7 @@ def file_texts(path: Path, text_field: str = "text") -> Iterator[tuple[str, str]
                 yield f"{path.name}:{i}", text
         else:
             raise UsageError(f"corpus file {path} is not .txt, .jsonl or .parquet")
-    except (KeyError, json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+    except (KeyError, json.JSONDecodeError, UnicodeError, OSError) as err:
         raise UsageError(f"cannot read corpus file {path}: {type(err).__name__}: {err}") from None
 
 
@@ -119,7 +125,10 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[Document]:
         elif source == "chat":
             texts = chat_texts()
         elif source.startswith("chat:"):
-            texts = file_texts(Path(source[len("chat:"):]), text_field)
+            path = source[len("chat:"):].strip()
+            if not path:
+                raise UsageError(f"chat: needs a file in corpus spec {spec!r}, e.g. chat:prompts.jsonl")
+            texts = file_texts(Path(path).expanduser(), text_field)
         elif source:
             texts = file_texts(Path(source), text_field)
         else:

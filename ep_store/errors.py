@@ -33,6 +33,23 @@ def check_output_file(path, option: str) -> None:
     blocker = _blocking_ancestor(path)
     if blocker is not None:
         raise UsageError(f"{option} {path}: {blocker} is a file, not a folder")
+    _check_creatable(path, option)
+
+
+def _check_creatable(path, option: str) -> None:
+    """Refuse an output whose nearest existing folder cannot take a new file (permissions, a
+    read-only or special file system such as /proc): probe with a temporary file there."""
+    import tempfile
+    from pathlib import Path
+
+    folder = next((p for p in Path(path).absolute().parents if p.exists()), None)
+    if folder is None:
+        return
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".ep-probe-"):
+            pass
+    except OSError as err:
+        raise UsageError(f"{option} {path}: cannot write in {folder}: {err.strerror or err}") from None
 
 
 def check_output_folder(path, option: str) -> None:

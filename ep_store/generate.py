@@ -145,7 +145,8 @@ def build_edits(cfg: GenerateConfig, store: Store) -> list[Edit]:
 def read_prompts(path: Path) -> list[str]:
     """Prompts of a .txt (non-blank lines) or .jsonl (prompt or instruction field) file."""
     if not path.is_file():
-        raise UsageError(f"prompts file {path} does not exist")
+        raise UsageError(f"prompts file {path} {'is a folder' if path.is_dir() else 'does not exist'}; "
+                         "pass a .txt or .jsonl file")
     suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8")
@@ -165,6 +166,12 @@ def read_prompts(path: Path) -> list[str]:
             value = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else None
             if not isinstance(value, str):
                 raise UsageError(f"{path}:{i} has no string 'prompt' or 'instruction' field")
+            if not value.strip():
+                raise UsageError(f"{path}:{i} has an empty prompt")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise UsageError(f"{path}:{i} is not valid Unicode text: {err}") from None
             found.append(value)
     else:
         raise UsageError(f"prompts file {path} is not .txt or .jsonl")
@@ -230,6 +237,9 @@ def check_positions(net, inputs: list[list[int]], max_new_tokens: int) -> None:
     if positions is None or not inputs:
         return
     longest = max(len(ids) for ids in inputs)
+    if longest >= positions:
+        raise UsageError(f"a prompt has {longest} tokens and the model {positions} positions: shorten the prompt "
+                         "(nothing would be left to generate)")
     if longest + max_new_tokens > positions:
         raise UsageError(f"--max-new-tokens {max_new_tokens} does not fit: the longest prompt has {longest} tokens and "
                          f"the model {positions} positions, so at most --max-new-tokens {max(positions - longest, 0)}")
@@ -278,16 +288,6 @@ def greedy(net, tokenizer, inputs: list[list[int]], max_new_tokens: int, batch_s
     return [tokenizer.decode(completion, skip_special_tokens=True) for _, completion in pairs]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write rows atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(jsonio.dumps(row) + "\n")
-    tmp.replace(path)
-
-
 def generate(cfg: GenerateConfig, store: Store, models_dir: Path, progress: bool = True) -> dict:
     """Generate for every prompt of ``cfg.prompts`` under the edits; write ``cfg.out``; the summary."""
     texts = read_prompts(cfg.prompts)
@@ -302,7 +302,7 @@ def generate(cfg: GenerateConfig, store: Store, models_dir: Path, progress: bool
         completions = greedy(net, tokenizer, inputs, cfg.max_new_tokens, cfg.batch_size, progress)
     seconds = time.perf_counter() - start
     rows = [{"prompt": p, "completion": c, "refused": is_refusal(c)} for p, c in zip(texts, completions)]
-    write_jsonl(cfg.out, rows)
+    jsonio.write_lines(cfg.out, rows)
     refused = sum(r["refused"] for r in rows)
     return {"out": str(cfg.out), "prompts": len(rows), "refused": refused,
             "refusal_rate": round(refused / len(rows), 4), "edits": [e.label for e in edits],

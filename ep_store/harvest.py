@@ -99,8 +99,9 @@ class HarvestConfig:
         for name in ("max_tokens", "ctx", "batch_size"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive")
-        if self.writer_depth < 0:
-            raise UsageError("--writer-depth must be 0 (synchronous writes) or more")
+        if not 0 <= self.writer_depth <= MAX_WRITER_DEPTH:
+            raise UsageError(f"--writer-depth must lie in 0..{MAX_WRITER_DEPTH} (0: synchronous writes; each queued "
+                             "batch holds its activations in memory)")
         if self.dtype not in models.DTYPES:
             raise UsageError(f"unknown dtype {self.dtype!r}; use one of {', '.join(models.DTYPES)}")
         if self.storage_dtype not in STORAGE_DTYPES:
@@ -131,6 +132,7 @@ class HarvestConfig:
 
 
 STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16}
+MAX_WRITER_DEPTH = 64  # batches queued for the background writer: the bound that keeps memory flat
 TORCH_STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 BOS_POLICIES = ("auto", "always", "never")
 
@@ -353,6 +355,7 @@ def plan(cfg: HarvestConfig, store: Store, models_dir: Path) -> HarvestPlan:
     config = models.load_config(cfg.model, cfg.checkpoint, models_dir)
     tokenizer = models.load_tokenizer(cfg.model, cfg.checkpoint, models_dir)
     prefix_ids = cfg.prefix_ids(tokenizer)
+    check_chat_documents(documents, tokenizer, cfg.corpus)
     held = prepare_keys(cfg, store, config, prefix_ids)
     models.resolve_device(cfg.device)
     planned = HarvestPlan(cfg, store, documents, tokenizer, prefix_ids, held, config)
@@ -360,6 +363,27 @@ def plan(cfg: HarvestConfig, store: Store, models_dir: Path) -> HarvestPlan:
         check_fingerprints(cfg, store, held, {"tokenizer": tokenizer_fingerprint(tokenizer)})
         check_same_text(planned)
     return planned
+
+
+def check_chat_documents(documents: list, tokenizer, spec: str) -> None:
+    """UsageError for ``chat:FILE`` documents this tokenizer cannot read as chat: no Gemma turn
+    tokens in its vocabulary (the markers would be stored as characters), or a document that
+    starts with the BOS string (the harvester prepends BOS itself; a rendered template's
+    ``<bos>`` would be stored as characters on top of it)."""
+    from ep_store.prompts import CONTROL
+
+    files = [s.strip() for s in spec.split(",") if s.strip().startswith("chat:")]
+    if not files:
+        return
+    missing = [m for m in CONTROL if m not in tokenizer.get_added_vocab()]
+    if missing:
+        raise UsageError(f"{files[0]} is Gemma chat format but this tokenizer has no {' / '.join(missing)} token; "
+                         f"harvest the file without chat: (markers as text)")
+    bos = tokenizer.bos_token
+    for doc in documents:
+        if doc.chat and bos and doc.text.startswith(bos):
+            raise UsageError(f"{doc.name} starts with {bos!r}: chat: documents hold the text after the BOS, "
+                             "which the harvester adds itself (--bos); remove it from the file")
 
 
 def activation_schema(width: int, storage_dtype: str, meta: dict) -> pa.Schema:
@@ -500,7 +524,7 @@ def _forward_and_write(plan_: HarvestPlan, runner: BatchRunner, writer: Backgrou
             skips = {L: max(0, held[L] - stream_row) for L in todo}  # rows of this batch already stored
             writer.submit(_write_batch, plan_, columns, blocks, skips, loop)
             held.update({L: stream_row + n for L in todo})
-            loop.new_tokens += n
+            loop.new_tokens += n - min(skips.values())  # rows of this batch not yet stored by some layer
         bar.update(n)
         loop.total = stream_row + n
     return loop

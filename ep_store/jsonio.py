@@ -64,11 +64,21 @@ def _fallback(value):
 def write(path: str | Path, value, *, indent: int | None = 2, sort_keys: bool = False) -> None:
     """Write ``value`` as strict JSON (plus a newline) atomically: a temp file of this process,
     flushed to disk, then renamed over ``path``."""
-    path = Path(path)
+    _write_atomically(Path(path), dumps(value, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def write_lines(path: str | Path, rows) -> None:
+    """Write ``rows`` as JSON Lines (one strict-JSON object per line), atomically as ``write``."""
+    _write_atomically(Path(path), "".join(dumps(row) + "\n" for row in rows))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``text`` into a temp file of this process (two writers of one path never share one),
+    flushed to disk, then renamed over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(dumps(value, indent=indent, sort_keys=sort_keys) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(path)

@@ -100,7 +100,10 @@ def test_generate_refuses_lengths_beyond_the_position_table(built_store, models_
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello 😀 你好 <bos> world\nshort\n")
-    longest = len(AutoTokenizer.from_pretrained(models_dir / "tiny" / "base")("Hello 😀 你好 <bos> world")["input_ids"])
+    from ep_store.generate import prompt_ids
+
+    tok = AutoTokenizer.from_pretrained(models_dir / "tiny" / "base")
+    longest = len(prompt_ids(tok, ["Hello 😀 你好 <bos> world"], chat=False)[0])  # <bos> typed: text
     base = ["generate", "--model", "tiny", "--checkpoint", "base", "--prompts", prompts, "--out", tmp_path / "g.jsonl",
             "--device", "cpu", "--no-progress", "--models-dir", models_dir, "--store", built_store]
     for n in (str(512 - longest + 1), "999999999999"):  # the small one first: before the fix it ran, not hung
@@ -191,3 +194,121 @@ def test_ctrl_c_exits_130_with_one_line_and_a_rerun_finishes(models_dir, tmp_pat
     done = subprocess.run(finish, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert store.info(path).rows == max(rows, 2000)
+
+
+def _harvest_args(models_dir, store, *extra):
+    return ["harvest", "--model", "tiny", "--checkpoint", "base", "--layers", "1", "--max-tokens", "60",
+            "--ctx", "32", "--device", "cpu", "--no-progress", "--models-dir", models_dir, "--store", store, *extra]
+
+
+def test_click_usage_errors_are_one_line(models_dir, tmp_path):
+    """Found (QA, 2nd pass): click's own errors (a non-integer option, an unknown option or
+    command, a missing option) printed usage, a hint, a blank line and the error; now one line."""
+    store = tmp_path / "store"
+    cases = [
+        (_harvest_args(models_dir, store, "--writer-depth", "abc"), "'abc' is not a valid integer"),
+        (_harvest_args(models_dir, store, "--bogus"), "No such option '--bogus'"),
+        (_harvest_args(models_dir, store, "--dtype", "int8"), "--dtype"),
+        (["models", "list"], "No such command 'list'"),
+        (["harvest", "--model", "tiny"], "Missing option"),
+    ]
+    for args, needle in cases:
+        assert_refused(CliRunner().invoke(main, [str(a) for a in args]), needle)
+    assert not store.exists()
+    assert CliRunner().invoke(main, ["harvest", "--help"]).exit_code == 0
+
+
+def _chat_file(tmp_path, text):
+    import json
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"text": text}) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("corpus", "needle"), [
+    ("chat:", "chat: needs a file"),
+    ("chat:{tmp}", "is a folder"),
+    ("chat:{tmp}/nothing.jsonl", "does not exist"),
+    ("chat:{chat}", "has no <start_of_turn> / <end_of_turn> token"),  # the tiny tokenizer: not Gemma
+    ("{surrogate}", "UnicodeEncodeError"),
+    ("chat:{surrogate}", "UnicodeEncodeError"),
+])
+def test_bad_corpus_sources_are_one_line(models_dir, tmp_path, corpus, needle):
+    """Found (QA): `chat:` with no file said '. does not exist'; a folder said 'does not
+    exist'; a Gemma chat file harvested with a tokenizer without turn tokens stored the
+    markers as characters without a word; a lone surrogate in JSONL ended in a traceback."""
+    import json
+
+    sub = tmp_path / "in"
+    sub.mkdir()
+    surrogate = sub / "sur.jsonl"
+    surrogate.write_text(json.dumps({"text": "bad \ud83d surrogate"}) + "\n", encoding="utf-8")
+    chat = _chat_file(sub, "<start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n")
+    corpus = corpus.format(tmp=sub, surrogate=surrogate, chat=chat)
+    store = tmp_path / "store"
+    assert_refused(CliRunner().invoke(main, [str(a) for a in _harvest_args(models_dir, store, "--corpus", corpus)]),
+                   needle)
+    assert not any(store.rglob("*.lance")) if store.exists() else True
+
+
+@pytest.mark.real_model
+def test_chat_file_starting_with_bos_is_refused(gemma_models_dir, tmp_path):
+    """Found (QA): a chat: document rendered by apply_chat_template starts with '<bos>', which
+    was stored as three text tokens on top of the BOS the harvester adds."""
+    path = _chat_file(tmp_path, "<bos><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n")
+    args = ["harvest", "--model", "gemma-3-270m", "--checkpoint", "base", "--layers", "1", "--corpus", f"chat:{path}",
+            "--device", "cpu", "--no-progress", "--models-dir", gemma_models_dir, "--store", tmp_path / "store"]
+    assert_refused(CliRunner().invoke(main, [str(a) for a in args]), "starts with '<bos>'")
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ('{"prompt": ""}\n', "has an empty prompt"),
+    ('{"prompt": "   "}\n', "has an empty prompt"),
+    ('{"prompt": "bad \\ud83d surrogate"}\n', "is not valid Unicode text"),
+    (None, "is a folder"),
+])
+def test_bad_prompts_are_one_line(built_store, models_dir, tmp_path, content, needle):
+    """Found (QA): an empty JSONL prompt crashed in the model (0-element reshape), a lone
+    surrogate in the tokenizer; a folder was said not to exist."""
+    prompts = tmp_path / "p.jsonl"
+    if content is None:
+        prompts.mkdir()
+    else:
+        prompts.write_text(content, encoding="utf-8")
+    result = run_cli(["generate", "--model", "tiny", "--checkpoint", "base", "--prompts", prompts,
+                      "--out", tmp_path / "g.jsonl", "--max-new-tokens", "2", "--device", "cpu", "--no-progress",
+                      "--models-dir", models_dir, "--store", built_store])
+    assert_refused(result, needle)
+    assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_output_in_an_unwritable_folder_is_refused_before_work(built_store, models_dir, tmp_path):
+    """Found (QA): `ep generate --out /proc/x.jsonl` generated everything, then crashed writing."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    result = run_cli(["generate", "--model", "tiny", "--checkpoint", "base", "--prompts", prompts,
+                      "--out", "/proc/x.jsonl", "--max-new-tokens", "2", "--device", "cpu", "--no-progress",
+                      "--models-dir", models_dir, "--store", built_store])
+    assert_refused(result, "cannot write in /proc")
+
+
+def test_writer_depth_is_bounded(models_dir, tmp_path):
+    """Found (QA): --writer-depth 99999999999999999999 was accepted, lifting the queue's memory bound."""
+    args = _harvest_args(models_dir, tmp_path / "store", "--writer-depth", "99999999999999999999")
+    assert_refused(CliRunner().invoke(main, [str(a) for a in args]), "--writer-depth must lie in 0..64")
+
+
+def test_resumed_harvest_counts_only_new_rows(models_dir, tmp_path):
+    """Found (QA): resuming 300 -> 600 tokens reported 'tokens': 344 (the skipped rows of the
+    first batch counted too); the summary counts rows stored by this run."""
+    import json
+
+    store = tmp_path / "store"
+    base = ["harvest", "--model", "tiny", "--checkpoint", "base", "--layers", "1,2", "--ctx", "32", "--batch-size",
+            "4", "--device", "cpu", "--no-progress", "--models-dir", models_dir, "--store", store]
+    first = CliRunner().invoke(main, [str(a) for a in [*base, "--max-tokens", "300"]])
+    second = CliRunner().invoke(main, [str(a) for a in [*base, "--max-tokens", "600"]])
+    assert first.exit_code == 0 and second.exit_code == 0, second.output
+    assert json.loads(first.stderr.strip().splitlines()[-1])["tokens"] == 300
+    assert json.loads(second.stderr.strip().splitlines()[-1])["tokens"] == 300
