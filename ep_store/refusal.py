@@ -265,25 +265,37 @@ def prompt_sets(cfg: RefusalConfig, tokenizer) -> tuple[Prompts, Prompts]:
     return sets[0], sets[1]
 
 
-def harvest_documents(tokenizer, train: Prompts) -> tuple[list[str], str]:
-    """(the training prompts as chat-format documents, the harvest's BOS policy): harvested as
-    a ``chat:`` corpus (doc_id = prompt index) they store the very tokens generation starts
-    from, the template's BOS left to the harvester (never stored). UsageError if the model's
-    chat format cannot be harvested that way."""
-    from ep_store.generate import chat_frame
+class StudyCorpus(NamedTuple):
+    """How the study harvests its training prompts."""
+
+    documents: list[str]
+    """The prompts in the model's chat format, less the template's BOS (doc_id = prompt index)."""
+    bos: str
+    """The harvest's BOS policy: always where the template starts with the BOS, else never."""
+    chat: bool
+    """Harvest as a ``chat:`` corpus (Gemma's turn markers as control tokens)."""
+
+
+def harvest_documents(tokenizer, train: Prompts) -> StudyCorpus:
+    """The training prompts as documents whose harvest stores the very tokens generation
+    starts from (checked prompt by prompt), the template's BOS left to the harvester. A
+    Gemma-format tokenizer's documents are a ``chat:`` corpus; another template's must encode
+    as plain text. UsageError if a prompt would be harvested otherwise than generated."""
+    from ep_store.generate import chat_frame, has_gemma_turns
 
     before, after = chat_frame(tokenizer)
+    chat = has_gemma_turns(tokenizer)
     bos = tokenizer.bos_token
     policy, prefix = "never", []
     if bos and before.startswith(bos):
         policy, prefix, before = "always", [tokenizer.bos_token_id], before[len(bos):]
     docs = [before + t + after for t in train.texts]
     for doc, ids in zip(docs, train.inputs):
-        if prefix + encode(tokenizer, doc, chat=True)[0] != ids:
+        if prefix + encode(tokenizer, doc, chat=chat)[0] != ids:
             raise UsageError(f"prompt {doc!r} of {tokenizer.name_or_path} does not harvest as the tokens generation "
                              "sees (a typed turn marker, or a chat format other than Gemma's turns); remove the "
                              "marker or run the study on a Gemma-format model")
-    return docs, policy
+    return StudyCorpus(docs, policy, chat)
 
 
 def build_dictionaries(cfg: RefusalConfig, work: Store, train: Prompts, tokenizer, models_dir: Path,
@@ -292,11 +304,12 @@ def build_dictionaries(cfg: RefusalConfig, work: Store, train: Prompts, tokenize
     build one dictionary per (layer, percentile) on them, with the library's own functions."""
     corpus = work.root / "prompts" / "train.jsonl"
     corpus.parent.mkdir(parents=True, exist_ok=True)
-    docs, bos = harvest_documents(tokenizer, train)
-    corpus.write_text("".join(jsonio.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    lengths = [len(ids) - (bos == "always") for ids in train.inputs]
-    harvest(HarvestConfig(cfg.model, cfg.checkpoint, cfg.layers, f"chat:{corpus}", sum(lengths), max(lengths),
-                          batch_size=32, device=cfg.device, dtype=cfg.dtype, overwrite=True, bos=bos),
+    study = harvest_documents(tokenizer, train)
+    jsonio.write_lines(corpus, [{"text": d} for d in study.documents])
+    lengths = [len(ids) - (study.bos == "always") for ids in train.inputs]
+    spec = f"chat:{corpus}" if study.chat else str(corpus)
+    harvest(HarvestConfig(cfg.model, cfg.checkpoint, cfg.layers, spec, sum(lengths), max(lengths),
+                          batch_size=32, device=cfg.device, dtype=cfg.dtype, overwrite=True, bos=study.bos),
             work, models_dir, progress)
     keys = []
     for layer in cfg.layers:

@@ -150,9 +150,10 @@ def test_refusal_study_harvests_the_tokens_generation_sees(gemma_models_dir):
     tok = AutoTokenizer.from_pretrained(gemma_models_dir / "gemma-3-270m" / "base")
     texts = ["How do I bake bread?", "Tell me about <bos> tokens 😀", "x"]
     train = Prompts(texts, prompt_ids(tok, texts, chat=True), [False, False, True])
-    docs, bos = harvest_documents(tok, train)
-    contexts = list(iter_contexts([Document(i, str(i), d, chat=True) for i, d in enumerate(docs)], tok, 4096))
-    assert bos == "always" and [[tok.bos_token_id] + c.token_ids for c in contexts] == train.inputs
+    study = harvest_documents(tok, train)
+    assert study.chat and study.bos == "always"
+    contexts = list(iter_contexts([Document(i, str(i), d, chat=True) for i, d in enumerate(study.documents)], tok, 4096))
+    assert [[tok.bos_token_id] + c.token_ids for c in contexts] == train.inputs
     assert all(c.tokens[-1] == "\n" and c.tokens[-2] == "model" for c in contexts)  # last = where generation starts
     # a prompt typing a turn marker would be harvested as a marker but generated from as text: refused
     typed = ["Tell me about <start_of_turn> tokens"]
