@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from ep_store.prefetch import Prefetch
 
@@ -121,3 +122,18 @@ def test_export_activations_refuses_unknown_dataset(tmp_path):
     assert done.returncode == 2
     assert "no activations" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_bench_build_batched_loop_is_the_leader_rule():
+    """The research-code-style baseline of pipelines/bench_build.py clusters like the rule
+    (random directions: no pair within float32 rounding of theta), so the speed ratio compares
+    the same work."""
+    from ep_store.calibrate import unit_directions
+    from ep_store.leader import leader_reference
+    from pipelines.bench_build import batched_loop_tokens_per_s
+
+    u = unit_directions(torch.randn(3000, 16, generator=torch.Generator().manual_seed(3)), torch.zeros(16))
+    for theta in (0.3, 0.6):
+        tps, rows = batched_loop_tokens_per_s(u, theta, batch_size=256)
+        assert tps > 0 and rows == leader_reference(u, theta, 256, saturation_window=10**9).exemplar_rows
+        assert 10 < len(rows) < 3000
