@@ -257,12 +257,10 @@ class LeaderBuilder:
     def _exact_covered(self, u_RD: torch.Tensor) -> torch.Tensor:
         """(R, K) bool: exemplar k covers row r, by the rule's float64 arithmetic.
 
-        Screens again in float32 whatever the screening dtype (these are the few rows the
-        first screen left undecided, and CPU bfloat16 products of few rows take a slow path:
-        0.1 s for 200 x 1,500 x 640); only pairs within float32's margin of the threshold
-        are computed in float64 (the rest are decided by the float32 screen).
+        Screens again in the screening dtype; only pairs within the margin of the threshold
+        are computed in float64 (the rest are decided by the screen).
         """
-        return self._covers(u_RD, self._E[: self._k], self._E[: self._k])
+        return self._covers(u_RD, self._E[: self._k], self._E_screen[: self._k])
 
     def _covers(self, a_RD: torch.Tensor, b_CD: torch.Tensor, b_screen_CD: torch.Tensor) -> torch.Tensor:
         """(R, C) bool ``covered`` of every pair, exact: screened in ``b_screen_CD``'s dtype,
