@@ -6,7 +6,8 @@ a digest of what it wrote that depends only on content:
 
 - a Lance dataset: rows and values in stored order, schema without metadata
   (ep_store.store.logical_digest; fragment layout, file names, timestamps do not count);
-- a JSON file: its parsed content without run-time measurements (keys ``seconds``,
+- a JSON file: its parsed content without run-time measurements (any key naming
+  ``seconds``, e.g. ``cpu_seconds``, ``seconds_ratio_sae_over_ep``; keys
   ``*_seconds``, ``*_per_s``, ``*_wait_share``, ``*_idle_share``, ``write_share``,
   ``peak_mib``), keys sorted;
 - any other file: its bytes (SHA-256);
@@ -32,7 +33,7 @@ VOLATILE_SUFFIXES = ("_seconds", "_per_s", "_wait_share", "_idle_share")
 
 
 def _is_volatile(key: str) -> bool:
-    return key in VOLATILE_KEYS or key.endswith(VOLATILE_SUFFIXES)
+    return key in VOLATILE_KEYS or key.endswith(VOLATILE_SUFFIXES) or "seconds" in key
 
 
 def _stable(value):

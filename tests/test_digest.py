@@ -105,7 +105,8 @@ def test_cli_digest_and_metrics(tmp_path):
     key = write(store, "one", table, [5])
     folder = store.activation_path(key).parent
     (folder / "notes.json").write_text(json.dumps({"rows": 3, "seconds": 1.25, "nested": {"tokens_per_s": 9.0},
-                                                       "input_wait_share": 0.1, "model_idle_share": 0.2}))
+                                                       "input_wait_share": 0.1, "model_idle_share": 0.2,
+                                                       "seconds_ratio_sae_over_ep": 7.67, "cpu_seconds": 4.05}))
     metrics = tmp_path / "metrics" / "d.json"
     result = CliRunner().invoke(main, ["store", "digest", str(folder), str(store.activation_path(key)),
                                        "--metrics", str(metrics)])
@@ -115,7 +116,8 @@ def test_cli_digest_and_metrics(tmp_path):
     assert [line.split("\t")[0] for line in result.stdout.splitlines()] == [d["digest"] for d in written.values()]
     before = written[str(folder)]["digest"]
     (folder / "notes.json").write_text(json.dumps({"rows": 3, "seconds": 9.5, "nested": {"tokens_per_s": 1.0},
-                                                       "input_wait_share": 0.6, "model_idle_share": 0.0}))
+                                                       "input_wait_share": 0.6, "model_idle_share": 0.0,
+                                                       "seconds_ratio_sae_over_ep": 8.72, "cpu_seconds": 3.82}))
     assert digest(folder)["digest"] == before  # run-time measurements do not count
     (folder / "notes.json").write_text(json.dumps({"rows": 4, "seconds": 9.5}))
     assert digest(folder)["digest"] != before

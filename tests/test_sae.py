@@ -226,11 +226,15 @@ def test_cli_compare_and_summary(toy_store, tmp_path):
     assert summary["ep_to_sae_share_f1_gt_05"] == metrics["ep_to_sae_share_f1_gt_05"]
     assert 0 <= metrics["ep_to_sae_share_f1_gt_05"] <= 1 and metrics["compute"]["flops_ratio_sae_over_ep"] > 0
     assert (out / "f1_distribution.png").stat().st_size > 0 and "| region | feature |" in (out / "README.md").read_text()
+    from ep_store.digest import digest
+
+    first = digest(out)
     again = runner.invoke(main, ["sae", "compare", "--dictionary", "toy/base/L1/p10", "--sae", "t1", "--store", str(root),
                                  "--out", str(out), "--heldout-tokens", str(HELDOUT), "--device", "cpu", "--no-probe",
                                  "--no-progress"])  # a rerun replaces the comparison
     assert again.exit_code == 0, again.output
     assert json.loads((out / "metrics.json").read_text())["ep_to_sae_share_f1_gt_05"] == metrics["ep_to_sae_share_f1_gt_05"]
+    assert digest(out) == first  # the same report, byte for byte, run times aside (they live in metrics.json)
     result = runner.invoke(main, ["sae", "summary", str(out.parent), "--out", str(tmp_path / "m.json")])
     assert result.exit_code == 0, result.output
     assert list(json.loads((tmp_path / "m.json").read_text())) == ["toy/base/L1/p10~t1"]
