@@ -173,11 +173,16 @@ class StoreDB:
         return keys
 
     def _register_matches(self):
+        """Every finished ``ep match``: a folder whose meta.json (written last) names the Lance
+        versions of its tables, read at those versions. A match killed before its meta.json
+        (tables half created, or newer than published) is not seen (crash test, issue 8 G)."""
         pairs, overlaps = [], []
-        for path in sorted((self.store.root / "matches").glob("*/pairs.lance")):
-            pairs.append(f"SELECT * FROM {self._relation(self.store.dataset(path))}")
-            if self.store.exists(path.parent / "overlaps.lance"):
-                overlaps.append(f"SELECT * FROM {self._relation(self.store.dataset(path.parent / 'overlaps.lance'))}")
+        for meta_path in sorted((self.store.root / "matches").glob("*/meta.json")):
+            folder, meta = meta_path.parent, self.store.read_json(meta_path)
+            pairs.append(f"SELECT * FROM {self._relation(self.store.dataset(folder / 'pairs.lance', meta['pairs_version']))}")
+            if meta.get("overlaps_version") is not None:
+                overlaps.append("SELECT * FROM " + self._relation(
+                    self.store.dataset(folder / "overlaps.lance", meta["overlaps_version"])))
         self.con.execute("CREATE VIEW matches AS " + _union(pairs, MATCHES_EMPTY))
         self.con.execute("CREATE VIEW match_overlaps AS " + _union(overlaps, OVERLAPS_EMPTY))
 

@@ -208,3 +208,25 @@ def test_finetune_tiny_end_to_end(tmp_path, models_dir):
     base = AutoModelForCausalLM.from_pretrained(mdir / "tiny" / "base").state_dict()
     tuned = AutoModelForCausalLM.from_pretrained(mdir / "tiny" / "sft").state_dict()
     assert any(not torch.equal(base[k], tuned[k]) for k in base if "embed" not in k)
+
+
+def test_sql_sees_only_published_matches(two_models, tmp_path):
+    """Found by the crash test: `ep match` killed during its first write leaves pairs.lance
+    without a version and no meta.json; the next command opening the store failed on it. The
+    matches views read finished matches only, at the versions their meta.json names."""
+    from ep_store.sql import StoreDB
+
+    src, _ = two_models
+    store = Store(tmp_path / "store")
+    shutil.copytree(src.root, store.root)
+    a, b = DictionaryKey("tiny", "base", 1, 10.0), DictionaryKey("tiny", "other", 1, 10.0)
+    match(MatchConfig(str(a), str(b), method="both"), store)
+    published = StoreDB(store).query("SELECT count(*) AS n FROM matches").column("n")[0].as_py()
+    assert published > 0
+    killed = store.matches_dir("killed__first-write")  # a half-created dataset, as SIGKILL leaves it
+    (killed / "pairs.lance" / "data").mkdir(parents=True)
+    folder = store.matches_dir(f"{a.slug()}__{b.slug()}")  # a rerun killed after its write, before meta.json
+    store.write_table(folder / "pairs.lance", store.read_table(folder / "pairs.lance").slice(0, 1))
+    db = StoreDB(store)
+    assert db.query("SELECT count(*) AS n FROM matches").column("n")[0].as_py() == published
+    assert db.query("SELECT count(*) AS n FROM match_overlaps").column("n")[0].as_py() > 0
