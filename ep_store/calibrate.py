@@ -62,18 +62,34 @@ class CenterAccumulator:
 def unit_directions(x_ND: torch.Tensor, center_D: torch.Tensor) -> torch.Tensor:
     """u(a) = (a - c) / |a - c| in float32: the one definition every path uses.
 
-    x_ND: activations (any float dtype), center_D: the dictionary's center. Returns (N, D)
-    float32; a row equal to the center, or with NaN/inf, comes back as a NaN row (its
-    direction is undefined; see ``degenerate``).
+    x_ND: activations (any float dtype), center_D: the dictionary's center. Returns a new
+    (N, D) float32 tensor; a row with no direction (equal to the center, NaN/inf values, or
+    a norm beyond float32's range) comes back as a NaN row (see ``degenerate``).
     """
-    centered = x_ND.to(torch.float32) - center_D.to(x_ND.device, torch.float32)
-    norm = centered.norm(dim=1, keepdim=True)
-    return torch.where(norm > 0, centered / norm, torch.nan)
+    return unit_directions_(x_ND.to(torch.float32, copy=True), center_D)
+
+
+def unit_directions_(x_ND: torch.Tensor, center_D: torch.Tensor) -> torch.Tensor:
+    """``unit_directions`` in place on a float32 ``x_ND`` (returned): no (N, D) temporaries,
+    which on CPU cost more than the arithmetic (issue 12: fresh pages, not FLOPs)."""
+    if x_ND.dtype != torch.float32:
+        raise TypeError(f"unit_directions_ works in place on float32, got {x_ND.dtype}")
+    x_ND.sub_(center_D.to(x_ND.device, torch.float32))
+    norm_N1 = x_ND.norm(dim=1, keepdim=True)
+    x_ND.div_(norm_N1)
+    undefined_N = ~(torch.isfinite(norm_N1) & (norm_N1 > 0)).squeeze(1)
+    if bool(undefined_N.any()):
+        x_ND[undefined_N] = torch.nan
+    return x_ND
 
 
 def degenerate(u_ND: torch.Tensor) -> torch.Tensor:
-    """(N,) bool: rows with no direction (non-finite input or equal to the center)."""
-    return ~torch.isfinite(u_ND).all(dim=1)
+    """(N,) bool: rows with no direction (non-finite input or equal to the center).
+
+    For unit directions (entries in [-1, 1], or NaN rows) a row sum is finite iff every
+    entry is, so one reduction decides it without an (N, D) temporary.
+    """
+    return ~torch.isfinite(u_ND.sum(dim=1))
 
 
 def median_norm(norms_N: torch.Tensor) -> float:
@@ -98,22 +114,87 @@ def linear_percentile(values: torch.Tensor, p: float) -> float:
     return _interpolate(flat.numel(), p, lambda k: flat.kthvalue(k).values)
 
 
+# |float32 - float64| of a dot product of two float32 unit vectors (accumulation only: the
+# inputs are float32 already); the builder's float32 screening bound (leader.SCREEN_MARGIN).
+SIM_MARGIN = 1e-3
+HISTOGRAM_BINS = 8192
+
+
 def batch_percentile(u_BD: torch.Tensor, p: float) -> float | None:
-    """p-th percentile of 1 - u_i.u_j, clamped to [0, 2], over pairs i < j of one batch.
+    """p-th percentile of 1 - u_i.u_j, clamped to [0, 2], over pairs i < j of one batch,
+    the dot products in float64 (numpy's linear interpolation of those n pair distances).
 
     Degenerate rows (NaN directions) take part in no pair; None when fewer than two remain.
-    The (B, B) distance matrix holds every pair twice and the diagonal once: with the
-    diagonal set to +inf (above every distance), the k-th smallest pair distance is the
-    (2k)-th smallest entry of the matrix, so no pair list is gathered.
+    Exact, without a float64 product of every pair or a selection over them (issue 12):
+    the similarities are screened in float32 (within ``SIM_MARGIN`` of float64), a
+    histogram of them brackets the two order statistics needed, and only pairs that may
+    fall inside the bracket are computed in float64 (see ``_kth_largest_similarities``).
     """
-    u = u_BD[~degenerate(u_BD)].to(torch.float64)
+    u = u_BD[~degenerate(u_BD)].to(torch.float32)
     m = u.shape[0]
     if m < 2:
         return None
-    dist_BB = (1.0 - u @ u.T).clamp_(0.0, 2.0)
-    dist_BB.fill_diagonal_(math.inf)
-    flat = dist_BB.reshape(-1)
-    return _interpolate(m * (m - 1) // 2, p, lambda k: flat.kthvalue(2 * k).values)
+    sim_BB = u @ u.T
+    n = m * (m - 1) // 2
+    rank = p / 100.0 * (n - 1)
+    lo = int(rank)
+    hi = min(lo + 1, n - 1)
+    # The k-th smallest distance is 1 - (the k-th largest similarity), clamped: both maps
+    # are monotone, so they commute with order statistics.
+    sims = _kth_largest_similarities(sim_BB, u.to(torch.float64), (lo + 1, hi + 1))
+    low, high = (min(max(1.0 - s, 0.0), 2.0) for s in sims)
+    return float(low + (high - low) * (rank - lo))
+
+
+def _kth_largest_similarities(sim_BB: torch.Tensor, u64_BD: torch.Tensor, ks: tuple[int, ...],
+                              hist: torch.Tensor | None = None) -> list[float]:
+    """The k-th largest float64 similarities u_i.u_j over pairs i < j, for each k of ``ks``.
+
+    ``sim_BB``: every pair's similarity screened in float32 (within SIM_MARGIN of its
+    float64 value); ``hist``: counts of the pairs' screened values in HISTOGRAM_BINS bins,
+    highest first (default: computed). The histogram brackets the answers in [a, b]. Pairs
+    screened above b + margin are surely above b, pairs below a - margin surely below a;
+    the rest are computed in float64. If each answer, read off those, lies in [a, b], it
+    is exact (everything surely above is larger, everything surely below smaller);
+    otherwise, which takes a misleading histogram, the bracket widens to every pair.
+    """
+    hist = _similarity_histogram(sim_BB) if hist is None else hist
+    width = (2.0 + 2 * SIM_MARGIN) / HISTOGRAM_BINS
+    top = 1.0 + SIM_MARGIN
+    cumulative = hist.cumsum(0)
+    bins = torch.searchsorted(cumulative, torch.tensor([float(k) for k in ks], dtype=cumulative.dtype))
+    first, last = int(bins.min()), min(int(bins.max()), HISTOGRAM_BINS - 1)
+    # Bin i (highest first) spans [top - (i + 1) * width, top - i * width]; one bin more each
+    # side absorbs histc's own rounding at the edges.
+    bracket = (top - (last + 2) * width, top - (first - 1) * width)
+    for lower, upper in (bracket, (-math.inf, math.inf)):
+        exact = _pairs_between(sim_BB, u64_BD, lower - SIM_MARGIN, upper + SIM_MARGIN)
+        above = int(torch.count_nonzero(torch.triu(sim_BB > upper + SIM_MARGIN, diagonal=1)))
+        ranks = [k - above for k in ks]
+        if min(ranks) >= 1 and max(ranks) <= exact.numel():
+            ordered = exact.topk(max(ranks)).values
+            values = [float(ordered[r - 1]) for r in ranks]
+            if all(lower <= v <= upper for v in values):
+                return values
+    raise AssertionError("unreachable: the full bracket holds every pair")
+
+
+def _similarity_histogram(sim_BB: torch.Tensor) -> torch.Tensor:
+    """Counts of the screened similarities of pairs i < j in ``HISTOGRAM_BINS`` bins over
+    [-1 - SIM_MARGIN, 1 + SIM_MARGIN], highest bin first (the full matrix holds every pair
+    twice and the diagonal once)."""
+    lo, hi = -1.0 - SIM_MARGIN, 1.0 + SIM_MARGIN
+    counts = torch.histc(sim_BB, HISTOGRAM_BINS, lo, hi) - torch.histc(sim_BB.diagonal(), HISTOGRAM_BINS, lo, hi)
+    return (counts / 2).flip(0)
+
+
+def _pairs_between(sim_BB: torch.Tensor, u64_BD: torch.Tensor, low: float, high: float,
+                   chunk: int = 8192) -> torch.Tensor:
+    """Float64 similarities of the pairs i < j whose screened similarity lies in [low, high]."""
+    window = torch.triu((sim_BB >= low) & (sim_BB <= high), diagonal=1)
+    i, j = window.nonzero(as_tuple=True)
+    return torch.cat([(u64_BD[i[s : s + chunk]] * u64_BD[j[s : s + chunk]]).sum(1)
+                      for s in range(0, i.numel(), chunk)] or [torch.zeros(0, dtype=torch.float64)])
 
 
 def mean_theta(thetas: list[float | None], batch_size: int) -> tuple[float, int]:

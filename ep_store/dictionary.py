@@ -38,13 +38,20 @@ from ep_store.calibrate import (
     mean_theta,
     median_norm,
     unit_directions,
+    unit_directions_,
 )
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.leader import PRECISIONS, LeaderBuilder, LeaderState
 from ep_store.models import resolve_device
 from ep_store.prefetch import Prefetch
-from ep_store.store import Store, arrow_to_vectors, commit_fragments, vectors_to_arrow
+from ep_store.store import (
+    Store,
+    arrow_to_tensor,
+    commit_fragments,
+    finite_rows,
+    vectors_to_arrow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +125,7 @@ def stream_vectors(store: Store, path: Path, batch_rows: int, limit: int | None 
     hold ``batch_rows`` kept rows. ``version`` pins the dataset version read.
     """
     def keep(batch: pa.RecordBatch) -> np.ndarray:
-        finite = np.isfinite(arrow_to_vectors(batch.column("vector"))).all(axis=1)
+        finite = finite_rows(batch.column("vector"))
         if not skip_nonfinite and not finite.all():
             bad = nonfinite_rows(store, path, version)
             raise UsageError(
@@ -130,7 +137,7 @@ def stream_vectors(store: Store, path: Path, batch_rows: int, limit: int | None 
 
     for batch in store.scan(path, columns=["vector"], batch_size=batch_rows, version=version, limit=limit,
                             keep=keep, row_index=True):
-        x = torch.from_numpy(arrow_to_vectors(batch.column("vector")))
+        x = arrow_to_tensor(batch.column("vector"))
         yield x, torch.from_numpy(batch.column("_row").to_numpy(zero_copy_only=False).copy())
 
 
@@ -138,9 +145,8 @@ def nonfinite_rows(store: Store, path: Path, version: int | None = None) -> list
     """Dataset rows holding NaN or inf (a full scan, run only once one is seen)."""
     bad, row = [], 0
     for batch in store.scan(path, columns=["vector"], batch_size=65536, version=version):
-        x = arrow_to_vectors(batch.column("vector"))
-        bad += (np.flatnonzero(~np.isfinite(x).all(axis=1)) + row).tolist()
-        row += x.shape[0]
+        bad += (np.flatnonzero(~finite_rows(batch.column("vector"))) + row).tolist()
+        row += batch.num_rows
     return bad
 
 
@@ -163,7 +169,7 @@ def calibrate_stream(store: Store, path: Path, cfg: BuildConfig, version: int | 
     thetas, norms = [], []
     for x, _ in batches():
         norms.append((x - center).norm(dim=1))  # steering's scale (issue 9)
-        thetas.append(batch_percentile(unit_directions(x, center), cfg.percentile))
+        thetas.append(batch_percentile(unit_directions_(x, center), cfg.percentile))
     theta, used = mean_theta(thetas, cfg.calibration_batch)
     return Calibration(center, theta, cfg.percentile, acc.count, used, median_norm(torch.cat(norms)))
 
@@ -191,11 +197,11 @@ def exemplar_table(state: LeaderState, tokens: pa.Table) -> pa.Table:
 def state_from_store(table: pa.Table, meta: dict) -> LeaderState:
     width = table.schema.field("exemplar").type.list_size
     norm = torch.tensor(table.column("direction_norm").to_numpy())
-    mean_dir = torch.from_numpy(arrow_to_vectors(table.column("mean_direction"), np.float64))
+    mean_dir = arrow_to_tensor(table.column("mean_direction"), torch.float64)
     b = meta["builder"]
     return LeaderState(
         width=width,
-        exemplars_KD=torch.from_numpy(arrow_to_vectors(table.column("exemplar"))),
+        exemplars_KD=arrow_to_tensor(table.column("exemplar")),
         source_row_K=torch.tensor(table.column("source_row").to_numpy()),
         member_count_K=torch.tensor(table.column("member_count").to_numpy()),
         direction_sum_KD=mean_dir * norm[:, None],
@@ -359,7 +365,7 @@ class BuildInputs:
         for x, rows in self.vectors:
             if self.device.type == "cuda":
                 x = x.pin_memory().to(self.device, non_blocking=True)
-            u = unit_directions(x.to(self.device), self.center)
+            u = unit_directions_(x.to(self.device), self.center)  # x is this thread's own copy
             keep = ~degenerate(u)  # a row equal to the center has no direction: no region (issue 8, item 7)
             if not keep.all():
                 u, rows = u[keep], rows[keep.cpu()]
@@ -393,7 +399,7 @@ class Dictionary:
         self.key, self.meta, self.table = key, meta, exemplars
         self.center = torch.tensor(meta["center"], dtype=torch.float32)
         self.theta = float(meta["theta"])
-        self.exemplars = torch.from_numpy(arrow_to_vectors(exemplars.column("exemplar")))
+        self.exemplars = arrow_to_tensor(exemplars.column("exemplar"))
 
     @classmethod
     def load(cls, store: Store | str | Path, key: DictionaryKey | str, as_of: int | str | None = None) -> Dictionary:
@@ -498,7 +504,7 @@ class AssignJob:
         """Assignment rows (doc_id, pos, region_id, distance) of one record batch of activations.
 
         Degenerate rows (non-finite, or equal to the center) get region -1, distance NaN."""
-        x = torch.from_numpy(arrow_to_vectors(batch.column("vector"))).to(self.device)
+        x = arrow_to_tensor(batch.column("vector")).to(self.device)
         result = nearest_exemplar(unit_directions(x, self.dictionary.center.to(self.device)),
                                   self.dictionary.exemplars.to(self.device))
         region = result.region_N.cpu().numpy().astype(np.int32)

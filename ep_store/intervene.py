@@ -36,7 +36,7 @@ import torch
 from ep_store.calibrate import median_norm
 from ep_store.errors import UsageError
 from ep_store.models import decoder_layers
-from ep_store.store import arrow_to_vectors
+from ep_store.store import arrow_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def region_directions(dictionary, regions: Sequence[int], basis: str = "exemplar
     if basis == "exemplar":
         vectors = dictionary.exemplars
     else:
-        vectors = torch.from_numpy(arrow_to_vectors(dictionary.table.column("mean_direction")))
+        vectors = arrow_to_tensor(dictionary.table.column("mean_direction"))
     # The exemplar table is written in region order (region_id = row), which Dictionary keeps.
     return vectors[torch.as_tensor([int(r) for r in regions], dtype=torch.long)]
 

@@ -52,7 +52,7 @@ from ep_store.calibrate import unit_directions
 from ep_store.dictionary import ASSIGNMENTS, Dictionary
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey, to_segment
-from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.store import Store, arrow_to_tensor, arrow_to_vectors, vectors_to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -528,7 +528,7 @@ def finish(store: Store, source: Path, d: Dictionary, query: Query, rows: np.nda
     if regions is not None:
         region = regions[rows]
     else:
-        x = torch.from_numpy(arrow_to_vectors(got.column("vector")))
+        x = arrow_to_tensor(got.column("vector"))
         region = nearest_exemplar(d.unit(x), d.exemplars).region_N.numpy() if len(rows) else np.zeros(0)
     return pa.table({
         "rank": pa.array(np.arange(1, len(rows) + 1), pa.int32()),

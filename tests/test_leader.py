@@ -149,15 +149,34 @@ def test_properties(params, batch_size):
 
 @pytest.mark.parametrize("rows", [2, 3, 7, 100, 513, 2048])
 def test_batch_percentile_equals_numpy_exactly(rows):
-    """The order-statistic percentile (no sort, no pair list) is numpy's, to the bit, ties
-    (a duplicated row) and the extreme percentiles included (issue 12)."""
+    """The screened, bracketed percentile (no float64 product of every pair, no sort) is
+    numpy's percentile of every pair's float64 distance, to the bit, ties (a duplicated
+    row) and the extreme percentiles included (issue 12). Float64 dot products summed in
+    another order (a matmul) differ only in the last bits."""
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows)) + 0.3
     x[rows // 2] = x[0]
     u = unit_directions(x, torch.zeros(64))
     uu = u.double()
     i, j = np.triu_indices(rows, 1)
-    pairs = (1.0 - uu @ uu.T).clamp(0.0, 2.0).numpy()[i, j]
+    pairs = (1.0 - (uu[i] * uu[j]).sum(1)).clamp(0.0, 2.0).numpy()
+    by_matmul = (1.0 - uu @ uu.T).clamp(0.0, 2.0).numpy()[i, j]
     for p in (0.0, 0.5, 1.0, 4.0, 10.0, 50.0, 99.9, 100.0):
+        assert batch_percentile(u, p) == float(np.percentile(pairs, p)), p
+        assert batch_percentile(u, p) == pytest.approx(float(np.percentile(by_matmul, p)), abs=1e-12)
+
+
+def test_batch_percentile_exact_where_screening_crowds_one_bin():
+    """Thousands of pairs within float32 rounding of each other (near-duplicate rows) put
+    the order statistic inside one histogram bin and inside the screening margin: still
+    numpy's value on every pair."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(8, 640, generator=g)
+    x = base.repeat_interleave(64, 0) + 1e-4 * torch.randn(512, 640, generator=g)
+    u = unit_directions(x, torch.zeros(640))
+    uu = u.double()
+    i, j = np.triu_indices(512, 1)
+    pairs = (1.0 - (uu[i] * uu[j]).sum(1)).clamp(0.0, 2.0).numpy()
+    for p in (0.5, 1.0, 5.0, 12.4, 12.6, 50.0):
         assert batch_percentile(u, p) == float(np.percentile(pairs, p)), p
 
 
@@ -307,3 +326,18 @@ def test_first_independent_equals_sequential_loop(rounds, max_rounds, density):
         assert got == naive_first_independent(earlier)
     chain = torch.diag(torch.ones(99, dtype=torch.bool), -1)  # i-1 covers i: a long chain
     assert first_independent(chain, max_rounds=max_rounds, rounds=rounds).tolist() == list(range(0, 100, 2))
+
+
+def test_kth_largest_similarity_verifies_a_misleading_bracket():
+    """A histogram that points at the wrong bin (here: every pair in the top bin) is
+    caught by the check on the bracket, and the answer is still the exact order statistic."""
+    from ep_store.calibrate import HISTOGRAM_BINS, _kth_largest_similarities
+
+    u = unit_directions(torch.randn(60, 16, generator=torch.Generator().manual_seed(2)), torch.zeros(16))
+    uu = u.double()
+    i, j = np.triu_indices(60, 1)
+    exact = np.sort((uu[i] * uu[j]).sum(1).numpy())[::-1]
+    wrong = torch.zeros(HISTOGRAM_BINS)
+    wrong[0] = len(exact)
+    for k in (1, 7, 500, len(exact) - 1):
+        assert _kth_largest_similarities(u @ u.T, uu, (k, k + 1), wrong) == [exact[k - 1], exact[k]], k

@@ -296,3 +296,45 @@ def test_real_gemma_layer12_beyond_float16(gemma_models_dir, tmp_path):
     x = arrow_to_vectors(full.read_table(full.activation_path(key)).column("vector"))
     assert x.shape[0] == 128 and np.isfinite(x).all()
     assert np.flatnonzero(np.abs(x).max(axis=1) > 65504).tolist() == [113]
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_stored_vectors_decode_and_finiteness_by_dtype(dtype):
+    """The fast readers (issue 12) give what the plain ones give: arrow_to_tensor equals
+    numpy's cast, as a writable copy; finite_rows (float16: exponent bits) equals
+    np.isfinite on the decoded rows, for NaN, +inf, -inf, the largest finite value and
+    a subnormal, in a sliced (offset) Arrow array too."""
+    from ep_store.store import arrow_to_tensor, finite_rows
+
+    x = np.random.default_rng(0).standard_normal((9, 5)).astype(dtype)
+    x[1, 2], x[3, 0], x[4, 4] = np.nan, np.inf, -np.inf
+    x[5, 1], x[6, 3] = np.finfo(dtype).max, np.finfo(dtype).smallest_subnormal
+    for column in (vectors_to_arrow(x, dtype), vectors_to_arrow(x, dtype).slice(2, 6)):
+        plain = arrow_to_vectors(column)
+        fast = arrow_to_tensor(column)
+        assert fast.dtype == torch.float32 and np.array_equal(fast.numpy(), plain, equal_nan=True)
+        fast[0, 0] = 7.0  # its own memory: Arrow's buffer is untouched
+        assert not np.array_equal(fast.numpy(), arrow_to_vectors(column), equal_nan=True)
+        assert finite_rows(column).tolist() == np.isfinite(plain).all(axis=1).tolist()
+        assert np.array_equal(arrow_to_tensor(column, torch.float64).numpy(), plain.astype(np.float64),
+                              equal_nan=True)
+
+
+def test_unit_directions_in_place_and_norms_beyond_float32():
+    """unit_directions_ (in place) equals unit_directions to the bit; a row whose |a - c|
+    overflows float32 has no direction (a NaN row, degenerate), where it once became a
+    zero vector that could be chosen as an exemplar."""
+    from ep_store.calibrate import degenerate, unit_directions_
+
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    x[3] = 3e30
+    x[7] = 0.5  # equal to the center below
+    center = torch.full((8,), 0.5)
+    plain = unit_directions(x, center)
+    assert torch.isnan(plain[3]).all() and torch.isnan(plain[7]).all()
+    assert degenerate(plain).nonzero().squeeze(1).tolist() == [3, 7]
+    same = x.clone()
+    assert unit_directions_(same, center) is same
+    assert torch.equal(same.nan_to_num(9.0), plain.nan_to_num(9.0))
+    with pytest.raises(TypeError):
+        unit_directions_(x.to(torch.float64), center)

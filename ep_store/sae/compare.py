@@ -48,7 +48,7 @@ from ep_store.models import resolve_device
 from ep_store.sae import binarise as B
 from ep_store.sae.report import write_outputs
 from ep_store.sae.train import encode, load_sae
-from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.store import Store, arrow_to_tensor, vectors_to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def heldout_pass(store: Store, key: DictionaryKey, sae, ep: dict, start: int, cf
     skipped, row = 0, 0
     bar = tqdm(total=cfg.heldout_tokens, unit="tok", desc=f"compare {key}", disable=not progress)
     for batch in store.scan(source, columns=["doc_id", "pos", "token", "vector"], batch_size=READ_ROWS, offset=start):
-        x = torch.from_numpy(arrow_to_vectors(batch.column("vector")))
+        x = arrow_to_tensor(batch.column("vector"))
         finite = torch.isfinite(x).all(dim=1).numpy()
         skipped += int((~finite).sum())
         x = x[torch.from_numpy(finite)].to(device)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, SAEKey
 from ep_store.models import resolve_device
-from ep_store.store import Store, arrow_to_vectors
+from ep_store.store import Store, arrow_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def training_batches(store: Store, path: Path, rows: int, batch_size: int, shuff
     while True:
         buffer, held, emitted = [], 0, 0
         for batch in store.scan(path, columns=["vector"], batch_size=READ_ROWS, limit=rows):
-            x = torch.from_numpy(arrow_to_vectors(batch.column("vector")))
+            x = arrow_to_tensor(batch.column("vector"))
             x = x[torch.isfinite(x).all(dim=1)]
             buffer.append(x)
             held += x.shape[0]
@@ -139,7 +139,7 @@ def training_stats(store: Store, path: Path, rows: int) -> tuple[torch.Tensor, f
     """(mean activation (D,), mean L2 norm) of the finite vectors among the first ``rows`` rows, in float64."""
     total, norms, n = None, 0.0, 0
     for batch in store.scan(path, columns=["vector"], batch_size=READ_ROWS, limit=rows):
-        x = torch.from_numpy(arrow_to_vectors(batch.column("vector"))).to(torch.float64)
+        x = arrow_to_tensor(batch.column("vector"), torch.float64)
         x = x[torch.isfinite(x).all(dim=1)]
         total = x.sum(0) if total is None else total + x.sum(0)
         norms += float(x.norm(dim=1).sum())
