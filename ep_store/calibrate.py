@@ -156,7 +156,8 @@ def _kth_largest_similarities(sim_BB: torch.Tensor, u64_BD: torch.Tensor, ks: tu
     screened above b + margin are surely above b, pairs below a - margin surely below a;
     the rest are computed in float64. If each answer, read off those, lies in [a, b], it
     is exact (everything surely above is larger, everything surely below smaller);
-    otherwise, which takes a misleading histogram, the bracket widens to every pair.
+    otherwise, which takes a misleading histogram, the bracket widens (64 bins more each
+    side, then every pair).
     """
     hist = _similarity_histogram(sim_BB) if hist is None else hist
     width = (2.0 + 2 * SIM_MARGIN) / HISTOGRAM_BINS
@@ -166,8 +167,8 @@ def _kth_largest_similarities(sim_BB: torch.Tensor, u64_BD: torch.Tensor, ks: tu
     first, last = int(bins.min()), min(int(bins.max()), HISTOGRAM_BINS - 1)
     # Bin i (highest first) spans [top - (i + 1) * width, top - i * width]; one bin more each
     # side absorbs histc's own rounding at the edges.
-    bracket = (top - (last + 2) * width, top - (first - 1) * width)
-    for lower, upper in (bracket, (-math.inf, math.inf)):
+    brackets = [(top - (last + 1 + extra) * width, top - (first - extra) * width) for extra in (1, 64)]
+    for lower, upper in brackets + [(-math.inf, math.inf)]:
         exact = _pairs_between(sim_BB, u64_BD, lower - SIM_MARGIN, upper + SIM_MARGIN)
         above = int(torch.count_nonzero(torch.triu(sim_BB > upper + SIM_MARGIN, diagonal=1)))
         ranks = [k - above for k in ks]
@@ -184,7 +185,12 @@ def _similarity_histogram(sim_BB: torch.Tensor) -> torch.Tensor:
     [-1 - SIM_MARGIN, 1 + SIM_MARGIN], highest bin first (the full matrix holds every pair
     twice and the diagonal once)."""
     lo, hi = -1.0 - SIM_MARGIN, 1.0 + SIM_MARGIN
-    counts = torch.histc(sim_BB, HISTOGRAM_BINS, lo, hi) - torch.histc(sim_BB.diagonal(), HISTOGRAM_BINS, lo, hi)
+    # histc counts in the input's dtype: float32 counts are exact up to 2^24, so count a
+    # block of rows at a time and add the blocks in float64.
+    rows = max(1, (1 << 24) // sim_BB.shape[1])
+    counts = sum(torch.histc(sim_BB[r : r + rows], HISTOGRAM_BINS, lo, hi).to(torch.float64)
+                 for r in range(0, sim_BB.shape[0], rows))
+    counts = counts - torch.histc(sim_BB.diagonal(), HISTOGRAM_BINS, lo, hi).to(torch.float64)
     return (counts / 2).flip(0)
 
 

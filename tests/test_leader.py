@@ -341,3 +341,16 @@ def test_kth_largest_similarity_verifies_a_misleading_bracket():
     wrong[0] = len(exact)
     for k in (1, 7, 500, len(exact) - 1):
         assert _kth_largest_similarities(u @ u.T, uu, (k, k + 1), wrong) == [exact[k - 1], exact[k]], k
+
+
+def test_batch_percentile_exact_past_float32_histogram_counts():
+    """A calibration batch of 4,200 rows has 17.6M matrix entries, past the 2^24 that
+    float32 histogram counts hold exactly: still numpy's percentile of every pair."""
+    rows = 4200
+    u = unit_directions(torch.randn(rows, 8, generator=torch.Generator().manual_seed(3)) + 0.2, torch.zeros(8))
+    uu = u.double()
+    i, j = torch.triu_indices(rows, rows, 1)
+    pairs = torch.cat([(1.0 - (uu[i[s : s + (1 << 20)]] * uu[j[s : s + (1 << 20)]]).sum(1)).clamp(0.0, 2.0)
+                       for s in range(0, i.numel(), 1 << 20)]).numpy()
+    for p in (1.0, 37.5):
+        assert batch_percentile(u, p) == float(np.percentile(pairs, p)), p
