@@ -137,3 +137,22 @@ def test_bench_build_batched_loop_is_the_leader_rule():
         tps, rows = batched_loop_tokens_per_s(u, theta, batch_size=256)
         assert tps > 0 and rows == leader_reference(u, theta, 256, saturation_window=10**9).exemplar_rows
         assert 10 < len(rows) < 3000
+
+
+def test_bench_build_baseline_accumulates_like_add_at():
+    """The baseline's grouped sums (a sort and np.add.reduceat, issue 12: np.add.at made the
+    baseline 3x slower than the research code at p=10) add what np.add.at adds: repeated,
+    missing and out-of-order regions, and no rows at all."""
+    from pipelines.bench_build import _accumulate
+
+    rng = np.random.default_rng(4)
+    regions = rng.integers(0, 40, 500)
+    rows = rng.standard_normal((500, 8)).astype(np.float32)
+    counts, sums = np.zeros(50, np.int64), np.zeros((50, 8))
+    want_counts, want_sums = counts.copy(), sums.copy()
+    for _ in range(2):
+        _accumulate(counts, sums, regions, rows)
+        np.add.at(want_counts, regions, 1)
+        np.add.at(want_sums, regions, rows)
+    _accumulate(counts, sums, regions[:0], rows[:0])
+    assert np.array_equal(counts, want_counts) and np.allclose(sums, want_sums, rtol=0, atol=1e-12)
