@@ -504,8 +504,8 @@ class AssignJob:
         """Assignment rows (doc_id, pos, region_id, distance) of one record batch of activations.
 
         Degenerate rows (non-finite, or equal to the center) get region -1, distance NaN."""
-        x = arrow_to_tensor(batch.column("vector")).to(self.device)
-        result = nearest_exemplar(unit_directions(x, self.dictionary.center.to(self.device)),
+        x = arrow_to_tensor(batch.column("vector")).to(self.device)  # our own copy: normalised in place
+        result = nearest_exemplar(unit_directions_(x, self.dictionary.center.to(self.device)),
                                   self.dictionary.exemplars.to(self.device))
         region = result.region_N.cpu().numpy().astype(np.int32)
         return pa.record_batch([batch.column("doc_id"), batch.column("pos"), pa.array(region),
