@@ -163,7 +163,8 @@ def _kth_largest_similarities(sim_BB: torch.Tensor, u64_BD: torch.Tensor, ks: tu
     width = (2.0 + 2 * SIM_MARGIN) / HISTOGRAM_BINS
     top = 1.0 + SIM_MARGIN
     cumulative = hist.cumsum(0)
-    bins = torch.searchsorted(cumulative, torch.tensor([float(k) for k in ks], dtype=cumulative.dtype))
+    bins = torch.searchsorted(cumulative, torch.tensor([float(k) for k in ks], dtype=cumulative.dtype,
+                                                       device=cumulative.device))
     first, last = int(bins.min()), min(int(bins.max()), HISTOGRAM_BINS - 1)
     # Bin i (highest first) spans [top - (i + 1) * width, top - i * width]; one bin more each
     # side absorbs histc's own rounding at the edges.
@@ -200,7 +201,7 @@ def _pairs_between(sim_BB: torch.Tensor, u64_BD: torch.Tensor, low: float, high:
     window = torch.triu((sim_BB >= low) & (sim_BB <= high), diagonal=1)
     i, j = window.nonzero(as_tuple=True)
     return torch.cat([(u64_BD[i[s : s + chunk]] * u64_BD[j[s : s + chunk]]).sum(1)
-                      for s in range(0, i.numel(), chunk)] or [torch.zeros(0, dtype=torch.float64)])
+                      for s in range(0, i.numel(), chunk)] or [u64_BD.new_zeros(0)])
 
 
 def mean_theta(thetas: list[float | None], batch_size: int) -> tuple[float, int]:

@@ -210,6 +210,17 @@ def test_calibration_formulas_by_hand():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_batch_percentile_equals_cpu():
+    """The screened percentile runs where its input lives and gives the CPU's value."""
+    u = unit_directions(torch.randn(1500, 64, generator=torch.Generator().manual_seed(8)) + 0.2, torch.zeros(64))
+    uu = u.double()
+    i, j = np.triu_indices(1500, 1)
+    pairs = (1.0 - (uu[i] * uu[j]).sum(1)).clamp(0.0, 2.0).numpy()
+    for p in (1.0, 10.0):
+        assert batch_percentile(u.cuda(), p) == pytest.approx(float(np.percentile(pairs, p)), abs=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_cuda_builder_equals_reference(precision):
     x = clustered_stream(3000, 128, 20, 0.8, seed=7)
