@@ -123,10 +123,11 @@ def test_edited_params_give_the_stage_set_they_ask_for(edited_repo):
     assert sorted(k for k in stages if k.startswith("match_finetuned@")) == \
         ["match_finetuned@sft-3-2", "match_finetuned@sft-step1-3-2"]
     assert [k for k in stages if k.startswith("match_cross@")] == ["match_cross@pair0-2"]
-    # every stage records its digests as a metric
+    # every stage records its digests as a metric, and depends on the library's code
     for name, stage in stages.items():
         assert "ep store digest" in stage["cmd"], name
         assert any(o.startswith("data/metrics/digests/") for o in stage["outs"]), name
+        assert "ep_store" in stage["deps"], name
 
 
 def test_edited_dag_connects_finetune_to_its_checkpoints(edited_repo):
