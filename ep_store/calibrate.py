@@ -59,6 +59,10 @@ class CenterAccumulator:
         return (direction * (mean @ direction)).to(torch.float32)
 
 
+# Below this float32 norm, squares of the entries may have underflowed: redo in float64.
+NORM_FLOOR = 1e-15
+
+
 def unit_directions(x_ND: torch.Tensor, center_D: torch.Tensor) -> torch.Tensor:
     """u(a) = (a - c) / |a - c| in float32: the one definition every path uses.
 
@@ -71,16 +75,35 @@ def unit_directions(x_ND: torch.Tensor, center_D: torch.Tensor) -> torch.Tensor:
 
 def unit_directions_(x_ND: torch.Tensor, center_D: torch.Tensor) -> torch.Tensor:
     """``unit_directions`` in place on a float32 ``x_ND`` (returned): no (N, D) temporaries,
-    which on CPU cost more than the arithmetic (issue 12: fresh pages, not FLOPs)."""
+    which on CPU cost more than the arithmetic (issue 12: fresh pages, not FLOPs).
+
+    The float32 norm squares each entry: beyond ~1.8e19 that overflows, below ~1e-19 it
+    underflows. Rows whose float32 norm is not finite or under ``NORM_FLOOR`` are normalised
+    again in float64, so every row whose direction float32 can hold gets it; the rest
+    (zero, NaN/inf, or a difference a - c beyond float32) are NaN rows.
+    """
     if x_ND.dtype != torch.float32:
         raise TypeError(f"unit_directions_ works in place on float32, got {x_ND.dtype}")
     x_ND.sub_(center_D.to(x_ND.device, torch.float32))
     norm_N1 = x_ND.norm(dim=1, keepdim=True)
+    redo_N = ~(torch.isfinite(norm_N1) & (norm_N1 > NORM_FLOOR)).squeeze(1)
+    redo = bool(redo_N.any())
+    if redo:
+        wide_RD = x_ND[redo_N].to(torch.float64)
+        wide_norm_R1 = wide_RD.norm(dim=1, keepdim=True)
+        defined_R1 = torch.isfinite(wide_norm_R1) & (wide_norm_R1 > 0)
+        fixed_RD = torch.where(defined_R1, wide_RD / wide_norm_R1, torch.nan).to(torch.float32)
     x_ND.div_(norm_N1)
-    undefined_N = ~(torch.isfinite(norm_N1) & (norm_N1 > 0)).squeeze(1)
-    if bool(undefined_N.any()):
-        x_ND[undefined_N] = torch.nan
+    if redo:
+        x_ND[redo_N] = fixed_RD
     return x_ND
+
+
+def centered_norms(x_ND: torch.Tensor, center_D: torch.Tensor) -> torch.Tensor:
+    """(N,) float64 |a - c|, the difference taken in float32 as ``unit_directions`` takes it,
+    the norm in float64 (no overflow or underflow of the squares)."""
+    centered = x_ND.to(torch.float32) - center_D.to(x_ND.device, torch.float32)
+    return torch.linalg.vector_norm(centered, dim=1, dtype=torch.float64)
 
 
 def degenerate(u_ND: torch.Tensor) -> torch.Tensor:
@@ -104,8 +127,15 @@ def _interpolate(n: int, p: float, kth) -> float:
     rank = p / 100.0 * (n - 1)
     lo = int(rank)
     hi = min(lo + 1, n - 1)
-    low, high = kth(lo + 1), kth(hi + 1)
-    return float(low + (high - low) * (rank - lo))
+    return lerp(float(kth(lo + 1)), float(kth(hi + 1)), rank - lo)
+
+
+def lerp(low: float, high: float, t: float) -> float:
+    """numpy's interpolation between two order statistics, to the bit: numpy 2 computes
+    ``high - (high - low) * (1 - t)`` once t >= 0.5 (the two forms differ in the last bits)."""
+    if t >= 0.5:
+        return float(high - (high - low) * (1.0 - t))
+    return float(low + (high - low) * t)
 
 
 def linear_percentile(values: torch.Tensor, p: float) -> float:
@@ -143,7 +173,7 @@ def batch_percentile(u_BD: torch.Tensor, p: float) -> float | None:
     # are monotone, so they commute with order statistics.
     sims = _kth_largest_similarities(sim_BB, u.to(torch.float64), (lo + 1, hi + 1))
     low, high = (min(max(1.0 - s, 0.0), 2.0) for s in sims)
-    return float(low + (high - low) * (rank - lo))
+    return lerp(low, high, rank - lo)
 
 
 def _kth_largest_similarities(sim_BB: torch.Tensor, u64_BD: torch.Tensor, ks: tuple[int, ...],
@@ -228,5 +258,5 @@ def calibrate(batches, percentile: float) -> Calibration:
     center = acc.center()
     theta, used = mean_theta([batch_percentile(unit_directions(x, center), percentile) for x in batches],
                              batches[0].shape[0])
-    scale = median_norm(torch.cat([(x.to(torch.float32) - center).norm(dim=1) for x in batches]))
+    scale = median_norm(torch.cat([centered_norms(x, center) for x in batches]))
     return Calibration(center, theta, percentile, acc.count, used, scale)

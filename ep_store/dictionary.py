@@ -34,6 +34,7 @@ from ep_store.calibrate import (
     Calibration,
     CenterAccumulator,
     batch_percentile,
+    centered_norms,
     degenerate,
     mean_theta,
     median_norm,
@@ -168,7 +169,7 @@ def calibrate_stream(store: Store, path: Path, cfg: BuildConfig, version: int | 
     center = acc.center()
     thetas, norms = [], []
     for x, _ in batches():
-        norms.append((x - center).norm(dim=1))  # steering's scale (issue 9)
+        norms.append(centered_norms(x, center))  # steering's scale (issue 9)
         thetas.append(batch_percentile(unit_directions_(x, center), cfg.percentile))
     theta, used = mean_theta(thetas, cfg.calibration_batch)
     return Calibration(center, theta, cfg.percentile, acc.count, used, median_norm(torch.cat(norms)))

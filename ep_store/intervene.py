@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ep_store.calibrate import median_norm
+from ep_store.calibrate import centered_norms, median_norm
 from ep_store.errors import UsageError
 from ep_store.models import decoder_layers
 from ep_store.store import arrow_to_tensor
@@ -166,7 +166,7 @@ def steering_scale(store, dictionary) -> float:
     if not store.exists(path):
         raise UsageError(f"{dictionary.key} has no stored scale and its activations {dictionary.key.activations} "
                          "are gone; rebuild the dictionary")
-    norms = [(x - dictionary.center).norm(dim=1)
+    norms = [centered_norms(x, dictionary.center)
              for x, _ in stream_vectors(store, path, 16384, dictionary.meta["calibration"]["tokens"], True)]
     log.info("%s: scale computed from the calibration prefix (built before scale was stored)", dictionary.key)
     return median_norm(torch.cat(norms))

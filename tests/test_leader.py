@@ -365,3 +365,17 @@ def test_batch_percentile_exact_past_float32_histogram_counts():
                        for s in range(0, i.numel(), 1 << 20)]).numpy()
     for p in (1.0, 37.5):
         assert batch_percentile(u, p) == float(np.percentile(pairs, p)), p
+
+
+def test_percentile_interpolation_is_numpys_to_the_bit():
+    """numpy interpolates high - (high - low) * (1 - t) once t >= 0.5, not low + (high - low) * t:
+    the last bits differ (QA found theta off by 2 ulp at p = 33.3). Many small batches and
+    percentiles, every fraction t, must give numpy's value exactly."""
+    for seed in range(150):
+        u = unit_directions(torch.randn(5, 3, generator=torch.Generator().manual_seed(seed)), torch.zeros(3))
+        uu = u.double()
+        i, j = np.triu_indices(5, 1)
+        pairs = (1.0 - (uu[i] * uu[j]).sum(1)).clamp(0.0, 2.0).numpy()
+        for p in (7.7, 33.3, 41.0, 66.6, 99.999):
+            assert batch_percentile(u, p) == float(np.percentile(pairs, p)), (seed, p)
+            assert linear_percentile(torch.from_numpy(pairs), p) == float(np.percentile(pairs, p)), (seed, p)

@@ -320,21 +320,57 @@ def test_stored_vectors_decode_and_finiteness_by_dtype(dtype):
                               equal_nan=True)
 
 
-def test_unit_directions_in_place_and_norms_beyond_float32():
-    """unit_directions_ (in place) equals unit_directions to the bit; a row whose |a - c|
-    overflows float32 has no direction (a NaN row, degenerate), where it once became a
-    zero vector that could be chosen as an exemplar."""
-    from ep_store.calibrate import degenerate, unit_directions_
+def test_unit_directions_in_place_and_norms_beyond_float32_squares():
+    """unit_directions_ (in place) equals unit_directions to the bit. Rows whose float32
+    sum of squares overflows (|a - c| > ~1.8e19) or underflows (< ~1e-19) still get their
+    direction (QA: once NaN, or a "unit" vector that was not one); rows with no direction
+    float32 can hold (zero, inf, a difference a - c beyond float32) are NaN rows."""
+    from ep_store.calibrate import centered_norms, degenerate, unit_directions_
 
     x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
     x[3] = 3e30
-    x[7] = 0.5  # equal to the center below
-    center = torch.full((8,), 0.5)
+    x[4], x[5] = 0.0, 0.0
+    x[4, :2] = torch.tensor([3e19, 4e19])
+    x[5, :2] = torch.tensor([3e-25, 4e-25])
+    x[7] = 0.0  # equal to the center
+    x[9, 0] = float("inf")
+    center = torch.zeros(8)
     plain = unit_directions(x, center)
-    assert torch.isnan(plain[3]).all() and torch.isnan(plain[7]).all()
-    assert degenerate(plain).nonzero().squeeze(1).tolist() == [3, 7]
+    torch.testing.assert_close(plain[3], torch.full((8,), 8 ** -0.5))
+    torch.testing.assert_close(plain[4, :2], torch.tensor([0.6, 0.8]))
+    torch.testing.assert_close(plain[5], torch.tensor([0.6, 0.8, 0, 0, 0, 0, 0, 0]))
+    assert degenerate(plain).nonzero().squeeze(1).tolist() == [7, 9]
+    norms = (plain[~degenerate(plain)].double().norm(dim=1) - 1).abs()
+    assert float(norms.max()) < 1e-6
     same = x.clone()
     assert unit_directions_(same, center) is same
     assert torch.equal(same.nan_to_num(9.0), plain.nan_to_num(9.0))
+    beyond = unit_directions(torch.tensor([[3e38, 0.0]]), torch.tensor([-3e38, 0.0]))
+    assert degenerate(beyond).tolist() == [True]
+    assert centered_norms(x, center)[3] == pytest.approx(3e30 * 8 ** 0.5, rel=1e-6)
+    assert centered_norms(x, center)[5] == pytest.approx(5e-25, rel=1e-6)
     with pytest.raises(TypeError):
         unit_directions_(x.to(torch.float64), center)
+
+
+def test_one_huge_outlier_row_does_not_block_a_build(tmp_path):
+    """One row scaled by 1e30 pulls the center to ~3e26: every |a - c| is beyond the
+    float32 squares, yet every direction is defined (QA: the build once refused to
+    calibrate, 'no batch holds two usable rows'). The build equals the plain rule."""
+    store = Store(tmp_path / "store")
+    x = np.random.default_rng(0).standard_normal((600, 16)).astype(np.float32)
+    x[10] *= 1e30
+    write_activations(store, ActivationKey("big", "base", 1), x)
+    summary = build(BuildConfig("big", "base", 1, 5.0, calibration_batch=200, batch_size=100, device="cpu"),
+                    store, assign=False, progress=False)
+    d = Dictionary.load(store, DictionaryKey("big", "base", 1, 5.0))
+    u = d.unit(torch.from_numpy(x))
+    assert not bool(degenerate_rows(u).any())
+    ref = leader_reference(u, d.theta, 100, saturation_window=1)
+    assert d.table.column("source_row").to_pylist() == ref.exemplar_rows and summary["regions"] == len(ref.exemplar_rows)
+
+
+def degenerate_rows(u):
+    from ep_store.calibrate import degenerate
+
+    return degenerate(u)
