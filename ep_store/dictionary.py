@@ -130,7 +130,7 @@ def stream_vectors(store: Store, path: Path, batch_rows: int, limit: int | None 
         if not skip_nonfinite and not finite.all():
             bad = nonfinite_rows(store, path, version)
             raise UsageError(
-                f"{path} has {len(bad)} non-finite vectors (rows {bad[:5]}{' ...' if len(bad) > 5 else ''}); "
+                f"{path} has {len(bad)} non-finite or missing (null) vectors (rows {bad[:5]}{' ...' if len(bad) > 5 else ''}); "
                 "re-harvest with --storage-dtype float32 (it holds the model's range), or pass --skip-nonfinite "
                 "to drop them"
             )

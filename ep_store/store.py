@@ -59,38 +59,45 @@ def vectors_to_arrow(x_ND: np.ndarray, dtype=np.float32) -> pa.FixedSizeListArra
     return pa.FixedSizeListArray.from_arrays(pa.array(x_ND.reshape(-1)), x_ND.shape[1])
 
 
-def arrow_to_vectors(column: pa.Array | pa.ChunkedArray, dtype=np.float32) -> np.ndarray:
-    """Arrow fixed_size_list[D] -> (N, D) numpy array of ``dtype``."""
+def _stored_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(N, D) numpy view of a fixed_size_list[D] column in its stored dtype. A null vector
+    (a missing row) becomes a NaN row, so it counts as non-finite and keeps its place:
+    Arrow's ``flatten`` drops null slots, which shifted every later row (QA)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     width = column.type.list_size
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(-1, width).astype(dtype)  # a writable copy torch can wrap
+    flat = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    if column.null_count == 0:
+        return flat
+    rows = np.full((len(column), width), np.nan, dtype=flat.dtype)
+    rows[column.is_valid().to_numpy(zero_copy_only=False)] = flat
+    return rows
+
+
+def arrow_to_vectors(column: pa.Array | pa.ChunkedArray, dtype=np.float32) -> np.ndarray:
+    """Arrow fixed_size_list[D] -> (N, D) numpy array of ``dtype`` (null vectors: NaN rows)."""
+    return _stored_rows(column).astype(dtype)  # a writable copy torch can wrap
 
 
 def arrow_to_tensor(column: pa.Array | pa.ChunkedArray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Arrow fixed_size_list[D] -> a new (N, D) torch tensor of ``dtype``, converted by torch
-    straight from the stored values (issue 12: for float16 about twice numpy's cast)."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    flat = column.flatten().to_numpy(zero_copy_only=False)
+    straight from the stored values (issue 12: for float16 about twice numpy's cast);
+    null vectors are NaN rows."""
+    rows = _stored_rows(column)
     with warnings.catch_warnings():  # read only, and copied below: Arrow's buffers stay untouched
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        stored = torch.from_numpy(flat)
-    return stored.reshape(-1, column.type.list_size).to(dtype, copy=True)
+        stored = torch.from_numpy(rows)
+    return stored.to(dtype, copy=True)
 
 
 def finite_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """(N,) bool: rows of a fixed_size_list[D] vector column with no NaN or inf, read in
-    the stored dtype (no float32 copy). float16 tests the exponent bits: all ones is inf
-    or NaN."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks()
-    width = column.type.list_size
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    if flat.dtype == np.float16:
-        return ((flat.view(np.uint16) & 0x7C00) != 0x7C00).reshape(-1, width).all(axis=1)
-    return np.isfinite(flat).reshape(-1, width).all(axis=1)
+    """(N,) bool: rows of a fixed_size_list[D] vector column with no NaN or inf (a null
+    vector is not finite), read in the stored dtype (no float32 copy). float16 tests the
+    exponent bits: all ones is inf or NaN."""
+    rows = _stored_rows(column)
+    if rows.dtype == np.float16:
+        return ((rows.view(np.uint16) & 0x7C00) != 0x7C00).all(axis=1)
+    return np.isfinite(rows).all(axis=1)
 
 
 def rebatch(batches: Iterable[pa.RecordBatch], batch_rows: int) -> Iterator[pa.RecordBatch]:
@@ -134,6 +141,17 @@ def _filter_rows(batches, keep, row_index: bool, row: int) -> Iterator[pa.Record
             if not mask.all():  # a filter copies every column, even when it keeps every row
                 batch = batch.filter(pa.array(mask))
         yield batch
+
+
+def _check_vector_column(schema: pa.Schema, path: Path) -> None:
+    """Refuse (UsageError) a dataset whose ``vector`` column is not a fixed-size list of
+    floats: every reader decodes vectors as fixed_size_list<float16|float32|float64>[d]."""
+    if "vector" not in schema.names:
+        return
+    kind = schema.field("vector").type
+    if not (pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type)):
+        raise UsageError(f"{path}: column 'vector' is {kind}, not a fixed-size list of floats; write vectors as "
+                         "fixed_size_list<halffloat|float>[d], as ep harvest does")
 
 
 class _Held:
@@ -206,6 +224,7 @@ class Store:
     @staticmethod
     def info(path: Path) -> DatasetInfo:
         ds = lance.dataset(str(path))
+        _check_vector_column(ds.schema, path)
         vector = next((f for f in ds.schema if pa.types.is_fixed_size_list(f.type)), None)
         meta = json.loads((ds.schema.metadata or {}).get(META_KEY, b"{}"))
         return DatasetInfo(
@@ -368,6 +387,7 @@ class Store:
     def append_activations(self, key: ActivationKey, table: pa.Table, meta: dict) -> int:
         """Append one chunk of rows as one commit; creates the dataset on first write."""
         path = self.activation_path(key)
+        _check_vector_column(table.schema, path)
         table = table.replace_schema_metadata({META_KEY: jsonio.dumps(meta, sort_keys=True).encode()})
         if self.exists(path):
             width = self.info(path).width

@@ -153,7 +153,7 @@ def test_nonfinite_refused_or_skipped(store):
     store.append_activations(key, table, {})
     before = tree_snapshot(store.root)
     result = CliRunner().invoke(main, build_args(store, **{"--checkpoint": "nan"}))
-    assert_refused(result, "non-finite vectors")
+    assert_refused(result, "non-finite or missing (null) vectors")
     assert "[5, 300]" in result.output
     assert tree_snapshot(store.root) == before
     ok = CliRunner().invoke(main, [*build_args(store, **{"--checkpoint": "nan"}), "--skip-nonfinite"])

@@ -374,3 +374,62 @@ def degenerate_rows(u):
     from ep_store.calibrate import degenerate
 
     return degenerate(u)
+
+
+def activation_table(vectors: pa.Array) -> pa.Table:
+    n = len(vectors)
+    return pa.table({
+        "doc_id": pa.array(np.zeros(n), pa.int64()), "pos": pa.array(np.arange(n), pa.int32()),
+        "token_id": pa.array(np.zeros(n), pa.int32()), "token": pa.array(["x"] * n, pa.string()),
+        "char_start": pa.array(np.arange(n), pa.int32()), "char_end": pa.array(np.arange(n) + 1, pa.int32()),
+        "vector": vectors,
+    })
+
+
+def test_null_vectors_are_missing_rows_not_shifted_rows(tmp_path):
+    """A null vector is a missing row: refused like a non-finite one (exit 2, one line,
+    store unchanged), or dropped with --skip-nonfinite, every later row keeping its place
+    (QA: Arrow's flatten dropped the null slot, so 159 of 163 exemplars named the wrong
+    source row and the build's assign crashed)."""
+    store = Store(tmp_path / "store")
+    x = np.random.default_rng(1).standard_normal((600, 8)).astype(np.float32)
+    valid = np.ones(600, bool)
+    valid[[5, 333]] = False
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 8, mask=pa.array(~valid))
+    store.append_activations(ActivationKey("nl", "base", 1), activation_table(vectors), {"synthetic": True})
+    before = tree_snapshot(store.root)
+    r = run_cli("build", "--model", "nl", "--checkpoint", "base", "--layer", "1", "--percentile", "5",
+                "--calibration-batch", "200", "--batch-size", "100", "--device", "cpu", "--store", str(store.root),
+                "--no-progress")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "2 non-finite or missing (null) vectors (rows [5, 333])" in r.stderr
+    assert tree_snapshot(store.root) == before
+    build(BuildConfig("nl", "base", 1, 5.0, calibration_batch=200, batch_size=100, device="cpu",
+                      skip_nonfinite=True), store, progress=False)
+    d = Dictionary.load(store, DictionaryKey("nl", "base", 1, 5.0))
+    kept = np.flatnonzero(valid)
+    ref = leader_reference(d.unit(torch.from_numpy(x[kept])), d.theta, 100, saturation_window=1)
+    assert d.table.column("source_row").to_pylist() == kept[ref.exemplar_rows].tolist()
+    assert d.table.column("pos").to_pylist() == kept[ref.exemplar_rows].tolist()
+    assigned = store.read_table(store.dictionary_dir(d.key) / "assignments.lance").sort_by("pos")
+    region = np.array(assigned.column("region_id").to_pylist())
+    assert len(region) == 600 and (region[~valid] == UNASSIGNED).all() and (region[valid] >= 0).all()
+
+
+def test_a_vector_column_of_variable_lists_is_refused_in_one_line(tmp_path):
+    """Vectors must be fixed-size lists of floats: a list<float> column is refused where it
+    is written (UsageError) and where a build reads it (exit 2, one line, no traceback)."""
+    from ep_store.store import META_KEY
+
+    store = Store(tmp_path / "store")
+    ragged = pa.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], pa.list_(pa.float32()))
+    with pytest.raises(UsageError, match="not a fixed-size list of floats"):
+        store.append_activations(ActivationKey("rg", "base", 1), activation_table(ragged), {})
+    path = store.activation_path(ActivationKey("rg", "base", 1))
+    path.parent.mkdir(parents=True)
+    table = activation_table(ragged)
+    store.write_table(path, table.replace_schema_metadata({META_KEY: b"{}"}))
+    r = run_cli("build", "--model", "rg", "--checkpoint", "base", "--layer", "1", "--percentile", "5",
+                "--device", "cpu", "--store", str(store.root), "--no-progress")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "not a fixed-size list of floats" in r.stderr and "Traceback" not in r.stderr
