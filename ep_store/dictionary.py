@@ -188,6 +188,8 @@ def exemplar_table(state: LeaderState, tokens: pa.Table) -> pa.Table:
         "member_count": pa.array(state.member_count_K.numpy(), pa.int64()),
         "coherence": pa.array((norm / count.clamp_min(1)).numpy(), pa.float32()),
         "direction_norm": pa.array(norm.numpy(), pa.float64()),
+        # The builder's float64 sums as they are, so a continued build resumes them exactly.
+        "direction_sum": vectors_to_arrow(state.direction_sum_KD.numpy(), np.float64),
         "source_row": pa.array(state.source_row_K.numpy(), pa.int64()),
         "doc_id": tokens.column("doc_id"),
         "pos": tokens.column("pos"),
@@ -197,15 +199,18 @@ def exemplar_table(state: LeaderState, tokens: pa.Table) -> pa.Table:
 
 def state_from_store(table: pa.Table, meta: dict) -> LeaderState:
     width = table.schema.field("exemplar").type.list_size
-    norm = torch.tensor(table.column("direction_norm").to_numpy())
-    mean_dir = arrow_to_tensor(table.column("mean_direction"), torch.float64)
+    if "direction_sum" in table.column_names:
+        direction_sum = arrow_to_tensor(table.column("direction_sum"), torch.float64)
+    else:  # built before the sums were stored: float32 mean direction times its float64 norm
+        norm = torch.tensor(table.column("direction_norm").to_numpy())
+        direction_sum = arrow_to_tensor(table.column("mean_direction"), torch.float64) * norm[:, None]
     b = meta["builder"]
     return LeaderState(
         width=width,
         exemplars_KD=arrow_to_tensor(table.column("exemplar")),
         source_row_K=torch.tensor(table.column("source_row").to_numpy()),
         member_count_K=torch.tensor(table.column("member_count").to_numpy()),
-        direction_sum_KD=mean_dir * norm[:, None],
+        direction_sum_KD=direction_sum,
         tokens=b["tokens"], new_in_open_batch=b["new_in_open_batch"], quiet_batches=b["quiet_batches"],
         new_per_batch=list(meta["saturation_curve"]), stop_reason=meta["stop_reason"],
     )
