@@ -124,10 +124,16 @@ def _interpolate(n: int, p: float, kth) -> float:
     """numpy's linear-interpolation percentile of ``n`` values, given ``kth(k)``: their
     k-th smallest (1-based). Two order statistics, no sort (issue 12: a sort of each
     calibration batch's 2.1M pair distances was half of ``ep build`` on CPU)."""
+    low_k, high_k, t = percentile_ranks(n, p)
+    return lerp(float(kth(low_k)), float(kth(high_k)), t)
+
+
+def percentile_ranks(n: int, p: float) -> tuple[int, int, float]:
+    """numpy's linear percentile of ``n`` values interpolates, by ``t``, between their
+    ``low_k``-th and ``high_k``-th smallest (1-based): (low_k, high_k, t)."""
     rank = p / 100.0 * (n - 1)
     lo = int(rank)
-    hi = min(lo + 1, n - 1)
-    return lerp(float(kth(lo + 1)), float(kth(hi + 1)), rank - lo)
+    return lo + 1, min(lo + 1, n - 1) + 1, rank - lo
 
 
 def lerp(low: float, high: float, t: float) -> float:
@@ -165,15 +171,12 @@ def batch_percentile(u_BD: torch.Tensor, p: float) -> float | None:
     if m < 2:
         return None
     sim_BB = u @ u.T
-    n = m * (m - 1) // 2
-    rank = p / 100.0 * (n - 1)
-    lo = int(rank)
-    hi = min(lo + 1, n - 1)
+    low_k, high_k, t = percentile_ranks(m * (m - 1) // 2, p)
     # The k-th smallest distance is 1 - (the k-th largest similarity), clamped: both maps
     # are monotone, so they commute with order statistics.
-    sims = _kth_largest_similarities(sim_BB, u.to(torch.float64), (lo + 1, hi + 1))
+    sims = _kth_largest_similarities(sim_BB, u.to(torch.float64), (low_k, high_k))
     low, high = (min(max(1.0 - s, 0.0), 2.0) for s in sims)
-    return lerp(low, high, rank - lo)
+    return lerp(low, high, t)
 
 
 def _kth_largest_similarities(sim_BB: torch.Tensor, u64_BD: torch.Tensor, ks: tuple[int, ...],
