@@ -41,6 +41,7 @@ from ep_store.calibrate import (
     unit_directions,
     unit_directions_,
 )
+from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.leader import PRECISIONS, LeaderBuilder, LeaderState
@@ -321,6 +322,8 @@ def _publish(cfg: BuildConfig, store: Store, folder: Path, state: LeaderState, c
     store.write_table(folder / EXEMPLARS, exemplar_table(state, tokens))
     version = store.tag(folder / EXEMPLARS, tag)
     info = store.info(folder / EXEMPLARS)
+    # The machine, libraries and screening precision of this build (issue 18, E14.1); digests skip it.
+    env = environment(resolve_device(cfg.device), cfg.precision)
     meta = {
         "key": str(key), "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
         "percentile": cfg.percentile, "theta": calibration.theta, "center": calibration.center_D.tolist(),
@@ -333,10 +336,11 @@ def _publish(cfg: BuildConfig, store: Store, folder: Path, state: LeaderState, c
                     "quiet_batches": state.quiet_batches},
         "activations": {"key": str(key.activations), "version": source_info.version},
         "exemplars_version": version, "tags": info.tags, "ep_store_version": ep_store.__version__,
+        ENVIRONMENT_KEY: env,
         # One entry per build: what the dictionary was at each Lance version (for --as-of).
         "history": (previous or {}).get("history", []) + [{
             "version": version, "tag": tag, "tokens": state.tokens, "regions": state.regions,
-            "stop_reason": state.stop_reason, "batches": len(state.new_per_batch)}],
+            "stop_reason": state.stop_reason, "batches": len(state.new_per_batch), ENVIRONMENT_KEY: env}],
     }
     store.write_json(folder / META, meta)
     return version, tag, True
@@ -503,7 +507,8 @@ class AssignJob:
     def schema(self) -> pa.Schema:
         provenance = {"dictionary": str(self.key), "activations": str(self.target),
                       "activations_version": self.source_version,
-                      "exemplars_version": self.dictionary.meta["exemplars_version"]}
+                      "exemplars_version": self.dictionary.meta["exemplars_version"],
+                      ENVIRONMENT_KEY: environment(self.device)}  # issue 18, E14.1
         return ASSIGNMENT_SCHEMA.with_metadata({b"ep_store": jsonio.dumps(provenance).encode()})
 
     def assign_batch(self, batch: pa.RecordBatch) -> pa.RecordBatch:

@@ -9,7 +9,8 @@ a digest of what it wrote that depends only on content:
 - a JSON file: its parsed content without run-time measurements (any key naming
   ``seconds``, e.g. ``cpu_seconds``, ``seconds_ratio_sae_over_ep``; keys
   ``*_seconds``, ``*_per_s``, ``*_wait_share``, ``*_idle_share``, ``write_share``,
-  ``peak_mib``), keys sorted;
+  ``peak_mib``) and without the ``environment`` a stage ran with (library versions, CPU
+  capability, device: ep_store.environment, issue 18 item E14.1), keys sorted;
 - any other file: its bytes (SHA-256);
 - a folder: the digests of everything inside by relative path (Lance datasets as one entry).
 
@@ -25,10 +26,11 @@ import json
 from pathlib import Path
 
 from ep_store import jsonio
+from ep_store.environment import ENVIRONMENT_KEY
 from ep_store.errors import UsageError, check_output_file
 from ep_store.store import Store, logical_digest
 
-VOLATILE_KEYS = frozenset({"seconds", "write_share", "peak_mib"})
+VOLATILE_KEYS = frozenset({"seconds", "write_share", "peak_mib", ENVIRONMENT_KEY})
 VOLATILE_SUFFIXES = ("_seconds", "_per_s", "_wait_share", "_idle_share")
 
 

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from ep_store import jsonio, models, prompts
 from ep_store.corpus import encode, special_prefix
+from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError
 from ep_store.refusal_classifier import is_refusal
 
@@ -168,6 +169,7 @@ def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True) -> di
         "base_benign_refused": rates[cfg.base]["benign_refused"],
         "seconds": round(time.perf_counter() - start, 1),
     }
-    report = {**summary, "config": asdict(cfg), "losses": losses, "refusal": rates}
+    report = {**summary, "config": asdict(cfg), "losses": losses, "refusal": rates,
+              ENVIRONMENT_KEY: environment("cpu", "float32")}  # as models.load above (issue 18, E14.1)
     jsonio.write(models.model_dir(models_dir, cfg.model, cfg.to) / "finetune.json", report)
     return summary

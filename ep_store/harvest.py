@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from ep_store import jsonio, models
 from ep_store.corpus import Context, iter_contexts, iter_documents, special_prefix
+from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError
 from ep_store.hostcopy import HostBlock, to_host
 from ep_store.keys import ActivationKey
@@ -265,7 +266,10 @@ def prepare_keys(cfg: HarvestConfig, store: Store, config, prefix_ids: list[int]
         held[layer] = 0
         if store.exists(path) and not cfg.overwrite:
             info = store.info(path)
-            if {k: v for k, v in info.meta.items() if k != "fingerprint"} != cfg.stream_meta(layer, prefix_ids):
+            # What defines the stream must match; the fingerprint is checked once the model is
+            # loaded, and the machine may differ (issue 18, E14.1).
+            if {k: v for k, v in info.meta.items() if k not in ("fingerprint", ENVIRONMENT_KEY)} \
+                    != cfg.stream_meta(layer, prefix_ids):
                 raise UsageError(
                     f"{path} was harvested with other options ({info.meta}); pass --overwrite to replace it"
                 )
@@ -296,8 +300,11 @@ class HarvestPlan:
         return self.cfg.keys
 
     def meta(self, layer: int) -> dict:
-        """The dataset metadata rows of ``layer`` are written with (needs the fingerprint)."""
-        return {**self.cfg.stream_meta(layer, self.prefix_ids), "fingerprint": self.fingerprint}
+        """The dataset metadata rows of ``layer`` are written with (needs the fingerprint), and
+        the environment of the write that created the dataset (Lance keeps the first schema
+        metadata on append; issue 18, E14.1)."""
+        return {**self.cfg.stream_meta(layer, self.prefix_ids), "fingerprint": self.fingerprint,
+                ENVIRONMENT_KEY: environment(models.resolve_device(self.cfg.device), self.cfg.dtype)}
 
     def accept_fingerprint(self, fingerprint: dict) -> None:
         """Record the loaded model's fingerprint; UsageError when resuming rows of another

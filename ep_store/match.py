@@ -27,6 +27,7 @@ import pyarrow as pa
 from scipy.optimize import linear_sum_assignment
 
 from ep_store.dictionary import Dictionary
+from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey
 from ep_store.sql import StoreDB, ask_pair
@@ -188,9 +189,11 @@ def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: Dictionar
     summary = {"a": str(a), "b": str(b), "method": "vector" if use_vector else "membership",
                "membership_by": by, **counts, "regions_a": len(da), "regions_b": len(db_),
                "matched_cosines": [round(c, 4) for _, _, c in pairs if c is not None],
-               "seconds": round(time.perf_counter() - start, 3), "config": asdict(cfg), **versions}
+               "seconds": round(time.perf_counter() - start, 3), "config": asdict(cfg), **versions,
+               ENVIRONMENT_KEY: environment()}  # issue 18, E14.1; digests skip it
     store.write_json(folder / "meta.json", summary)
-    return {k: v for k, v in summary.items() if k not in ("matched_cosines", "config")} | {"out": str(folder)}
+    return {k: v for k, v in summary.items() if k not in ("matched_cosines", "config", ENVIRONMENT_KEY)} \
+        | {"out": str(folder)}
 
 
 def _row(a, b, r, s, cosine, theta, score, status) -> dict:

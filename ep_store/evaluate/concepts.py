@@ -143,6 +143,7 @@ def run_concept_eval(cfg: ConceptEvalConfig, store, run, out, metrics_path=None,
         copy_images,
         dumps,
         output_folder,
+        run_environment,
         write_index,
         write_metrics,
     )
@@ -174,7 +175,7 @@ def run_concept_eval(cfg: ConceptEvalConfig, store, run, out, metrics_path=None,
         (tmp / "metrics.json").write_text(dumps({
             "metrics": metrics, "concepts": {k: r.concepts for k, r in results.items()}, "model": model,
             "checkpoint": checkpoint, "texts": len(texts), "tokens": int(len(acts.text_N)),
-            "config": asdict(cfg), "plots": [image]}))
+            "config": asdict(cfg), "plots": [image], "environment": run_environment(run)}))
         write_index(tmp, f"Concept detection: {model}/{checkpoint}", metrics, [image])
     write_metrics(metrics_path, metrics)
     copy_images(out, plots_dir)

@@ -161,6 +161,7 @@ def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None, plots_dir=N
         copy_images,
         dumps,
         output_folder,
+        run_environment,
         write_index,
         write_metrics,
     )
@@ -203,7 +204,7 @@ def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None, plots_dir=N
         (tmp / "metrics.json").write_text(dumps({
             "metrics": metrics, "sets": {k: r.sets for k, r in results.items()},
             "theta": {k: r.theta for k, r in results.items()}, "model": model, "checkpoint": checkpoint,
-            "config": asdict(cfg), "plots": images}))
+            "config": asdict(cfg), "plots": images, "environment": run_environment(run)}))
         write_index(tmp, f"OOD distance: {model}/{checkpoint}", metrics, images)
     write_metrics(metrics_path, metrics)
     copy_images(out, plots_dir)

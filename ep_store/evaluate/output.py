@@ -47,6 +47,15 @@ def check_outputs(out: Path, metrics_path: Path | None, plots_dir: Path | None) 
     check_output_folder(plots_dir, "--plots")
 
 
+def run_environment(run) -> dict:
+    """ep_store.environment of an evaluation's forward passes (``run``: features.TextRun; the
+    model computes in float32), recorded in its metrics.json (issue 18, E14.1)."""
+    from ep_store import models
+    from ep_store.environment import environment
+
+    return environment(models.resolve_device(run.device), "float32")
+
+
 def write_metrics(path: Path | None, metrics: dict) -> None:
     """Also write ``metrics`` to ``path`` (for ``dvc metrics show``), atomically."""
     if path is None:

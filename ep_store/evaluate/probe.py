@@ -251,6 +251,7 @@ def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None, plo
         copy_images,
         dumps,
         output_folder,
+        run_environment,
         write_index,
         write_metrics,
     )
@@ -294,7 +295,8 @@ def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None, plo
                                                  "model": model, "checkpoint": checkpoint,
                                                  "texts": len(texts), "tokens": int(len(acts.text_N)),
                                                  "tasks": {t.name: len(t.texts) for t in task_list},
-                                                 "config": asdict(cfg), "plots": images}))
+                                                 "config": asdict(cfg), "plots": images,
+                                                 "environment": run_environment(run)}))
         (tmp / "chosen_regions.json").write_text(dumps(chosen))
         write_index(tmp, f"Sparse probing: {model}/{checkpoint}", {k: v["all_tasks"] for k, v in metrics.items()},
                     list(images.values()))

@@ -41,6 +41,7 @@ import ep_store
 from ep_store import models
 from ep_store.calibrate import unit_directions
 from ep_store.dictionary import BuildConfig, calibrate_stream, stream_vectors
+from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey, SAEKey
 from ep_store.leader import LeaderBuilder, LeaderState
@@ -281,7 +282,8 @@ def compare(cfg: SAECompareConfig, store: Store, progress: bool = True) -> dict:
     store.remove(folder / "meta.json")  # not listed (no SQL views) until complete again
     write_tables(store, folder, held, ep)
     store.write_json(folder / "meta.json", {"dictionary": str(key), "sae": str(skey), "heldout_rows": [start, rows],
-                                             "config": asdict(cfg), "ep_store_version": ep_store.__version__})
+                                             "config": asdict(cfg), "ep_store_version": ep_store.__version__,
+                                             ENVIRONMENT_KEY: environment(device)})  # issue 18, E14.1
     ep_sets = B.binarise(held["ep"], cfg.top_n, cfg.min_positives)
     sae_sets = B.binarise(held["sae"], cfg.top_n, cfg.min_positives)
     reference = B.overlaps(ep_sets, sae_sets)

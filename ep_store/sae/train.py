@@ -33,6 +33,7 @@ from unittest import mock
 import torch
 from tqdm import tqdm
 
+from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, SAEKey
 from ep_store.models import resolve_device
@@ -271,6 +272,7 @@ def train_sae(cfg: SAETrainConfig, store: Store, progress: bool = True, curves_p
         "flops": sae_training_flops(info.width, width, trainer.n_training_samples),
         "flops_formula": "6 * (2 * d_in * width) * tokens",
         "final": final, "curves": recorder.points,
+        ENVIRONMENT_KEY: environment(device, "float32"),  # issue 18, E14.1; digests skip it
     }
     _save_atomically(store, folder, trained, meta)
     if curves_path is not None:
