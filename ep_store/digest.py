@@ -39,7 +39,7 @@ def _is_volatile(key: str) -> bool:
 
 
 def _stable(value):
-    """JSON content without run-time measurements (timings and rates), recursively."""
+    """JSON content without run-time measurements (timings, rates, the machine), recursively."""
     if isinstance(value, dict):
         return {k: _stable(v) for k, v in value.items() if not _is_volatile(str(k))}
     if isinstance(value, list):
