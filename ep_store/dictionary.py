@@ -42,7 +42,7 @@ from ep_store.calibrate import (
     unit_directions_,
 )
 from ep_store.environment import ENVIRONMENT_KEY, environment
-from ep_store.errors import UsageError
+from ep_store.errors import UsageError, options_changed
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.leader import PRECISIONS, LeaderBuilder, LeaderState
 from ep_store.models import resolve_device
@@ -241,7 +241,7 @@ def _build_locked(cfg: BuildConfig, store: Store, source: Path, folder: Path, as
     meta_path = folder / META
     previous = store.read_json(meta_path) if meta_path.is_file() and not cfg.overwrite else None
     if previous is not None and previous["build"] != cfg.defining():
-        raise UsageError(f"{key} exists, built with {previous['build']}; pass --overwrite to rebuild it")
+        raise options_changed(str(key), previous["build"], cfg.defining())
     device = resolve_device(cfg.device)
     source_info = store.info(source)  # every read below is of this version
     budget = min(cfg.max_tokens or source_info.rows, source_info.rows)

@@ -65,3 +65,82 @@ def check_output_folder(path, option: str) -> None:
     blocker = _blocking_ancestor(path)
     if blocker is not None:
         raise UsageError(f"{option} {path}: {blocker} is a file, not a folder")
+
+
+class EnvError(Exception):
+    """The machine, not the input: a missing optional package, a full disk, a read-only or
+    unwritable store. A one-line message that names the package or path and the fix; the CLI
+    turns it into exit code 1 with no traceback (issue 18, item C7)."""
+
+
+def require(module: str, extra: str, what: str):
+    """Import the optional ``module`` (e.g. ``sae_lens``) and return it; raises EnvError with
+    the install hint for the ``ep_store[extra]`` extra when it (or one of its own imports) is
+    missing. ``what`` names the feature that needs it (issue 18, item C7)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        missing = getattr(err, "name", None) or module
+        broken = "" if missing.split(".")[0] == module.split(".")[0] else f" ({module} cannot import {missing})"
+        raise EnvError(f"{what} needs the optional package {module}{broken}: "
+                       f"pip install 'ep_store[{extra}]'") from None
+
+
+# errno -> (what happened, how to fix it) for the OSErrors the environment causes (issue 18, item C7).
+_OS_FIXES = {
+    "ENOSPC": ("no space left on the device", "free space or point --store at another disk, then rerun"),
+    "EDQUOT": ("disk quota exceeded", "free space or point --store at another disk, then rerun"),
+    "EROFS": ("read-only file system", "remount it read-write or point --store at a writable folder"),
+    "EACCES": ("permission denied", "fix the folder's permissions or point --store at a writable folder"),
+    "EPERM": ("operation not permitted", "fix the folder's permissions or point --store at a writable folder"),
+}
+
+
+def os_error_code(err: OSError) -> str | None:
+    """The errno name of ``err`` (``ENOSPC``, ...). Lance raises a bare ``OSError`` whose errno is
+    unset and whose message ends ``... (os error 28), <rust source>``: read the number there."""
+    import errno
+    import re
+
+    number = err.errno
+    if number is None:
+        found = re.search(r"\(os error (\d+)\)", str(err))
+        number = int(found.group(1)) if found else None
+    return errno.errorcode.get(number) if number is not None else None
+
+
+def os_error_line(err: OSError, store=None) -> str | None:
+    """One line for an OSError the environment causes (disk full, quota, read-only, no permission):
+    what happened, at which path (the error's own, else ``store``), and the fix. None for any
+    other OSError (issue 18, item C7)."""
+    code = os_error_code(err)
+    if code not in _OS_FIXES:
+        return None
+    what, fix = _OS_FIXES[code]
+    path = err.filename or store
+    where = f" writing {path}" if path is not None else ""
+    return f"{what} ({code}){where}; completed writes were kept and nothing half-written is visible: {fix}"
+
+
+def differing_options(stored: dict, given: dict, flags: dict[str, str] | None = None) -> str:
+    """``--batch-size: stored 2048, given 1024; ...`` for the options whose values differ between
+    what a dataset was made with and what this run asks for (a key missing on one side reads
+    ``unset``). ``flags`` maps a field name to its CLI option; otherwise ``batch_size`` reads
+    ``--batch-size`` (issue 18, item C9)."""
+    flags = flags or {}
+    parts = []
+    for name in sorted(set(stored) | set(given), key=lambda k: (k not in given, str(k))):
+        old, new = stored.get(name, "unset"), given.get(name, "unset")
+        if old != new:
+            flag = flags.get(name, "--" + str(name).replace("_", "-"))
+            parts.append(f"{flag}: stored {old}, given {new}")
+    return "; ".join(parts) or "no option differs"
+
+
+def options_changed(what: str, stored: dict, given: dict, flags: dict[str, str] | None = None) -> UsageError:
+    """The UsageError for a resume refused because options changed: names only the differing
+    options with both values, and the fix (issue 18, item C9)."""
+    return UsageError(f"{what} exists with other options ({differing_options(stored, given, flags)}); "
+                      "rerun with the stored values to resume, or pass --overwrite to replace it")

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from ep_store import jsonio, models
 from ep_store.corpus import Context, iter_contexts, iter_documents, special_prefix
 from ep_store.environment import ENVIRONMENT_KEY, environment
-from ep_store.errors import UsageError
+from ep_store.errors import UsageError, options_changed
 from ep_store.hostcopy import HostBlock, to_host
 from ep_store.keys import ActivationKey
 from ep_store.store import META_KEY, Store, commit_fragments, vectors_to_arrow
@@ -268,11 +268,10 @@ def prepare_keys(cfg: HarvestConfig, store: Store, config, prefix_ids: list[int]
             info = store.info(path)
             # What defines the stream must match; the fingerprint is checked once the model is
             # loaded, and the machine may differ (issue 18, E14.1).
-            if {k: v for k, v in info.meta.items() if k not in ("fingerprint", ENVIRONMENT_KEY)} \
-                    != cfg.stream_meta(layer, prefix_ids):
-                raise UsageError(
-                    f"{path} was harvested with other options ({info.meta}); pass --overwrite to replace it"
-                )
+            stored = {k: v for k, v in info.meta.items() if k not in ("fingerprint", ENVIRONMENT_KEY)}
+            if stored != cfg.stream_meta(layer, prefix_ids):
+                raise options_changed(str(path), stored, cfg.stream_meta(layer, prefix_ids),
+                                      {"prefix_ids": "prefix ids (from --bos)"})
             held[layer] = info.rows
     return held
 
