@@ -46,7 +46,7 @@ def ray_config(engine: str, address: str, workers: int, num_gpus: float):
         return None
     from ep_store.engines import RayConfig
 
-    return RayConfig(address, workers, num_gpus)
+    return RayConfig(address=address, workers=workers, num_gpus=num_gpus)
 
 
 def emit(summary: dict) -> None:
@@ -181,8 +181,9 @@ def harvest(model, checkpoint, layers, corpus, max_tokens, ctx, batch_size, dtyp
     from ep_store.harvest import HarvestConfig
     from ep_store.store import Store
 
-    cfg = HarvestConfig(model, checkpoint, parse_layers(",".join(layers)), corpus, max_tokens, ctx, batch_size,
-                        device, dtype, overwrite, storage_dtype, bos, writer_depth)
+    cfg = HarvestConfig(model=model, checkpoint=checkpoint, layers=parse_layers(",".join(layers)), corpus=corpus,
+                        max_tokens=max_tokens, ctx=ctx, batch_size=batch_size, device=device, dtype=dtype,
+                        overwrite=overwrite, storage_dtype=storage_dtype, bos=bos, writer_depth=writer_depth)
     summary = run_harvest(cfg, Store(store_path), models_dir, ray_config(engine, address, workers, num_gpus), progress)
     summary.pop("config", None)
     emit(summary)
@@ -237,8 +238,10 @@ def build(model, checkpoint, layer, percentile, calibration_tokens, calibration_
     from ep_store.dictionary import build as run
     from ep_store.store import Store
 
-    cfg = BuildConfig(model, checkpoint, layer, percentile, calibration_tokens, calibration_batch, batch_size,
-                      saturation_window, max_tokens, device, precision, skip_nonfinite, overwrite)
+    cfg = BuildConfig(model=model, checkpoint=checkpoint, layer=layer, percentile=percentile,
+                      calibration_tokens=calibration_tokens, calibration_batch=calibration_batch, batch_size=batch_size,
+                      saturation_window=saturation_window, max_tokens=max_tokens, device=device,
+                      precision=precision, skip_nonfinite=skip_nonfinite, overwrite=overwrite)
     emit(run(cfg, Store(store_path), assign=assign, progress=progress))
 
 
@@ -373,7 +376,9 @@ def finetune(model, base, to, steps, save_every, batch_size, lr, seed, metrics, 
     from ep_store.finetune import FinetuneConfig
     from ep_store.finetune import finetune as run
 
-    summary = run(FinetuneConfig(model, base, to, steps, save_every, batch_size, lr, seed), models_dir, progress)
+    cfg = FinetuneConfig(model=model, base=base, to=to, steps=steps, save_every=save_every, batch_size=batch_size,
+                         lr=lr, seed=seed)
+    summary = run(cfg, models_dir, progress)
     if metrics is not None:
         from ep_store import jsonio
 
@@ -396,7 +401,7 @@ def match_cmd(a, b, method, cutoff, f1_cutoff, store_path) -> None:
     from ep_store.match import MatchConfig, match
     from ep_store.store import Store
 
-    emit(match(MatchConfig(a, b, method, cutoff, f1_cutoff), Store(store_path)))
+    emit(match(MatchConfig(a=a, b=b, method=method, cutoff=cutoff, f1_cutoff=f1_cutoff), Store(store_path)))
 
 
 @main.command("diff")
@@ -459,8 +464,9 @@ def generate_cmd(model, checkpoint, prompts_path, out, chat, max_new_tokens, bat
     from ep_store.generate import GenerateConfig, generate
     from ep_store.store import Store
 
-    cfg = GenerateConfig(model, checkpoint, prompts_path, out, chat, max_new_tokens, batch_size, ablate, steer,
-                         basis, device, dtype)
+    cfg = GenerateConfig(model=model, checkpoint=checkpoint, prompts=prompts_path, out=out, chat=chat,
+                         max_new_tokens=max_new_tokens, batch_size=batch_size, ablate=ablate, steer=steer, basis=basis,
+                         device=device, dtype=dtype)
     summary = generate(cfg, Store(store_path), models_dir, progress)
     summary.pop("config")
     emit(summary)  # data goes to --out; the summary to stderr
@@ -513,10 +519,12 @@ def refusal_cmd(model, checkpoint, control, layers, percentiles, train_harmful, 
     """The refusal study: find refusal regions, ablate and steer them, write metrics and a report."""
     from ep_store.refusal import RefusalConfig, refusal_study
 
-    cfg = RefusalConfig(model, checkpoint, control or None, parse_layers(layers),
-                        parse_floats(percentiles, "--percentiles"), train_harmful, train_benign, heldout_harmful,
-                        heldout_benign, max_new_tokens, batch_size, k_max, min_members, min_rate, null_max_rate,
-                        parse_floats(alphas, "--alphas"), max_capability_loss, match_percentile, device=device,
+    cfg = RefusalConfig(model=model, checkpoint=checkpoint, control=control or None, layers=parse_layers(layers),
+                        percentiles=parse_floats(percentiles, "--percentiles"), train_harmful=train_harmful,
+                        train_benign=train_benign, heldout_harmful=heldout_harmful, heldout_benign=heldout_benign,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, k_max=k_max, min_members=min_members,
+                        min_rate=min_rate, null_max_rate=null_max_rate, alphas=parse_floats(alphas, "--alphas"),
+                        max_capability_loss=max_capability_loss, match_percentile=match_percentile, device=device,
                         dtype=dtype)
     emit(refusal_study(cfg, work_store, store_path, models_dir, metrics, report_dir, progress))
 
@@ -551,8 +559,9 @@ def sae_train(activations, name, width, k, tokens, heldout_tokens, batch_size, l
     from ep_store.sae.train import SAETrainConfig, train_sae
     from ep_store.store import Store
 
-    cfg = SAETrainConfig(activations, name, width, k, tokens, heldout_tokens, batch_size, lr, seed=seed,
-                         device=device, overwrite=overwrite)
+    cfg = SAETrainConfig(activations=activations, name=name, width=width, k=k, tokens=tokens,
+                         heldout_tokens=heldout_tokens, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                         overwrite=overwrite)
     emit(train_sae(cfg, Store(store_path), progress, curves))
 
 
@@ -578,8 +587,9 @@ def sae_compare(dictionary_key, sae_name, out, heldout_tokens, top_n, min_positi
     from ep_store.sae.compare import SAECompareConfig, compare
     from ep_store.store import Store
 
-    cfg = SAECompareConfig(dictionary_key, sae_name, str(out), heldout_tokens, top_n, min_positives,
-                           device=device, probe=probe, models_dir=str(models_dir), probe_data=probe_data)
+    cfg = SAECompareConfig(dictionary=dictionary_key, sae=sae_name, out=str(out), heldout_tokens=heldout_tokens,
+                           top_n=top_n, min_positives=min_positives, device=device, probe=probe,
+                           models_dir=str(models_dir), probe_data=probe_data)
     m = compare(cfg, Store(store_path), progress)
     emit({k: m[k] for k in ("dictionary", "sae", "ep_to_sae_share_f1_gt_05", "sae_to_ep_share_f1_gt_05",
                             "hungarian_pairs_f1_gt_05", "sql_matches_numpy", "out")}
@@ -635,7 +645,8 @@ def _keys(dictionaries) -> tuple[str, ...]:
 def _text_run(models_dir, max_tokens_per_text, batch_size, device, progress):
     from ep_store.evaluate.features import TextRun
 
-    return TextRun(models_dir, max_tokens_per_text, batch_size, device, progress)
+    return TextRun(models_dir=models_dir, max_tokens_per_text=max_tokens_per_text, batch_size=batch_size, device=device,
+                   progress=progress)
 
 
 @eval_group.command("probe")
@@ -653,7 +664,8 @@ def eval_probe(dictionaries, data, text_field, label_field, ks, model, checkpoin
     from ep_store.store import Store
 
     probe = ProbeConfig(ks=tuple(k.strip() for k in ks.split(",") if k.strip()), seed=seed)
-    cfg = ProbeEvalConfig(_keys(dictionaries), data, text_field, label_field, model, checkpoint, probe)
+    cfg = ProbeEvalConfig(dictionaries=_keys(dictionaries), data=data, text_field=text_field, label_field=label_field,
+                          model=model, checkpoint=checkpoint, probe=probe)
     run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
     emit(run_probe_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
 
@@ -671,7 +683,8 @@ def eval_concepts(dictionaries, data, test_fraction, model, checkpoint, max_toke
     from ep_store.evaluate.concepts import ConceptConfig, ConceptEvalConfig, run_concept_eval
     from ep_store.store import Store
 
-    cfg = ConceptEvalConfig(_keys(dictionaries), data, model, checkpoint, ConceptConfig(test_fraction, seed=seed))
+    cfg = ConceptEvalConfig(dictionaries=_keys(dictionaries), data=data, model=model, checkpoint=checkpoint,
+                            concepts=ConceptConfig(test_fraction=test_fraction, seed=seed))
     run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
     emit(run_concept_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
 
@@ -691,7 +704,8 @@ def eval_ood(dictionaries, in_corpus, ood_corpus, documents, model, checkpoint, 
     from ep_store.store import Store
 
     files = tuple(p.strip() for p in ood_corpus.split(",") if p.strip())
-    cfg = OODConfig(_keys(dictionaries), in_corpus, files, documents, seed=seed, model=model, checkpoint=checkpoint)
+    cfg = OODConfig(dictionaries=_keys(dictionaries), in_corpus=in_corpus, ood_corpus=files, documents=documents,
+                    seed=seed, model=model, checkpoint=checkpoint)
     run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
     emit(run_ood_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
 
@@ -737,8 +751,9 @@ def search_cmd(dictionary_key, region, token, text, position, k, exclude_members
     from ep_store.search import SearchConfig, search
     from ep_store.store import Store
 
-    cfg = SearchConfig(dictionary_key, region, token, text, position, k, exclude_members, index_mode, nprobes,
-                       candidates, context, models_dir, save)
+    cfg = SearchConfig(dictionary=dictionary_key, region=region, token=token, text=text, position=position, k=k,
+                       exclude_members=exclude_members, index=index_mode, nprobes=nprobes, candidates=candidates,
+                       context=context, models_dir=models_dir, save=save)
     table, summary = search(cfg, Store(store_path))
     text_out = tables.render(table, fmt)
     if text_out:
@@ -768,7 +783,8 @@ def index_build(dictionary_key, index_type, partitions, sub_vectors, nprobes, re
     from ep_store.search import IndexConfig, build_index
     from ep_store.store import Store
 
-    cfg = IndexConfig(dictionary_key, index_type, partitions, sub_vectors, nprobes, refine_factor, overwrite)
+    cfg = IndexConfig(dictionary=dictionary_key, index_type=index_type, num_partitions=partitions,
+                      num_sub_vectors=sub_vectors, nprobes=nprobes, refine_factor=refine_factor, overwrite=overwrite)
     emit(build_index(cfg, Store(store_path)))
 
 

@@ -38,12 +38,12 @@ def _is_volatile(key: str) -> bool:
     return key in VOLATILE_KEYS or key.endswith(VOLATILE_SUFFIXES) or "seconds" in key
 
 
-def _stable(value):
+def stable(value):
     """JSON content without run-time measurements (timings, rates, the machine), recursively."""
     if isinstance(value, dict):
-        return {k: _stable(v) for k, v in value.items() if not _is_volatile(str(k))}
+        return {k: stable(v) for k, v in value.items() if not _is_volatile(str(k))}
     if isinstance(value, list):
-        return [_stable(v) for v in value]
+        return [stable(v) for v in value]
     return value
 
 
@@ -55,7 +55,7 @@ def file_digest(path: Path) -> dict:
         except ValueError:
             content = None
         if content is not None:
-            text = jsonio.dumps(_stable(content), sort_keys=True)
+            text = jsonio.dumps(stable(content), sort_keys=True)
             return {"kind": "json", "digest": hashlib.sha256(text.encode()).hexdigest()}
     sha = hashlib.sha256()
     with path.open("rb") as f:
