@@ -437,6 +437,35 @@ def store_digest(paths, metrics) -> None:
         click.echo(f"{d['digest']}\t{d.get('rows', '')}\t{path}")
     emit({"paths": len(found), "metrics": str(metrics) if metrics else None})
 
+
+@store.command("verify")
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option("--rtol", type=float, default=1e-3, show_default=True,
+              help="Relative tolerance of floats: vectors (row-wise), theta, center, JSON numbers.")
+@click.option("--preserved", type=float, default=0.9, show_default=True,
+              help="Share of the larger dictionary's regions (and of assigned tokens) that must match.")
+@click.option("--cutoff", type=float, default=0.9, show_default=True,
+              help="Exemplar cosine at which a matched region counts as preserved.")
+@click.option("--format", "fmt", type=click.Choice(["tsv", "jsonl"]), default="tsv", show_default=True,
+              help="stdout rows: path, verdict, detail.")
+@user_errors
+def store_verify(a, b, rtol, preserved, cutoff, fmt) -> None:
+    """Compare two stores or output folders (a reproduction A against a reference B) output by
+    output: identical, equivalent (the same computation on another machine) or different.
+    Exit 0 when nothing is different, 1 when something is (issue 18, E14.2)."""
+    from ep_store import jsonio
+    from ep_store.verify import VerifyConfig, counts, verify
+
+    rows = verify(VerifyConfig(a, b, rtol=rtol, preserved=preserved, cutoff=cutoff))
+    for row in rows:
+        click.echo(jsonio.dumps(row._asdict()) if fmt == "jsonl" else "\t".join(row))
+    found = counts(rows)
+    emit({"outputs": len(rows), **found})
+    if found["different"]:
+        raise SystemExit(1)
+
+
 # -- interventions (issue 9) ---------------------------------------------------------------------
 @main.command("generate")
 @click.option("--model", required=True, help="Model name (local folder or hub id).")
