@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,7 @@ class BuildConfig:
     """Layer of the activation dataset."""
     percentile: float
     """p of theta_p: smaller p, tighter cells, more regions (paper headline: 1)."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     calibration_tokens: int = 200_000
     """Calibrate on this many first rows (all if fewer)."""
     calibration_batch: int = 2048

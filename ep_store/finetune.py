@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +38,7 @@ class FinetuneConfig:
     """Checkpoint to start from."""
     to: str
     """Name of the final checkpoint; intermediate ones are <to>-step<k>."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     steps: int = 60
     """Optimizer steps."""
     save_every: int = 20

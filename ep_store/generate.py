@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -54,6 +54,7 @@ class GenerateConfig:
     """Model name (local folder under the models dir, or a hub id)."""
     checkpoint: str
     """Checkpoint (local sub-folder or hub revision)."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     prompts: Path
     """A .txt file (one prompt per line) or .jsonl file (a prompt or instruction field)."""
     out: Path

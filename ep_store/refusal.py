@@ -56,7 +56,7 @@ from ep_store.store import Store
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RefusalConfig:
     model: str = "gemma-3-270m"
     """Model under study."""
@@ -308,7 +308,7 @@ def build_dictionaries(cfg: RefusalConfig, work: Store, train: Prompts, tokenize
     jsonio.write_lines(corpus, [{"text": d} for d in study.documents])
     lengths = [len(ids) - (study.bos == "always") for ids in train.inputs]
     spec = f"chat:{corpus}" if study.chat else str(corpus)
-    harvest(HarvestConfig(cfg.model, cfg.checkpoint, cfg.layers, spec, sum(lengths), max(lengths),
+    harvest(HarvestConfig(cfg.model, cfg.checkpoint, cfg.layers, corpus=spec, max_tokens=sum(lengths), ctx=max(lengths),
                           batch_size=32, device=cfg.device, dtype=cfg.dtype, overwrite=True, bos=study.bos),
             work, models_dir, progress)
     keys = []

@@ -36,7 +36,7 @@ import math
 import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -79,6 +79,7 @@ class SearchConfig:
 
     dictionary: str
     """Dictionary key <model>/<checkpoint>/L<layer>/p<percentile>: its center defines the geometry."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     region: int | None = None
     """Query with this region's exemplar (0 <= region < regions)."""
     token: str | None = None
@@ -134,6 +135,7 @@ class IndexConfig:
 
     dictionary: str
     """Dictionary key whose activations (and center) are indexed."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     index_type: str = "IVF_SQ"
     """Lance vector index type (see index_params for why IVF_SQ is the default on CPUs)."""
     num_partitions: int | None = None

@@ -74,7 +74,8 @@ def ray_figures(cfg: HarvestConfig, models_dir: Path, workers: int, local_tok_s:
 def main(model, checkpoint, layer, tokens, models_dir, out, ray_workers):
     """Harvest vs naive full forward on the same batches, and the Ray engine vs local; writes JSON."""
     torch.manual_seed(0)
-    cfg = HarvestConfig(model, checkpoint, (layer,), "builtin", tokens, 128, 16, "cpu", "float32")
+    cfg = HarvestConfig(model, checkpoint, (layer,), corpus="builtin", max_tokens=tokens, ctx=128, batch_size=16,
+                        device="cpu", dtype="float32")
     naive = naive_tokens_per_s(cfg, models_dir)
     with tempfile.TemporaryDirectory() as tmp:
         summary = harvest(cfg, Store(Path(tmp) / "store"), models_dir, progress=False)

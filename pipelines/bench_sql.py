@@ -65,7 +65,8 @@ def main(tokens, build_tokens, percentile, models_dir, out):
         make_model(tmp / "models", models_dir / "gemma-3-270m" / "base")
         store = Store(tmp / "store")
         corpus = ",".join(["builtin"] * 8)
-        harvest(HarvestConfig("bench-gemma", "random", (1,), corpus, tokens, 128, 64, "cpu"),
+        harvest(HarvestConfig("bench-gemma", "random", (1,), corpus=corpus, max_tokens=tokens, ctx=128, batch_size=64,
+                              device="cpu"),
                 store, tmp / "models", progress=False)
         key = DictionaryKey("bench-gemma", "random", 1, percentile)
         built = build(BuildConfig("bench-gemma", "random", 1, percentile, max_tokens=build_tokens,

@@ -87,7 +87,7 @@ def test_stages_run_twice_give_the_same_digests(models_dir, tmp_path):
         for layer in (1, 2):
             build(BuildConfig("tiny", "base", layer, 10.0, calibration_tokens=300, calibration_batch=100,
                               batch_size=128, saturation_window=50, device="cpu"), store, progress=False)
-        match(MatchConfig(a, b, "both"), store)
+        match(MatchConfig(a, b, method="both"), store)
         dictionary_report(store.root, b, root / "report")
         diff_report(store.root, a, b, root / "diff", models_dir)
         folder = store.dictionary_dir(store.list_dictionaries()[1])

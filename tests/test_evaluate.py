@@ -97,7 +97,7 @@ def test_axbench_and_plain_formats_agree(built_store, models_dir, tmp_path):
     run = TextRun(models_dir, max_tokens_per_text=32, device="cpu")
     results = []
     for i, path in enumerate(concept_files(tmp_path)):
-        run_concept_eval(ConceptEvalConfig((KEY,), str(path)), Store(built_store), run, tmp_path / f"out{i}")
+        run_concept_eval(ConceptEvalConfig((KEY,), data=str(path)), Store(built_store), run, tmp_path / f"out{i}")
         results.append(json.loads((tmp_path / f"out{i}" / "metrics.json").read_text()))
     assert results[0]["metrics"] == results[1]["metrics"]
     assert results[0]["concepts"] == results[1]["concepts"]
@@ -114,7 +114,7 @@ def test_probe_file_formats_agree_and_write_outputs(built_store, models_dir, tmp
     run = TextRun(models_dir, max_tokens_per_text=16, device="cpu")
     got = []
     for name in ("d.jsonl", "d.csv"):
-        cfg = ProbeEvalConfig((KEY,), str(tmp_path / name), label_field="y", probe=ProbeConfig(ks=(1, "all")))
+        cfg = ProbeEvalConfig((KEY,), data=str(tmp_path / name), label_field="y", probe=ProbeConfig(ks=(1, "all")))
         run_probe_eval(cfg, Store(built_store), run, tmp_path / name.replace(".", "_"), tmp_path / f"{name}.m.json")
         got.append(json.loads((tmp_path / name.replace(".", "_") / "metrics.json").read_text())["records"])
     assert got[0] == got[1]

@@ -43,7 +43,7 @@ def paired(tiny_store, tmp_path_factory):
     common = dict(calibration_tokens=1000, calibration_batch=250, batch_size=256, saturation_window=50, device="cpu")
     for layer in (1, 2):
         build(BuildConfig("tiny", "base", layer, 5.0, **common), store, progress=False)
-    match(MatchConfig(A, B, "both"), store)
+    match(MatchConfig(A, B, method="both"), store)
     return root
 
 

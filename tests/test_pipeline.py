@@ -20,7 +20,8 @@ DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 
 def finetune_checkpoints(params: dict) -> list[str]:
     f = params["finetune"]
-    cfg = FinetuneConfig(f["model"], f["from"], f["to"], f["steps"], f["save_every"], f["batch_size"], f["lr"], f["seed"])
+    cfg = FinetuneConfig(f["model"], f["from"], f["to"], steps=f["steps"], save_every=f["save_every"],
+                         batch_size=f["batch_size"], lr=f["lr"], seed=f["seed"])
     return [name for _, name in cfg.checkpoints()]
 
 

@@ -16,7 +16,7 @@ max over tokens of x.w.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
@@ -28,7 +28,7 @@ from ep_store.evaluate.tasks import HARD, NEGATIVE, POSITIVE, ConceptRow
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ConceptConfig:
     test_fraction: float = 0.5
     """Share of each concept's texts held out for the AUROC (AxBench scores held-out texts)."""
@@ -121,6 +121,7 @@ def concept_detection(u_ND, x_ND, text_N, text_index: dict[str, int], rows: list
 class ConceptEvalConfig:
     dictionaries: tuple[str, ...]
     """Dictionary keys of one model: one forward for all."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     data: str = "builtin"
     """builtin or a .jsonl/.csv/.parquet file: concept/text/label or AxBench's output_concept/output/category."""
     model: str | None = None

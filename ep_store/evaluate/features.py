@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +234,7 @@ class TextRun:
 
     models_dir: Path = Path("data/models")
     """Folder of local model checkpoints."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     max_tokens_per_text: int = 64
     """Tokens kept per text (its first ones), bounding the cost on 2 CPU cores."""
     batch_size: int = 16

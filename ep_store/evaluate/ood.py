@@ -21,7 +21,7 @@ not in the dictionary's build data.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ BUILTIN_SETS = ("heldout", "shuffled", "random_tokens")
 class OODConfig:
     dictionaries: tuple[str, ...]
     """Dictionary keys of one model: one forward for all."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     in_corpus: str = "builtin"
     """In-distribution corpus spec (as ep harvest --corpus); its last documents are used."""
     ood_corpus: tuple[str, ...] = ()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, asdict, dataclass, field
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 ALL = "all"  # k meaning every feature of the set
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ProbeConfig:
     ks: tuple[int | str, ...] = (1, 2, 5, 20, ALL)
     """Feature counts k of the sparse probes; "all" = every feature. SAEBench uses {1, 2, 5}
@@ -207,6 +207,7 @@ def sparse_probe(features: Mapping[str, np.ndarray], labels: Sequence, cfg: Prob
 class ProbeEvalConfig:
     dictionaries: tuple[str, ...]
     """Dictionary keys of one model (layers and percentiles may differ): one forward for all."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     data: str = "builtin"
     """builtin, built-in task names (comma-separated, see ep_store.evaluate.tasks), or a .jsonl/.csv/.parquet file."""
     text_field: str = "text"
