@@ -47,6 +47,7 @@ from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.leader import PRECISIONS, LeaderBuilder, LeaderState
 from ep_store.models import resolve_device
 from ep_store.prefetch import Prefetch
+from ep_store.snapshot import ASSIGNMENTS, EXEMPLARS, META, DictionarySnapshot
 from ep_store.store import (
     Store,
     arrow_to_tensor,
@@ -57,9 +58,6 @@ from ep_store.store import (
 
 log = logging.getLogger(__name__)
 
-EXEMPLARS = "exemplars.lance"
-ASSIGNMENTS = "assignments.lance"
-META = "meta.json"
 STREAM_ROWS = 16384  # rows per Lance read while building
 
 
@@ -200,22 +198,47 @@ def exemplar_table(state: LeaderState, tokens: pa.Table) -> pa.Table:
 
 
 def state_from_store(table: pa.Table, meta: dict) -> LeaderState:
+    """The builder's state as the build that published ``table`` and ``meta`` left it, ready to
+    continue: the batch it stopped inside stays open (issue 18, A2), so a continued build closes
+    it at the same stream position as one fresh build would."""
     width = table.schema.field("exemplar").type.list_size
     if "direction_sum" in table.column_names:
         direction_sum = arrow_to_tensor(table.column("direction_sum"), torch.float64)
     else:  # built before the sums were stored: float32 mean direction times its float64 norm
         norm = torch.tensor(table.column("direction_norm").to_numpy())
         direction_sum = arrow_to_tensor(table.column("mean_direction"), torch.float64) * norm[:, None]
-    b = meta["builder"]
+    closed, open_batch, quiet, stop_reason = resume_point(meta)
     return LeaderState(
         width=width,
         exemplars_KD=arrow_to_tensor(table.column("exemplar")),
         source_row_K=torch.tensor(table.column("source_row").to_numpy()),
         member_count_K=torch.tensor(table.column("member_count").to_numpy()),
         direction_sum_KD=direction_sum,
-        tokens=b["tokens"], new_in_open_batch=b["new_in_open_batch"], quiet_batches=b["quiet_batches"],
-        new_per_batch=list(meta["saturation_curve"]), stop_reason=meta["stop_reason"],
+        tokens=meta["builder"]["tokens"], new_in_open_batch=open_batch, quiet_batches=quiet,
+        new_per_batch=closed, stop_reason=stop_reason,
     )
+
+
+def resume_point(meta: dict) -> tuple[list[int], int, int, str | None]:
+    """(closed batches' new regions, new regions in the open batch, trailing quiet batches, stop
+    reason) of a published build, derived from its tokens and saturation curve (issue 18, A2).
+
+    Batches are aligned to stream positions, so the closed ones are the first tokens // B entries.
+    Only ``saturated`` (a full window of closed quiet batches) stays stopped: the same command on
+    a longer stream stops there too. A build that ran out of stream or budget resumes. Metas
+    written before issue 18 closed the partial last batch at the end of the stream (and a rerun
+    closed it again, appending a spurious 0): the entries past the closed batches are that
+    partial batch's count, or none (budget stop: it is ``new_in_open_batch``).
+    """
+    size, window = meta["build"]["batch_size"], meta["build"]["saturation_window"]
+    tokens, curve = meta["builder"]["tokens"], list(meta["saturation_curve"])
+    closed = curve[: tokens // size]
+    if tokens % size == 0:
+        open_batch = 0
+    else:
+        open_batch = curve[tokens // size] if len(curve) > tokens // size else meta["builder"]["new_in_open_batch"]
+    quiet = next((i for i, new in enumerate(reversed(closed)) if new), len(closed))  # trailing quiet batches
+    return closed, open_batch, quiet, "saturated" if quiet >= window else None
 
 
 # -- build ----------------------------------------------------------------------------------------
@@ -255,9 +278,7 @@ def _build_locked(cfg: BuildConfig, store: Store, source: Path, folder: Path, as
                                   previous["calibration"]["tokens"], previous["calibration"]["batches"],
                                   previous.get("scale"))
         table = store.read_table(folder / EXEMPLARS, version=previous["exemplars_version"])
-        state = state_from_store(table, previous)
-        if state.stop_reason != "saturated":
-            state.stop_reason = None  # budget or stream ran out last time: go on
+        state = state_from_store(table, previous)  # stopped only if saturated
     calibrated = time.perf_counter()
     builder = LeaderBuilder(calibration.theta, cfg.batch_size, cfg.saturation_window, state, device, cfg.precision)
     consumed_before = state.tokens
@@ -300,7 +321,19 @@ def _cluster(cfg: BuildConfig, store: Store, source: Path, source_version: int, 
         wait_share = prefetched.wait_share
     bar.close()
     stream_done = not stopped and not inputs.truncated and builder.state.tokens == inputs.seen
-    return builder.finish("end_of_stream" if stream_done else "max_tokens"), wait_share
+    # The batch the stream or budget ended in stays open (finish("max_tokens") does not close it):
+    # a rerun, or a continued build once the activations grew, fills it up where it stopped and
+    # closes it where a fresh build would; closing it here made every rerun close it again
+    # (issue 18, A2). A stream that ends inside a batch is end_of_stream, never saturated.
+    state = builder.finish("max_tokens")
+    if stream_done and state.stop_reason == "max_tokens":
+        state.stop_reason = "end_of_stream"
+    return state, wait_share
+
+
+def published_curve(state: LeaderState, batch_size: int) -> list[int]:
+    """New regions per build batch: the closed batches, then the open one if the build stopped inside it."""
+    return state.new_per_batch + ([state.new_in_open_batch] if state.tokens % batch_size else [])
 
 
 def _publish(cfg: BuildConfig, store: Store, folder: Path, state: LeaderState, calibration: Calibration,
@@ -312,8 +345,10 @@ def _publish(cfg: BuildConfig, store: Store, folder: Path, state: LeaderState, c
     """
     key = cfg.key
     tag = f"tokens-{state.tokens}"
-    if previous is not None and all(previous[k] == getattr(state, k) for k in ("tokens", "regions", "stop_reason")):
-        return previous["exemplars_version"], tag, False
+    curve = published_curve(state, cfg.batch_size)
+    if previous is not None and previous["saturation_curve"] == curve and all(
+            previous[k] == getattr(state, k) for k in ("tokens", "regions", "stop_reason")):
+        return previous["exemplars_version"], tag, False  # a rerun with nothing new writes nothing
     tokens = _source_tokens(store, store.activation_path(key.activations), state.source_row_K, source_info.version)
     folder.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite:  # unpublish first: a crash below leaves no meta.json naming removed data
@@ -330,7 +365,7 @@ def _publish(cfg: BuildConfig, store: Store, folder: Path, state: LeaderState, c
         "percentile": cfg.percentile, "theta": calibration.theta, "center": calibration.center_D.tolist(),
         "scale": calibration.scale,
         "width": state.width, "regions": state.regions, "tokens": state.tokens,
-        "stop_reason": state.stop_reason, "saturation_curve": state.new_per_batch,
+        "stop_reason": state.stop_reason, "saturation_curve": curve,
         "calibration": {"tokens": calibration.tokens, "batches": calibration.batches, "batch": cfg.calibration_batch},
         "build": cfg.defining(),
         "builder": {"tokens": state.tokens, "new_in_open_batch": state.new_in_open_batch,
@@ -338,10 +373,13 @@ def _publish(cfg: BuildConfig, store: Store, folder: Path, state: LeaderState, c
         "activations": {"key": str(key.activations), "version": source_info.version},
         "exemplars_version": version, "tags": info.tags, "ep_store_version": ep_store.__version__,
         ENVIRONMENT_KEY: env,
-        # One entry per build: what the dictionary was at each Lance version (for --as-of).
+        # One entry per build: what the dictionary was at each Lance version (for --as-of; read
+        # back by ep_store.snapshot). Closed batches never change, so the curve at a build is the
+        # latest curve's first tokens // batch_size entries plus that build's open batch.
         "history": (previous or {}).get("history", []) + [{
             "version": version, "tag": tag, "tokens": state.tokens, "regions": state.regions,
-            "stop_reason": state.stop_reason, "batches": len(state.new_per_batch), ENVIRONMENT_KEY: env}],
+            "stop_reason": state.stop_reason, "batches": len(curve), "open_batch": state.new_in_open_batch,
+            "activations": {"key": str(key.activations), "version": source_info.version}, ENVIRONMENT_KEY: env}],
     }
     store.write_json(folder / META, meta)
     return version, tag, True
@@ -404,26 +442,27 @@ def _source_tokens(store: Store, path: Path, rows_K: torch.Tensor, version: int 
 
 # -- loading and assigning ------------------------------------------------------------------------
 class Dictionary:
-    """A built EP dictionary: center, theta and exemplars, as stored (optionally as of a tag)."""
+    """A built EP dictionary: center, theta and exemplars, as stored (optionally as of a tag).
 
-    def __init__(self, key: DictionaryKey, meta: dict, exemplars: pa.Table):
-        self.key, self.meta, self.table = key, meta, exemplars
+    ``snapshot`` names the build it is (ep_store.snapshot): ``meta`` is meta.json as that build
+    published it, ``table`` its exemplars version, and ``snapshot.assignments_version`` the
+    assignments written from it (issue 18, A1)."""
+
+    def __init__(self, key: DictionaryKey, meta: dict, exemplars: pa.Table, snapshot: DictionarySnapshot | None = None):
+        self.key, self.meta, self.table, self.snapshot = key, meta, exemplars, snapshot
         self.center = torch.tensor(meta["center"], dtype=torch.float32)
         self.theta = float(meta["theta"])
         self.exemplars = arrow_to_tensor(exemplars.column("exemplar"))
 
     @classmethod
     def load(cls, store: Store | str | Path, key: DictionaryKey | str, as_of: int | str | None = None) -> Dictionary:
+        """The dictionary as a build published it: the latest (``as_of`` None: the version meta.json
+        names; a later, unpublished one is a crashed write) or the build of a tag or version
+        number. Raises UsageError for an unknown dictionary or a tag/version no build published."""
         store = store if isinstance(store, Store) else Store(store)
         key = key if isinstance(key, DictionaryKey) else DictionaryKey.parse(key)
-        folder = store.dictionary_dir(key)
-        if not (folder / META).is_file():
-            known = ", ".join(str(k) for k in store.list_dictionaries()) or "none"
-            raise UsageError(f"unknown dictionary {key} (known: {known})")
-        meta = store.read_json(folder / META)
-        # Latest means the version meta.json publishes: a later, unpublished one is a crashed write.
-        table = store.read_table(folder / EXEMPLARS, version=meta["exemplars_version"] if as_of is None else as_of)
-        return cls(key, meta, table)
+        snap = store.dictionary_snapshot(key, as_of)
+        return cls(key, snap.meta, store.read_table(snap.exemplars_path, version=snap.exemplars_version), snap)
 
     @property
     def width(self) -> int:

@@ -48,7 +48,7 @@ import ep_store
 from ep_store import store as st
 from ep_store.assign import nearest_exemplar
 from ep_store.calibrate import unit_directions
-from ep_store.dictionary import ASSIGNMENTS, Dictionary
+from ep_store.dictionary import Dictionary
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey, to_segment
 from ep_store.store import Store, arrow_to_tensor, arrow_to_vectors, vectors_to_arrow
@@ -312,14 +312,15 @@ def text_activation(cfg: SearchConfig, store: Store, d: Dictionary) -> tuple[np.
 
 # -- assignments, index freshness -----------------------------------------------------------------
 def load_regions(store: Store, d: Dictionary, rows: int, version: int) -> tuple[np.ndarray | None, str]:
-    """Region of every activation row from assignments.lance, or (None, why not)."""
-    path = store.dictionary_dir(d.key) / ASSIGNMENTS
-    if not store.exists(path):
-        return None, f"{d.key} has no assignments; run: ep assign --dictionary {d.key}"
-    info = store.info(path)
-    if info.rows != rows or info.meta.get("activations_version", version) != version:
+    """Region of every activation row from the assignments written from ``d``'s exemplars
+    (its snapshot's, issue 18 A1: never another build's), or (None, why not)."""
+    snap = d.snapshot
+    if snap.assignments_version is None:
+        return None, snap.assignments_missing
+    path, at = snap.assignments_path, snap.assignments_version
+    table = store.read_table(path, columns=["region_id"], version=at)
+    if table.num_rows != rows or store.dataset_meta(path, at).get("activations_version", version) != version:
         return None, f"the assignments of {d.key} are stale (activations changed); run: ep assign --dictionary {d.key}"
-    table = store.read_table(path, columns=["region_id"])
     return table.column("region_id").to_numpy(), ""
 
 
@@ -327,12 +328,11 @@ def index_state(store: Store, d: Dictionary) -> dict:
     """What an index of ``d`` must record to be fresh (compared key by key with its metadata)."""
     source = store.activation_path(d.key.activations)
     info = store.info(source)
-    asg = store.dictionary_dir(d.key) / ASSIGNMENTS
     return {
         "dictionary": str(d.key), "activations": str(d.key.activations),
         "activations_version": info.version, "activations_rows": info.rows, "width": info.width,
         "center_sha256": center_sha(d.center), "exemplars_version": d.meta.get("exemplars_version"),
-        "assignments_version": store.info(asg).version if store.exists(asg) else None,
+        "assignments_version": d.snapshot.assignments_version,
     }
 
 

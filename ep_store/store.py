@@ -248,6 +248,16 @@ class Store:
             raise
 
     @staticmethod
+    def versions(path: Path) -> list[int]:
+        """Every Lance version number of the dataset at ``path`` that is still on disk, ascending."""
+        return sorted(v["version"] for v in lance.dataset(str(path)).versions())
+
+    @staticmethod
+    def dataset_meta(path: Path, version: int | str | None = None) -> dict:
+        """The ep_store JSON in the schema metadata of ``path`` at ``version`` (what produced it)."""
+        return json.loads((Store.dataset(path, version).schema.metadata or {}).get(META_KEY, b"{}"))
+
+    @staticmethod
     def scan(
         path: Path,
         columns: list[str] | None = None,
@@ -420,6 +430,15 @@ class Store:
         return sorted(keys)
 
     # -- dictionaries --------------------------------------------------------------------------
+    def dictionary_snapshot(self, key: DictionaryKey, as_of: int | str | None = None, missing_ok: bool = False):
+        """The ``DictionarySnapshot`` of ``key`` at a tag or version (None: the published build):
+        the exemplars, assignments and meta published together (issue 18, A1). Every reader
+        of a dictionary goes through this. Raises UsageError for an unknown dictionary or an
+        unpublished tag/version (returns None for the latter when ``missing_ok``)."""
+        from ep_store.snapshot import dictionary_snapshot
+
+        return dictionary_snapshot(self, key, as_of, missing_ok)
+
     def list_dictionaries(self) -> list[DictionaryKey]:
         base = self.root / "dictionaries"
         keys = []
