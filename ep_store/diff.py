@@ -29,6 +29,7 @@ from ep_store.prompts import labelled_spans
 from ep_store.report import ALL, environment
 from ep_store.sql import StoreDB, ask, ask_pair, check_options
 from ep_store.store import Store
+from ep_store.streams import require_same_stream
 
 
 def span_labels(corpus: str) -> pa.Table:
@@ -99,6 +100,9 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
     if not (folder / "meta.json").is_file():
         match(MatchConfig(a, b, cutoff=cutoff), store)
     meta = store.read_json(folder / "meta.json")
+    if meta.get("membership_by") is not None:  # token flows pair both streams (issue 18, A3)
+        require_same_stream(store, ka.activations, kb.activations, f"diff of {ka} and {kb} (its token flows)",
+                            f"or rematch by vector only: ep match {ka} {kb} --method vector")
     db = StoreDB(store)
     db.require(ka)
     db.require(kb)

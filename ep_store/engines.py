@@ -51,7 +51,7 @@ FAIL_BEFORE_COMMIT = "EP_FAULT_BEFORE_COMMIT"
 task has written its fragments and before the commit."""
 
 
-@dataclass(kw_only=True)
+@dataclass
 class RayConfig:
     address: str = "local"
     """`local`: start Ray in this process; `auto`: join the running cluster; or `ray://host:port`."""
@@ -118,12 +118,33 @@ def run_harvest(cfg, store, models_dir: Path, ray_cfg: RayConfig | None, progres
 
 def run_assign(store, dictionary: str, activations: str | None, device: str, ray_cfg: RayConfig | None,
                progress: bool = True) -> dict:
-    """Assign with the local engine (``ray_cfg`` None) or with Ray tasks (CPU workers)."""
+    """Assign with the local engine (``ray_cfg`` None) or with Ray tasks (CPU workers).
+
+    Assigning a dictionary over another dataset's activations (``activations``) needs both
+    datasets harvested from the same documents (UsageError otherwise; issue 18, A3)."""
     from ep_store.dictionary import assign_dataset
 
+    check_assign_stream(store, dictionary, activations)
     if ray_cfg is None:
         return assign_dataset(store, dictionary, activations, device, progress=progress)
     return ray_assign(store, dictionary, activations, ray_cfg)
+
+
+def check_assign_stream(store, dictionary: str, activations: str | None) -> None:
+    """Refuse (UsageError) assigning ``dictionary`` over an activation dataset of other documents
+    than its own: the foreign assignments are keyed by (doc_id, pos) beside its own, which only
+    name the same tokens for the same documents (issue 18, A3). Unknown keys are left to the
+    assignment's own checks."""
+    from ep_store.keys import ActivationKey, DictionaryKey
+    from ep_store.streams import require_same_stream
+
+    if activations is None:
+        return
+    key, target = DictionaryKey.parse(dictionary), ActivationKey.parse(activations)
+    if target == key.activations or not (store.dictionary_dir(key) / "meta.json").is_file() \
+            or not store.exists(store.activation_path(target)):
+        return
+    require_same_stream(store, key.activations, target, f"assigning {key} over {target}")
 
 
 # -- harvest ------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import KW_ONLY, asdict, dataclass
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -56,6 +56,8 @@ from ep_store.errors import UsageError, options_changed
 from ep_store.hostcopy import HostBlock, to_host
 from ep_store.keys import ActivationKey
 from ep_store.store import META_KEY, Store, commit_fragments, vectors_to_arrow
+from ep_store.streams import FINGERPRINT_KEY as CORPUS_FINGERPRINT
+from ep_store.streams import corpus_fingerprint
 from ep_store.writer import BackgroundWriter
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,6 @@ class HarvestConfig:
     """Checkpoint name (the local sub-folder, or the hub revision)."""
     layers: tuple[int, ...]
     """0-based decoder blocks whose outputs are stored."""
-    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     corpus: str = "builtin"
     """Corpus spec: builtin and/or .txt/.jsonl/.parquet paths, comma-separated."""
     max_tokens: int = 20_000
@@ -294,6 +295,9 @@ class HarvestPlan:
     """The model's config (block count, width)."""
     fingerprint: dict | None = None
     """Tokenizer and weights identity (stream_fingerprint), set once the model is loaded."""
+    corpus_id: dict | None = None
+    """The corpus's whole document list (streams.corpus_fingerprint), recorded in ``fingerprint``
+    so that joins can tell which datasets hold the same documents (issue 18, A3)."""
 
     @property
     def keys(self) -> dict[int, ActivationKey]:
@@ -309,6 +313,7 @@ class HarvestPlan:
     def accept_fingerprint(self, fingerprint: dict) -> None:
         """Record the loaded model's fingerprint; UsageError when resuming rows of another
         tokenizer or model (issue 8, A4)."""
+        fingerprint = {**fingerprint, **(self.corpus_id or {})}
         if not self.cfg.overwrite:
             check_fingerprints(self.cfg, self.store, self.held, fingerprint)
         self.fingerprint = fingerprint
@@ -365,9 +370,10 @@ def plan(cfg: HarvestConfig, store: Store, models_dir: Path) -> HarvestPlan:
     check_chat_documents(documents, tokenizer, cfg.corpus)
     held = prepare_keys(cfg, store, config, prefix_ids)
     models.resolve_device(cfg.device)
-    planned = HarvestPlan(cfg, store, documents, tokenizer, prefix_ids, held, config)
-    if not cfg.overwrite:  # resume proof, before any weights load: tokenizer, then text (issue 8, A4)
-        check_fingerprints(cfg, store, held, {"tokenizer": tokenizer_fingerprint(tokenizer)})
+    corpus_id = corpus_fingerprint(documents)  # the whole list, whatever the token budget (issue 18, A3)
+    planned = HarvestPlan(cfg, store, documents, tokenizer, prefix_ids, held, config, corpus_id=corpus_id)
+    if not cfg.overwrite:  # resume proof, before any weights load: tokenizer, corpus, then text (issue 8, A4)
+        check_fingerprints(cfg, store, held, {"tokenizer": tokenizer_fingerprint(tokenizer), **corpus_id})
         check_same_text(planned)
     return planned
 
@@ -649,6 +655,12 @@ def check_fingerprints(cfg: HarvestConfig, store: Store, held: dict[int, int], f
             if part in fingerprint and stored.get(part) != fingerprint[part]:
                 raise UsageError(f"{key} holds {rows} rows harvested with another {what} than {cfg.model}/"
                                  f"{cfg.checkpoint} has now; pass --overwrite to harvest it again from scratch")
+        # Datasets from before issue 18 have no corpus part: they resume as before (and joins refuse them).
+        part = CORPUS_FINGERPRINT
+        if part in fingerprint and stored.get(part) not in (None, fingerprint[part]):
+            raise UsageError(f"{key} holds {rows} rows of corpus {cfg.corpus!r} whose document list or text changed since "
+                             "(its fingerprint over every document differs); pass --overwrite to harvest it again "
+                             "from scratch")
 
 
 def check_same_text(planned: HarvestPlan) -> None:

@@ -9,7 +9,9 @@ A's theta. By membership (any two dictionaries assigned over one stream): overla
 DuckDB join of the assignments, by (doc_id, pos) when the token streams agree, else by
 overlapping character spans (weights are then characters); precision = overlap / |s|,
 recall = overlap / |r|, F1 their harmonic mean, for region r of A and s of B. Alone, the
-membership method matches one-to-one on F1 (preserved = F1 >= f1_cutoff).
+membership method matches one-to-one on F1 (preserved = F1 >= f1_cutoff). Membership (and
+``both``) needs both dictionaries' activations harvested from the same documents, else it
+exits 2 (``streams.require_same_stream``; issue 18, A3); vector matching needs no shared tokens.
 
 Writes ``matches/<A>__<B>/pairs.lance`` (one row per preserved pair, dropped and introduced
 region), ``overlaps.lance`` (every overlapping region pair with best-match flags) and
@@ -19,7 +21,7 @@ region), ``overlaps.lance`` (every overlapping region pair with best-match flags
 from __future__ import annotations
 
 import time
-from dataclasses import KW_ONLY, asdict, dataclass
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +34,7 @@ from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey
 from ep_store.sql import StoreDB, ask_pair
 from ep_store.store import Store
+from ep_store.streams import require_same_stream
 
 METHODS = ("vector", "membership", "both")
 
@@ -42,7 +45,6 @@ class MatchConfig:
     """Dictionary key A (the reference, e.g. base)."""
     b: str
     """Dictionary key B (e.g. the fine-tuned checkpoint)."""
-    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     method: str = "both"
     """vector, membership or both."""
     cutoff: float = 0.7
@@ -142,7 +144,9 @@ def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: Dictionar
                          "widths; use --method membership")
     use_vector = cfg.method != "membership" and da.width == db_.width
     overlaps, by = None, None
-    if cfg.method in ("membership", "both"):
+    if cfg.method in ("membership", "both"):  # pairs the tokens of both streams (issue 18, A3)
+        require_same_stream(store, a.activations, b.activations, f"membership match of {a} and {b}",
+                            f"or match by vector only: ep match {a} {b} --method vector" if da.width == db_.width else "")
         sql = StoreDB(store)
         sql.require(a)
         sql.require(b)

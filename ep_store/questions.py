@@ -6,7 +6,7 @@ ep_store.sql):
 
     -- <description, one line>
     -- params: model, checkpoint, layer, percentile, limit, context
-    -- needs: match, span_labels            (optional)
+    -- needs: match, span_labels, same_stream   (optional)
 
 ``params`` are the DuckDB named parameters the statement uses (a test checks them against
 DuckDB's parser). A question is a *pair* question when it names ``a``/``b`` parameters (two
@@ -14,7 +14,10 @@ dictionaries: ``ep stats A QUESTION --against B``), otherwise it asks about one 
 (``ep stats KEY QUESTION``). The key parameters come from the dictionary keys; the others
 are options with the defaults below. ``needs: match`` means ``ep match A B`` must have run
 (the question reads the ``matches``/``match_overlaps`` views); ``span_labels`` is the table
-of labelled character spans of B's corpus, which ep_store.sql registers on demand.
+of labelled character spans of B's corpus, which ep_store.sql registers on demand;
+``same_stream`` means the question pairs tokens of A's and B's activation datasets, so both
+must hold the same documents (``streams.require_same_stream``, checked before it runs;
+issue 18, A3).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ OPTIONS = {
     "min_positives": (20, "positive tokens a feature needs to be eligible (ep sae compare)"),
 }
 DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
+NEEDS = frozenset({"match", "span_labels", "same_stream"})  # what a ``-- needs:`` line may name
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ class Question:
     params: tuple[str, ...]
     """Every DuckDB named parameter of ``sql``, as declared in its header."""
     needs: tuple[str, ...] = ()
-    """What must exist besides the store's views: ``match`` (ep match A B), ``span_labels``."""
+    """What must exist besides the store's views: ``match`` (ep match A B), ``span_labels``,
+    ``same_stream`` (A's and B's activations hold the same documents)."""
 
     @property
     def pair(self) -> bool:
@@ -81,6 +86,9 @@ def parse(name: str, text: str) -> Question:
     unknown = set(header["params"]) - KEY_PARAMS - PAIR_PARAMS - set(OPTIONS)
     if unknown:
         raise ValueError(f"queries/{name}.sql: unknown parameters {sorted(unknown)}")
+    unknown = set(header.get("needs", ())) - NEEDS
+    if unknown:
+        raise ValueError(f"queries/{name}.sql: unknown needs {sorted(unknown)}; known: {sorted(NEEDS)}")
     return Question(name, lines[0].lstrip("- ").strip(), text, header["params"], header.get("needs", ()))
 
 

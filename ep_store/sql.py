@@ -354,7 +354,8 @@ OVERLAPS_EMPTY = (
 def ask_pair(db: StoreDB, a: DictionaryKey, b: DictionaryKey, name: str, **params) -> pa.Table:
     """Run a canned two-dictionary question ($a_*, $b_* parameters, $a and $b keys).
 
-    Raises UsageError for an unknown question or one that asks about a single dictionary.
+    Raises UsageError for an unknown question or one that asks about a single dictionary, and
+    for a ``same_stream`` question over activations of different documents (issue 18, A3).
     """
     question = _question(name, pair=True)
     check_options(params)
@@ -362,6 +363,10 @@ def ask_pair(db: StoreDB, a: DictionaryKey, b: DictionaryKey, name: str, **param
     for prefix, key in (("a", a), ("b", b)):
         bound |= {f"{prefix}_model": key.model, f"{prefix}_checkpoint": key.checkpoint,
                   f"{prefix}_layer": key.layer, f"{prefix}_percentile": float(key.percentile)}
+    if "same_stream" in question.needs:  # it pairs A's tokens with B's (issue 18, A3)
+        from ep_store.streams import require_same_stream
+
+        require_same_stream(db.store, a.activations, b.activations, f"{name} of {a} and {b}")
     if "span_labels" in question.needs and "span_labels" not in db.registered:
         from ep_store.diff import span_labels  # the labels of B's corpus (chat markers, refusals)
 

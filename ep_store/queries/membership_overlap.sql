@@ -1,5 +1,6 @@
 -- Membership overlap of two dictionaries over the same stream, matched by (doc_id, pos).
 -- params: a_model, a_checkpoint, a_layer, a_percentile, b_model, b_checkpoint, b_layer, b_percentile
+-- needs: same_stream
 SELECT a.region_id AS region_a, b.region_id AS region_b, count(*)::DOUBLE AS overlap
 FROM assignments a
 JOIN assignments b ON a.doc_id = b.doc_id AND a.pos = b.pos

@@ -1,5 +1,6 @@
 -- Membership overlap of two dictionaries whose tokenizers differ: characters shared by overlapping token spans.
 -- params: a_model, a_checkpoint, a_layer, a_percentile, b_model, b_checkpoint, b_layer, b_percentile
+-- needs: same_stream
 WITH a AS (
     SELECT s.region_id, t.doc_id, t.char_start, t.char_end
     FROM assignments s JOIN tokens t USING (model, checkpoint, layer, doc_id, pos)

@@ -1,6 +1,6 @@
 -- Transition summary: shared tokens of A by where they land in B (matched partner, other preserved, introduced).
 -- params: a, b
--- needs: match
+-- needs: match, same_stream
 WITH o AS (SELECT * FROM match_overlaps WHERE a = $a AND b = $b),
 partner AS (SELECT region_a, region_b AS partner_b FROM matches WHERE a = $a AND b = $b AND status = 'preserved'),
 status_b AS (SELECT region_b, status FROM matches WHERE a = $a AND b = $b AND region_b IS NOT NULL)

@@ -1,6 +1,6 @@
 -- How shared tokens moved between regions of A and B: top region-to-region flows with their statuses.
 -- params: a, b, limit
--- needs: match
+-- needs: match, same_stream
 WITH o AS (
     SELECT * FROM match_overlaps WHERE a = $a AND b = $b
 ),

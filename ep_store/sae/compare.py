@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import KW_ONLY, asdict, dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +50,8 @@ from ep_store.sae import binarise as B
 from ep_store.sae.report import write_outputs
 from ep_store.sae.train import encode, load_sae
 from ep_store.store import Store, arrow_to_tensor, vectors_to_arrow
+from ep_store.streams import FINGERPRINT_KEY as CORPUS_FINGERPRINT
+from ep_store.streams import stream_identity
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,6 @@ class SAECompareConfig:
     """Name of an SAE trained on the same activation dataset (ep sae train --name)."""
     out: str
     """Folder for metrics.json, pairs.csv, f1_distribution.png and README.md."""
-    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     heldout_tokens: int = 4000
     """Compare on the dataset's last this-many rows (must lie outside the SAE's training rows)."""
     top_n: int = 100
@@ -125,6 +126,7 @@ def check_inputs(cfg: SAECompareConfig, store: Store) -> tuple[dict, dict, int, 
     if smeta["d_in"] != info.width or dmeta["width"] != info.width:
         raise UsageError(f"width mismatch: {key.activations} has width {info.width}, the SAE {skey} takes "
                          f"{smeta['d_in']} and the dictionary {key} has {dmeta['width']}")
+    check_trained_stream(store, key, skey, smeta)
     start = info.rows - cfg.heldout_tokens
     trained_until = smeta["activations"]["train_rows"][1]
     if start < trained_until:
@@ -142,6 +144,25 @@ def check_inputs(cfg: SAECompareConfig, store: Store) -> tuple[dict, dict, int, 
 
 
 # -- EP on the training prefix ------------------------------------------------------------------------
+def check_trained_stream(store: Store, key: DictionaryKey, skey: SAEKey, smeta: dict) -> None:
+    """Refuse (UsageError) to compare an SAE on rows of other documents than it was trained on:
+    its training rows and the held-out rows must come from one harvest of one corpus (the
+    dataset's corpus fingerprint now equals the one recorded at training; issue 18, A3)."""
+    now = stream_identity(store, key.activations)
+    recorded = smeta["activations"].get(CORPUS_FINGERPRINT)
+    retrain = f"retrain it: ep sae train --activations {key.activations} --name {skey.name} ... --overwrite"
+    if now[CORPUS_FINGERPRINT] is None:
+        raise UsageError(f"{key.activations} was harvested before corpus fingerprints were recorded, so the SAE "
+                         f"{skey}'s training rows cannot be shown to be of its documents; re-harvest it with "
+                         f"--overwrite, then {retrain}")
+    if recorded is None:
+        raise UsageError(f"the SAE {skey} was trained before corpus fingerprints were recorded, so its training rows "
+                         f"cannot be shown to be of the documents {key.activations} holds now; {retrain}")
+    if recorded != now[CORPUS_FINGERPRINT]:
+        raise UsageError(f"the SAE {skey} was trained on other documents (corpus {smeta['activations'].get('corpus')!r})"
+                         f" than {key.activations} holds now (corpus {now['corpus']!r}); {retrain}")
+
+
 def build_on_prefix(store: Store, key: DictionaryKey, dmeta: dict, rows: int, device: torch.device) -> dict:
     """Calibrate and leader-cluster the first ``rows`` rows with the stored dictionary's parameters.
 

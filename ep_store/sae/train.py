@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import KW_ONLY, asdict, dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -38,6 +38,7 @@ from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, SAEKey
 from ep_store.models import resolve_device
 from ep_store.store import Store, arrow_to_tensor
+from ep_store.streams import stream_identity
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,6 @@ class SAETrainConfig:
     """Activation dataset key <model>/<checkpoint>/L<layer>."""
     name: str
     """Name of the SAE (a path segment under saes/<model>/<checkpoint>/L<layer>/)."""
-    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     width: int | None = None
     """Number of SAE features (default: 8 x d_model)."""
     k: int = 32
@@ -266,7 +266,8 @@ def train_sae(cfg: SAETrainConfig, store: Store, progress: bool = True, curves_p
         "config": asdict(cfg) | {"width": width}, "sae_config": trained.cfg.get_inference_sae_cfg_dict(),
         "d_in": info.width, "width": width, "k": cfg.k,
         "activations": {"key": str(key.activations), "version": info.version, "rows": info.rows,
-                        "train_rows": [0, train_rows], "heldout_rows": [train_rows, info.rows]},
+                        "train_rows": [0, train_rows], "heldout_rows": [train_rows, info.rows],
+                        **stream_identity(store, key.activations)},  # compare checks it (issue 18, A3)
         "tokens": trainer.n_training_samples, "steps": trainer.n_training_steps,
         "epochs": round(trainer.n_training_samples / train_rows, 3),
         "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3), "device": str(device),
