@@ -51,7 +51,7 @@ FAIL_BEFORE_COMMIT = "EP_FAULT_BEFORE_COMMIT"
 task has written its fragments and before the commit."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RayConfig:
     address: str = "local"
     """`local`: start Ray in this process; `auto`: join the running cluster; or `ray://host:port`."""

@@ -40,7 +40,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -71,6 +71,7 @@ class HarvestConfig:
     """Checkpoint name (the local sub-folder, or the hub revision)."""
     layers: tuple[int, ...]
     """0-based decoder blocks whose outputs are stored."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     corpus: str = "builtin"
     """Corpus spec: builtin and/or .txt/.jsonl/.parquet paths, comma-separated."""
     max_tokens: int = 20_000

@@ -21,7 +21,7 @@ region), ``overlaps.lance`` (every overlapping region pair with best-match flags
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -45,6 +45,7 @@ class MatchConfig:
     """Dictionary key A (the reference, e.g. base)."""
     b: str
     """Dictionary key B (e.g. the fine-tuned checkpoint)."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     method: str = "both"
     """vector, membership or both."""
     cutoff: float = 0.7

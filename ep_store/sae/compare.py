@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,7 @@ class SAECompareConfig:
     """Name of an SAE trained on the same activation dataset (ep sae train --name)."""
     out: str
     """Folder for metrics.json, pairs.csv, f1_distribution.png and README.md."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     heldout_tokens: int = 4000
     """Compare on the dataset's last this-many rows (must lie outside the SAE's training rows)."""
     top_n: int = 100

@@ -26,7 +26,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -52,6 +52,7 @@ class SAETrainConfig:
     """Activation dataset key <model>/<checkpoint>/L<layer>."""
     name: str
     """Name of the SAE (a path segment under saes/<model>/<checkpoint>/L<layer>/)."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     width: int | None = None
     """Number of SAE features (default: 8 x d_model)."""
     k: int = 32
