@@ -154,8 +154,10 @@ def parse_layers(text: str) -> tuple[int, ...]:
 @click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
 @click.option("--layers", required=True, multiple=True,
               help="0-based blocks, comma-separated and/or repeated: 6,12 or --layers 6 --layers 12.")
-@click.option("--corpus", default="builtin", show_default=True, help="Comma-separated sources: builtin, chat (the held-out chat prompts), .txt/.jsonl/.parquet files, "
+@click.option("--corpus", default="builtin", show_default=True, help="Comma-separated sources: builtin, chat (the held-out chat prompts), .txt/.jsonl/.csv/.parquet files, "
               "and chat:FILE (a file in Gemma's chat format: its turn markers become control tokens).")
+@click.option("--text-field", default="text", show_default=True,
+              help="Field holding the text in .jsonl/.csv/.parquet corpus files.")
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens to store.")
 @click.option("--ctx", type=int, default=128, show_default=True, help="Tokens per context (BOS not counted).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per forward pass and commit.")
@@ -174,7 +176,7 @@ def parse_layers(text: str) -> tuple[int, ...]:
 @PROGRESS
 @engine_options
 @user_errors
-def harvest(model, checkpoint, layers, corpus, max_tokens, ctx, batch_size, dtype, overwrite, storage_dtype, bos,
+def harvest(model, checkpoint, layers, corpus, text_field, max_tokens, ctx, batch_size, dtype, overwrite, storage_dtype, bos,
             writer_depth, device, store_path, models_dir, progress, engine, address, workers, num_gpus) -> None:
     """Harvest residual-stream activations into versioned Lance tables."""
     from ep_store.engines import run_harvest
@@ -182,6 +184,7 @@ def harvest(model, checkpoint, layers, corpus, max_tokens, ctx, batch_size, dtyp
     from ep_store.store import Store
 
     cfg = HarvestConfig(model=model, checkpoint=checkpoint, layers=parse_layers(",".join(layers)), corpus=corpus,
+                        text_field=text_field,
                         max_tokens=max_tokens, ctx=ctx, batch_size=batch_size, device=device, dtype=dtype,
                         overwrite=overwrite, storage_dtype=storage_dtype, bos=bos, writer_depth=writer_depth)
     summary = run_harvest(cfg, Store(store_path), models_dir, ray_config(engine, address, workers, num_gpus), progress)
@@ -471,7 +474,9 @@ def store_verify(a, b, rtol, preserved, cutoff, fmt) -> None:
 @click.option("--model", required=True, help="Model name (local folder or hub id).")
 @click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
 @click.option("--prompts", "prompts_path", type=click.Path(path_type=Path), required=True,
-              help=".txt (one prompt per line) or .jsonl (a prompt or instruction field).")
+              help=".txt (one prompt per line) or .jsonl/.csv/.parquet (a prompt or instruction field).")
+@click.option("--text-field", default=None, help="Field holding the prompt in .jsonl/.csv/.parquet rows "
+              "[default: prompt, else instruction].")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Output .jsonl: prompt, completion, refused.")
 @click.option("--chat", is_flag=True, help="Apply the model's chat template (Gemma turn format for our Gemma).")
 @click.option("--max-new-tokens", type=int, default=48, show_default=True, help="Tokens per completion at most.")
@@ -487,13 +492,14 @@ def store_verify(a, b, rtol, preserved, cutoff, fmt) -> None:
 @MODELS
 @PROGRESS
 @user_errors
-def generate_cmd(model, checkpoint, prompts_path, out, chat, max_new_tokens, batch_size, ablate, steer, basis, dtype,
+def generate_cmd(model, checkpoint, prompts_path, text_field, out, chat, max_new_tokens, batch_size, ablate, steer, basis, dtype,
                  device, store_path, models_dir, progress) -> None:
     """Greedy generation, optionally with regions ablated or steered at their layer's output."""
     from ep_store.generate import GenerateConfig, generate
     from ep_store.store import Store
 
     cfg = GenerateConfig(model=model, checkpoint=checkpoint, prompts=prompts_path, out=out, chat=chat,
+                         text_field=text_field,
                          max_new_tokens=max_new_tokens, batch_size=batch_size, ablate=ablate, steer=steer, basis=basis,
                          device=device, dtype=dtype)
     summary = generate(cfg, Store(store_path), models_dir, progress)

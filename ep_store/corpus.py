@@ -6,7 +6,9 @@ Corpus sources (comma-separated in a spec such as ``builtin,notes.jsonl``):
   docstrings read with ``ast`` (nothing is imported).
 - ``chat``: the project's held-out chat prompts with their target responses, in Gemma's
   chat format (ep_store.prompts); put it first (``chat,builtin``) so a token budget keeps it.
-- ``*.txt`` (one document per file), ``*.jsonl`` and ``*.parquet`` (a ``text`` field).
+- ``*.txt`` (one document per file), ``*.jsonl``, ``*.csv`` and ``*.parquet`` (one document
+  per row, its ``text`` field or ``--text-field``), read by ep_store.readers: a BOM stripped,
+  CRLF and U+2028 kept as they are, so offsets index the file's text; empty rows skipped.
 - ``chat:FILE``: a file of that kind whose texts are in Gemma's chat format, turn markers
   included (the refusal study harvests its chat-formatted prompts this way).
 
@@ -31,13 +33,14 @@ Tokens are the text (issue 8, D):
 from __future__ import annotations
 
 import ast
-import json
 import re
 import sysconfig
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ep_store import readers
 from ep_store.errors import UsageError
 
 MIN_DOCSTRING_CHARS = 400  # shorter module docstrings are mostly one-line summaries
@@ -88,32 +91,10 @@ def chat_texts() -> Iterator[tuple[str, str]]:
 
 
 def file_texts(path: Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
-    if path.is_dir():
-        raise UsageError(f"corpus file {path} is a folder; pass a .txt/.jsonl/.parquet file")
-    if not path.is_file():
-        raise UsageError(f"corpus file {path} does not exist; pass builtin, chat, a .txt/.jsonl/.parquet file "
-                         "or chat:FILE")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".txt":
-            yield path.name, path.read_text(encoding="utf-8")
-        elif suffix == ".jsonl":
-            with path.open(encoding="utf-8") as lines:
-                for i, line in enumerate(lines):
-                    if line.strip():
-                        text = json.loads(line)[text_field]
-                        if isinstance(text, str):
-                            text.encode("utf-8")  # a lone surrogate (\ud83d) is no text: UnicodeEncodeError
-                        yield f"{path.name}:{i}", text
-        elif suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            for i, text in enumerate(pq.read_table(path, columns=[text_field]).column(0).to_pylist()):
-                yield f"{path.name}:{i}", text
-        else:
-            raise UsageError(f"corpus file {path} is not .txt, .jsonl or .parquet")
-    except (KeyError, json.JSONDecodeError, UnicodeError, OSError) as err:
-        raise UsageError(f"cannot read corpus file {path}: {type(err).__name__}: {err}") from None
+    """(name, text) of a corpus file, read by ep_store.readers (issue 18, B5): a .txt file is
+    one document; .jsonl/.csv/.parquet rows give one document each (their ``text_field``)."""
+    for row in readers.read_texts(path, text_field, txt="document", what="corpus file"):
+        yield row.name, row.text
 
 
 def iter_documents(spec: str, text_field: str = "text") -> Iterator[Document]:
@@ -232,14 +213,78 @@ def special_prefix(tokenizer) -> list[int]:
     return []
 
 
-def iter_contexts(documents, tokenizer, ctx: int) -> Iterator[Context]:
-    """Cut each document's tokens into consecutive contexts of at most ``ctx`` tokens."""
+PIECE_CHARS = 1 << 16
+"""Longest piece of a document tokenized in one call (issue 18, B6): a document is tokenized
+piece by piece, as the stream is read, so a harvest's time and memory follow the tokens it
+keeps, not the file size. Documents up to this length are one piece (tokenized whole)."""
+
+
+def piece_bounds(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[tuple[int, int]]:
+    """(start, end) of consecutive pieces that tile ``text``, each at most ``piece_chars`` long.
+
+    A cut goes before a single space between two non-space characters (``a| b``), the last
+    one in the piece's second half, so the space starts the next word as it would in the
+    whole text: for a tokenizer whose pre-tokenizer splits at whitespace (BPE with
+    Whitespace/ByteLevel, SentencePiece's split_by_whitespace) the ids equal the whole
+    document's. Only a second half with no such space (e.g. 32K characters without a word
+    break) is cut at the limit, where ids may differ from tokenizing the whole; offsets
+    stay exact either way. The cuts depend on the text alone, so a stream stays a pure
+    function of (corpus, tokenizer, ctx).
+    """
+    at, n = 0, len(text)
+    while n - at > piece_chars:
+        cut = _safe_cut(text, at + piece_chars // 2, at + piece_chars)
+        yield at, cut
+        at = cut
+    yield at, n
+
+
+def _safe_cut(text: str, lo: int, hi: int) -> int:
+    """The last ``c`` in (lo, hi] with a single space at ``c`` between two non-space
+    characters; else ``hi``, moved left off combining marks (a letter keeps its accents)."""
+    c = text.rfind(" ", lo + 1, hi + 1)
+    while c > lo:
+        if not text[c - 1].isspace() and c + 1 < len(text) and not text[c + 1].isspace():
+            return c
+        c = text.rfind(" ", lo + 1, c)
+    while hi > lo + 1 and unicodedata.combining(text[hi]):
+        hi -= 1
+    return hi
+
+
+def document_tokens(doc: Document, tokenizer, piece_chars: int = PIECE_CHARS
+                    ) -> Iterator[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, tiling spans) of a document, piece by piece (``piece_bounds``), lazily: a reader
+    that stops early never tokenizes the rest. Spans are offsets into ``doc.text`` and tile it
+    across pieces (``tiling_spans`` carried over)."""
+    end = None
+    for a, b in piece_bounds(doc.text, piece_chars):
+        ids, raw = encode(tokenizer, doc.text[a:b], chat=doc.chat)
+        spans = []
+        for s, e in raw:
+            start = s + a if end is None else end
+            end = max(e + a, start)
+            spans.append((start, end))
+        yield ids, spans
+
+
+def iter_contexts(documents, tokenizer, ctx: int, piece_chars: int = PIECE_CHARS) -> Iterator[Context]:
+    """Cut each document's tokens into consecutive contexts of at most ``ctx`` tokens.
+
+    Documents are tokenized in pieces of at most ``piece_chars`` characters as contexts are
+    asked for (issue 18, B6), so taking the first N tokens costs about N tokens' work."""
     for doc in documents:
-        ids, raw = encode(tokenizer, doc.text, chat=doc.chat)
-        spans = tiling_spans(raw)
-        for start in range(0, len(ids), ctx):
-            window = spans[start : start + ctx]
-            yield Context(doc.doc_id, start, ids[start : start + ctx], window, [doc.text[a:b] for a, b in window])
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        pos = 0
+        for piece_ids, piece_spans in document_tokens(doc, tokenizer, piece_chars):
+            ids += piece_ids
+            spans += piece_spans
+            while len(ids) >= ctx:
+                yield Context(doc.doc_id, pos, ids[:ctx], spans[:ctx], [doc.text[a:b] for a, b in spans[:ctx]])
+                ids, spans, pos = ids[ctx:], spans[ctx:], pos + ctx
+        if ids:
+            yield Context(doc.doc_id, pos, ids, spans, [doc.text[a:b] for a, b in spans])
 
 
 def document_texts(spec: str) -> dict[int, str]:

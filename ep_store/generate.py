@@ -3,8 +3,9 @@
     ep generate --model gemma-3-270m --checkpoint sft --prompts prompts.txt --chat \\
         --max-new-tokens 48 --ablate gemma-3-270m/sft/L6/p1:12,40 --out gen.jsonl
 
-Prompts come from a ``.txt`` file (one per line) or ``.jsonl`` (a ``prompt`` or
-``instruction`` field). ``--chat`` wraps each in the model's chat template with the
+Prompts come from a ``.txt`` file (one per line, split on ``\\n`` only) or a ``.jsonl``,
+``.csv`` or ``.parquet`` file (a ``prompt`` or ``instruction`` field, or ``--text-field``),
+read by ep_store.readers. ``--chat`` wraps each in the model's chat template with the
 generation prompt; a tokenizer without a template but with Gemma's turn tokens (our
 fine-tuned Gemma, whose tokenizer comes from the GGUF base and carries no template) gets
 the Gemma turn format the fine-tune trained on (ep_store.prompts). Decoding is greedy, in
@@ -16,7 +17,6 @@ left-padded batches, and stops at EOS or an end-of-turn token. ``--ablate KEY:ID
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ep_store import jsonio, models, prompts
+from ep_store import jsonio, models, prompts, readers
 from ep_store.corpus import encode, encode_turn, special_prefix
 from ep_store.dictionary import Dictionary
 from ep_store.errors import UsageError, check_output_file
@@ -56,11 +56,13 @@ class GenerateConfig:
     """Checkpoint (local sub-folder or hub revision)."""
     _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     prompts: Path
-    """A .txt file (one prompt per line) or .jsonl file (a prompt or instruction field)."""
+    """A .txt file (one prompt per line) or a .jsonl/.csv/.parquet file (one prompt per row)."""
     out: Path
     """Output .jsonl: one line per prompt with prompt, completion, refused."""
     chat: bool = False
     """Wrap prompts in the model's chat template (Gemma turn format for our Gemma checkpoints)."""
+    text_field: str | None = None
+    """Field holding the prompt in .jsonl/.csv/.parquet rows; None: ``prompt``, else ``instruction``."""
     max_new_tokens: int = 48
     """Tokens generated per prompt at most (greedy)."""
     batch_size: int = 16
@@ -143,44 +145,7 @@ def build_edits(cfg: GenerateConfig, store: Store) -> list[Edit]:
 
 
 # -- prompts --------------------------------------------------------------------------------------
-def read_prompts(path: Path) -> list[str]:
-    """Prompts of a .txt (non-blank lines) or .jsonl (prompt or instruction field) file."""
-    if not path.is_file():
-        raise UsageError(f"prompts file {path} {'is a folder' if path.is_dir() else 'does not exist'}; "
-                         "pass a .txt or .jsonl file")
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UsageError(f"prompts file {path} is not UTF-8 text: {err}") from None
-    if suffix == ".txt":
-        found = [line for line in text.splitlines() if line.strip()]
-    elif suffix == ".jsonl":
-        found = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"{path}:{i} is not JSON: {err}") from None
-            value = row.get("prompt", row.get("instruction")) if isinstance(row, dict) else None
-            if not isinstance(value, str):
-                raise UsageError(f"{path}:{i} has no string 'prompt' or 'instruction' field")
-            if not value.strip():
-                raise UsageError(f"{path}:{i} has an empty prompt")
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise UsageError(f"{path}:{i} is not valid Unicode text: {err}") from None
-            found.append(value)
-    else:
-        raise UsageError(f"prompts file {path} is not .txt or .jsonl")
-    if not found:
-        raise UsageError(f"prompts file {path} holds no prompts")
-    return found
-
-
+    """A .txt file (one prompt per line) or a .jsonl/.csv/.parquet file (one prompt per row)."""
 def has_gemma_turns(tokenizer) -> bool:
     vocab = tokenizer.get_vocab()
     return "<start_of_turn>" in vocab and "<end_of_turn>" in vocab
@@ -291,7 +256,7 @@ def greedy(net, tokenizer, inputs: list[list[int]], max_new_tokens: int, batch_s
 
 def generate(cfg: GenerateConfig, store: Store, models_dir: Path, progress: bool = True) -> dict:
     """Generate for every prompt of ``cfg.prompts`` under the edits; write ``cfg.out``; the summary."""
-    texts = read_prompts(cfg.prompts)
+    texts = read_prompts(cfg.prompts, cfg.text_field)
     edits = build_edits(cfg, store)
     config = models.load_config(cfg.model, cfg.checkpoint, models_dir)
     check_edits(config, edits)  # layer and width checks before loading weights

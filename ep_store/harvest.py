@@ -73,7 +73,10 @@ class HarvestConfig:
     """0-based decoder blocks whose outputs are stored."""
     _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     corpus: str = "builtin"
-    """Corpus spec: builtin and/or .txt/.jsonl/.parquet paths, comma-separated."""
+    """Corpus spec: builtin, chat and/or .txt/.jsonl/.csv/.parquet paths, comma-separated
+    (ep_store.corpus; files read by ep_store.readers)."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.csv/.parquet corpus files (issue 18, B5)."""
     max_tokens: int = 20_000
     """Stop after this many stored tokens (the stream prefix)."""
     ctx: int = 128
@@ -122,7 +125,9 @@ class HarvestConfig:
         """What a dataset was harvested with; resuming needs the same stream."""
         return {"model": self.model, "checkpoint": self.checkpoint, "layer": layer,
                 "corpus": self.corpus, "ctx": self.ctx, "dtype": self.dtype,
-                "storage_dtype": self.storage_dtype, "bos": self.bos, "prefix_ids": list(prefix_ids)}
+                "storage_dtype": self.storage_dtype, "bos": self.bos, "prefix_ids": list(prefix_ids),
+                # only when not the default, so datasets harvested before the option still resume
+                **({"text_field": self.text_field} if self.text_field != "text" else {})}
 
     def prefix_ids(self, tokenizer) -> list[int]:
         """Ids put before every context (never stored): the BOS policy applied to this tokenizer."""
@@ -362,7 +367,7 @@ class HarvestPlan:
 def plan(cfg: HarvestConfig, store: Store, models_dir: Path) -> HarvestPlan:
     """Read the corpus and validate everything (layers, limits, existing datasets) before
     any weights are loaded or anything is written. Raises UsageError."""
-    documents = list(iter_documents(cfg.corpus))  # read it all first: a bad file fails before any write
+    documents = list(iter_documents(cfg.corpus, cfg.text_field))  # read it all first: a bad file fails before any write
     if not documents:
         raise UsageError(f"corpus {cfg.corpus!r} holds no text; pass builtin or a non-empty file")
     config = models.load_config(cfg.model, cfg.checkpoint, models_dir)

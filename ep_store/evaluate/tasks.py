@@ -21,7 +21,7 @@ response; hard negatives: benign prompts with their answers) and ``python source
 from __future__ import annotations
 
 import ast
-import json
+import logging
 import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,7 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ep_store import readers
 from ep_store.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 SEED = 0
 TOPIC_PACKAGES = ("asyncio", "email", "xml", "importlib", "logging", "http")
@@ -141,25 +144,9 @@ def builtin_tasks(names: str = "builtin") -> list[LabelledTexts]:
 
 # -- user files ---------------------------------------------------------------------------------
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a .jsonl, .csv or .parquet file as dicts; UsageError when unreadable."""
-    if not path.is_file():
-        raise UsageError(f"data file {path} does not exist; pass a .jsonl, .csv or .parquet file (or builtin)")
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            with path.open(encoding="utf-8") as f:
-                return [json.loads(line) for line in f if line.strip()]
-        if suffix == ".csv":
-            import pyarrow.csv as pcsv
-
-            return pcsv.read_csv(path).to_pylist()
-        if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return pq.read_table(path).to_pylist()
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError) as err:
-        raise UsageError(f"cannot read {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
-    raise UsageError(f"data file {path} is not .jsonl, .csv or .parquet")
+    """Rows of a .jsonl, .csv or .parquet file as dicts, read by ep_store.readers (issue 18, B5:
+    strict UTF-8, a BOM stripped, CSV values as strings); UsageError when unreadable."""
+    return [record for _, record in readers.read_records(path, "data file")]
 
 
 def require_fields(rows: list[dict], fields: list[str], path: Path, hint: str = "") -> None:
@@ -174,13 +161,12 @@ def require_fields(rows: list[dict], fields: list[str], path: Path, hint: str = 
 
 
 def file_task(path: Path, text_field: str = "text", label_field: str = "label") -> LabelledTexts:
-    """A probe task from a user file with a text field and a label field."""
-    rows = read_rows(path)
-    require_fields(rows, [text_field, label_field], path, "; pass --text-field/--label-field")
-    texts = [row[text_field] for row in rows]
-    if not all(isinstance(t, str) for t in texts):
-        raise UsageError(f"{path}: field {text_field!r} must hold strings")
-    return LabelledTexts(path.stem, texts, [str(row[label_field]) for row in rows])
+    """A probe task from a user file with a text field and a label field (ep_store.readers:
+    rows with an empty or whitespace-only text are skipped, counted in a warning)."""
+    readers.check_file(path, "data file", readers.RECORD_FORMATS)
+    rows = readers.read_texts(path, text_field, what="data file", also=[label_field])
+    require_fields([r.record for r in rows], [label_field], path, "; pass --label-field")
+    return LabelledTexts(path.stem, [r.text for r in rows], [str(r.record[label_field]) for r in rows])
 
 
 def probe_tasks(data: str, text_field: str = "text", label_field: str = "label") -> list[LabelledTexts]:
@@ -246,13 +232,16 @@ def concept_rows_from_file(path: Path) -> list[ConceptRow]:
         fields = ("concept", "text", "label")
     out = []
     for i, row in enumerate(rows):
-        concept, text, label = (row[f] for f in fields)
+        concept, _, label = (row[f] for f in fields)
         norm = PLAIN_LABELS.get(str(label).strip().lower())
         if norm is None:
             raise UsageError(f"{path} row {i}: label {label!r} is not positive, negative or hard negative")
-        if not isinstance(text, str):
-            raise UsageError(f"{path} row {i}: the text must be a string")
-        out.append(ConceptRow(str(concept), text, norm))
+        text = readers.row_text(path, i, row, fields[1:2], "data file")  # NUL, surrogates, non-text refused
+        if text.strip():  # empty texts are skipped, as every reader does (issue 18, B5)
+            out.append(ConceptRow(str(concept), text, norm))
+    if len(out) < len(rows):
+        log.warning("data file %s: skipped %d empty or whitespace-only text(s) of %d", path, len(rows) - len(out),
+                    len(rows))
     positives = {r.concept for r in out if r.label == POSITIVE}
     for r in out:
         if r.label == NEGATIVE and r.concept not in positives:
