@@ -145,7 +145,19 @@ def build_edits(cfg: GenerateConfig, store: Store) -> list[Edit]:
 
 
 # -- prompts --------------------------------------------------------------------------------------
-    """A .txt file (one prompt per line) or a .jsonl/.csv/.parquet file (one prompt per row)."""
+def read_prompts(path: Path, text_field: str | None = None) -> list[str]:
+    """Prompts of a file, read by ep_store.readers (issue 18, B5): a .txt file holds one prompt
+    per line (split on ``\\n`` only: U+2028/U+2029/U+0085 stay inside a prompt); a .jsonl, .csv
+    or .parquet row holds one in ``text_field`` (default: its ``prompt`` field, else
+    ``instruction``). Empty and whitespace-only prompts are skipped (counted in a warning).
+    UsageError when the file is unreadable, lacks the field, or holds no prompt."""
+    fields = (text_field,) if text_field else ("prompt", "instruction")
+    found = [row.text for row in readers.read_texts(path, fields, txt="lines", what="prompts file")]
+    if not found:
+        raise UsageError(f"prompts file {path} holds no prompts")
+    return found
+
+
 def has_gemma_turns(tokenizer) -> bool:
     vocab = tokenizer.get_vocab()
     return "<start_of_turn>" in vocab and "<end_of_turn>" in vocab
