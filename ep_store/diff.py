@@ -32,10 +32,11 @@ from ep_store.store import Store
 from ep_store.streams import require_same_stream
 
 
-def span_labels(corpus: str) -> pa.Table:
-    """(doc_id, char_start, char_end, label) for chat-turn markers and refusal text in a corpus."""
+def span_labels(corpus: str, text_field: str = "text") -> pa.Table:
+    """(doc_id, char_start, char_end, label) for chat-turn markers and refusal text in a corpus
+    (its spec and text field as the harvest's metadata records them)."""
     rows = [{"doc_id": d.doc_id, "char_start": s, "char_end": e, "label": label}
-            for d in iter_documents(corpus) for s, e, label in labelled_spans(d.text)]
+            for d in iter_documents(corpus, text_field) for s, e, label in labelled_spans(d.text)]
     return pa.Table.from_pylist(rows, schema=pa.schema([("doc_id", pa.int64()), ("char_start", pa.int32()),
                                                         ("char_end", pa.int32()), ("label", pa.string())]))
 
@@ -123,8 +124,8 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
     for f in flows:
         f["token_a"], f["token_b"] = ex_a.get(f["region_a"]), ex_b.get(f["region_b"])
 
-    corpus = store.info(store.activation_path(kb.activations)).meta.get("corpus", "builtin")
-    db.register_table("span_labels", span_labels(corpus))
+    meta_b = store.info(store.activation_path(kb.activations)).meta
+    db.register_table("span_labels", span_labels(meta_b.get("corpus", "builtin"), meta_b.get("text_field", "text")))
     enrichment = {r["status"]: r for r in ask_pair(db, ka, kb, "label_enrichment").to_pylist()}
     finding = _finding(enrichment)
 

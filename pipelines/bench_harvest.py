@@ -26,7 +26,7 @@ from ep_store.store import Store
 def naive_tokens_per_s(cfg: HarvestConfig, models_dir: Path) -> float:
     """Full forward with all hidden states and logits, keeping layer ``cfg.layers[0]``."""
     net, tok = models.load(cfg.model, cfg.checkpoint, models_dir, "cpu", cfg.dtype)
-    contexts = take_tokens(iter_contexts(list(iter_documents(cfg.corpus)), tok, cfg.ctx), cfg.max_tokens)
+    contexts = take_tokens(iter_contexts(list(iter_documents(cfg.corpus, cfg.text_field)), tok, cfg.ctx), cfg.max_tokens)
     tokens, seconds = 0, 0.0
     for batch in batched(contexts, cfg.batch_size):
         ids, mask, first = batch_inputs(batch, cfg.prefix_ids(tok), tok.pad_token_id or 0)

@@ -235,3 +235,13 @@ def test_text_without_spaces_is_cut_at_the_limit_with_exact_offsets(tiny_tokeniz
     assert bounds[0] == (0, 128) and all(b - a <= 128 for a, b in bounds)
     assert all(not text[a].startswith("\u0301") for a, _ in bounds)
     check_tiling(text, list(iter_contexts([Document(0, "d", text)], tiny_tokenizer, 5, piece_chars=128)))
+
+
+def test_span_labels_read_the_corpus_with_its_text_field(tmp_path):
+    from ep_store.diff import span_labels
+    from ep_store.prompts import chat_text
+
+    corpus = tmp_path / "chat.parquet"
+    pq.write_table(pa.table({"body": [chat_text("hi", "hello")]}), corpus)
+    labels = span_labels(str(corpus), "body").to_pylist()  # ep diff / ep sql read what the harvest read
+    assert {r["label"] for r in labels} == {"marker"} and len(labels) == 4
