@@ -370,8 +370,8 @@ def ask_pair(db: StoreDB, a: DictionaryKey, b: DictionaryKey, name: str, **param
     if "span_labels" in question.needs and "span_labels" not in db.registered:
         from ep_store.diff import span_labels  # the labels of B's corpus (chat markers, refusals)
 
-        corpus = db.store.info(db.store.activation_path(b.activations)).meta.get("corpus", "builtin")
-        db.register_table("span_labels", span_labels(corpus))
+        meta = db.store.info(db.store.activation_path(b.activations)).meta
+        db.register_table("span_labels", span_labels(meta.get("corpus", "builtin"), meta.get("text_field", "text")))
     return db.query(question.sql, {k: bound[k] for k in question.params})
 
 
