@@ -80,7 +80,7 @@ def test_corpus_errors(store_copy, models_dir, tmp_path):
     broken.write_text('{"text": "fine"}\n{not json\n')
     before = tree_snapshot(store_copy)
     assert_refused(run_cli(harvest_args(store_copy, models_dir, **{"--corpus": str(empty)})), "holds no text")
-    assert_refused(run_cli(harvest_args(store_copy, models_dir, **{"--corpus": str(broken)})), "cannot read corpus file")
+    assert_refused(run_cli(harvest_args(store_copy, models_dir, **{"--corpus": str(broken)})), "line 2 is not JSON")
     assert_refused(run_cli(harvest_args(store_copy, models_dir, **{"--corpus": str(tmp_path / "missing.txt")})), "does not exist")
     assert tree_snapshot(store_copy) == before
 

@@ -231,8 +231,8 @@ def _chat_file(tmp_path, text):
     ("chat:{tmp}", "is a folder"),
     ("chat:{tmp}/nothing.jsonl", "does not exist"),
     ("chat:{chat}", "has no <start_of_turn> / <end_of_turn> token"),  # the tiny tokenizer: not Gemma
-    ("{surrogate}", "UnicodeEncodeError"),
-    ("chat:{surrogate}", "UnicodeEncodeError"),
+    ("{surrogate}", "lone surrogate"),
+    ("chat:{surrogate}", "lone surrogate"),
 ])
 def test_bad_corpus_sources_are_one_line(models_dir, tmp_path, corpus, needle):
     """Found (QA): `chat:` with no file said '. does not exist'; a folder said 'does not
@@ -263,9 +263,9 @@ def test_chat_file_starting_with_bos_is_refused(gemma_models_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("content", "needle"), [
-    ('{"prompt": ""}\n', "has an empty prompt"),
-    ('{"prompt": "   "}\n', "has an empty prompt"),
-    ('{"prompt": "bad \\ud83d surrogate"}\n', "is not valid Unicode text"),
+    ('{"prompt": ""}\n', "holds no prompts"),  # empty prompts are skipped (issue 18, B5)
+    ('{"prompt": "   "}\n', "holds no prompts"),
+    ('{"prompt": "bad \\ud83d surrogate"}\n', "lone surrogate"),
     (None, "is a folder"),
 ])
 def test_bad_prompts_are_one_line(built_store, models_dir, tmp_path, content, needle):
