@@ -66,13 +66,14 @@ def dictionary_report(store, key: DictionaryKey | str, out: Path, context: int =
     start = time.perf_counter()
     check_output_folder(out, "--out")
     check_options({"context": context, "per_region": per_region})
-    db = StoreDB(store, as_of)
+    db = StoreDB(store, as_of)  # one snapshot per dictionary (issue 18, A1)
     key = db.require(key)
-    out.mkdir(parents=True, exist_ok=True)
     summary = db.query("SELECT * FROM dictionaries WHERE key = $key", {"key": str(key)}).to_pylist()[0]
     sat = ask(db, key, "saturation").to_pydict()
+    # Reads the snapshot's assignments: a build without any is refused before --out is touched.
     dist = ask(db, key, "distances").to_pydict()
     cards = region_cards(db, key, context, per_region)
+    out.mkdir(parents=True, exist_ok=True)
     images = {
         "saturation": plots.saturation_curve(sat["tokens"], sat["regions"], sat["new_regions"],
                                              out / "saturation.png", f"{key}: saturation"),

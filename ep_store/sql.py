@@ -22,6 +22,11 @@ needs no registration. Every view carries the key columns ``model, checkpoint, l
     searches           saved `ep search --save NAME` results: search, key, query, rank, doc_id, pos,
                        token, similarity, region_id, context (issue 14)
 
+Each dictionary is one snapshot (``Store.dictionary_snapshot``, issue 18 A1): with ``--as-of TAG``
+its exemplars, assignments, saturation curve, tokens and stop reason are those the build of that
+tag published; dictionaries without that tag are left out. A query that reads the assignments of
+a dictionary whose build has none (assigned only later, or not since it grew) fails in one line.
+
 Lance datasets reach DuckDB as Arrow objects with only the columns a view needs (DuckDB
 cannot read float16 vectors, and never reads vectors unless a query asks for them).
 
@@ -104,21 +109,20 @@ class StoreDB:
         vec_by_width: dict[int, list[str]] = {}
         keys = []
         for key in store.list_dictionaries():
-            folder = store.dictionary_dir(key)
-            meta = store.read_json(folder / "meta.json")
-            version = self.as_of
-            if version is not None and version not in meta["tags"] and version not in _versions(meta):
-                log.info("%s has no version %s; left out", key, version)
+            # One snapshot per dictionary: exemplars, assignments and meta of one published build
+            # (issue 18, A1); without --as-of the build meta.json publishes.
+            snap = store.dictionary_snapshot(key, self.as_of, missing_ok=True)
+            if snap is None:
+                log.info("%s has no version %s; left out", key, self.as_of)
                 continue
             keys.append(key)
-            # No --as-of: the version meta.json publishes (a later one is a crashed, unpublished write).
-            ds = store.dataset(folder / "exemplars.lance", meta["exemplars_version"] if version is None else version)
-            state = _state_at(meta, ds.version)
+            meta = snap.meta
+            ds = store.dataset(snap.exemplars_path, snap.exemplars_version)
             dict_rows.append({
                 "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
                 "percentile": float(key.percentile), "key": str(key), "theta": meta["theta"],
-                "regions": ds.count_rows(), "tokens": state["tokens"], "width": meta["width"],
-                "calibration_tokens": meta["calibration"]["tokens"], "stop_reason": state["stop_reason"],
+                "regions": ds.count_rows(), "tokens": meta["tokens"], "width": meta["width"],
+                "calibration_tokens": meta["calibration"]["tokens"], "stop_reason": meta["stop_reason"],
                 "lance_version": ds.version, "tags": ",".join(sorted(meta["tags"])),
             })
             ex = self._relation(ds.scanner(columns=EXEMPLAR_COLUMNS))
@@ -127,15 +131,26 @@ class StoreDB:
             select = f"SELECT {_dict_cols(key)}, region_id, exemplar, mean_direction FROM {vec}"
             vec_parts.append((meta["width"], select))
             vec_by_width.setdefault(meta["width"], []).append(select)
-            if store.exists(folder / "assignments.lance"):
-                asg = self._relation(store.dataset(folder / "assignments.lance"))
+            if snap.assignments_version is not None:
+                asg = self._relation(store.dataset(snap.assignments_path, snap.assignments_version))
                 asg_parts.append(f"SELECT {_dict_cols(key)}, doc_id, pos, region_id, distance FROM {asg}")
+            elif store.exists(snap.assignments_path):
+                # Assignments exist but none belong to this build: a query that reads this
+                # dictionary's assignments fails in one line instead of mixing builds (issue 18,
+                # A1); queries about other dictionaries never evaluate this part.
+                # Every column raises too, so no filter on them can fold the part away.
+                fail = f"error('{_q(snap.assignments_missing)}')"
+                asg_parts.append(f"SELECT {_dict_cols(key)}, {fail}::BIGINT AS doc_id, {fail}::INTEGER AS pos, "
+                                 f"{fail}::INTEGER AS region_id, {fail}::FLOAT AS distance FROM range(1) "
+                                 f"WHERE {fail} IS NULL")
             regions = 0
-            for batch, new in enumerate(meta["saturation_curve"][: state["batches"]]):
+            size = meta["build"]["batch_size"]
+            for batch, new in enumerate(meta["saturation_curve"]):
                 regions += new
+                # The last batch may be partial: tokens never exceed those the build streamed.
                 sat_rows.append({"model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
                                  "percentile": float(key.percentile), "batch": batch, "new_regions": new,
-                                 "regions": regions, "tokens": (batch + 1) * meta["build"]["batch_size"]})
+                                 "regions": regions, "tokens": min((batch + 1) * size, meta["tokens"])})
         if self.as_of is not None and not keys:
             raise UsageError(f"no dictionary has version or tag {self.as_of!r}; see: ep store ls")
 
@@ -292,18 +307,6 @@ def _version_or_tag(as_of: str | None):
     if as_of is None:
         return None
     return int(as_of) if str(as_of).isdigit() else str(as_of)
-
-
-def _versions(meta: dict) -> set[int]:
-    return {h["version"] for h in meta.get("history", [])}
-
-
-def _state_at(meta: dict, version: int) -> dict:
-    """tokens / stop reason / closed batches of the build that wrote ``version``."""
-    for entry in meta.get("history", []):
-        if entry["version"] == version:
-            return entry
-    return {"tokens": meta["tokens"], "stop_reason": meta["stop_reason"], "batches": len(meta["saturation_curve"])}
 
 
 DICTIONARY_SCHEMA = pa.schema([

@@ -90,6 +90,10 @@ def test_no_assignments_for_a_build_is_refused_in_one_line(store):
     root = str(store.root)
     result = cli("stats", str(KEY), "region_members", "--as-of", "tokens-1000", "--store", root)
     assert_refused(result, "tiny/base/L2/p5 at tokens-1000 (exemplars version 1) has no assignments")
+    out = store.root.parent / "report"
+    assert_refused(cli("report", "dictionary", str(KEY), "--out", str(out), "--as-of", "tokens-1000", "--store", root),
+                   "has no assignments")
+    assert not out.exists()
     # What the tagged build did publish is still there.
     ok = cli("stats", str(KEY), "saturation", "--as-of", "tokens-1000", "--store", root, "--format", "json")
     assert ok.exit_code == 0, ok.output
