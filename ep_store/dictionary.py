@@ -10,8 +10,19 @@ A build streams the activation dataset in stored order: a calibration pass over 
     dictionaries/<model>/<checkpoint>/L<layer>/p<p>/meta.json
     dictionaries/<model>/<checkpoint>/L<layer>/p<p>/assignments.lance (unless assign=False)
 
-Building again with a larger budget continues from the saved state; the result equals one
-build to the larger budget.
+Building again with a larger budget, or after the activations grew (ep harvest resumed),
+continues from the saved state; the result equals one fresh build of the longer stream under
+the same command: regions, statistics to the bit, saturation curve, stop reason, latest tag
+(issue 18, A2). The batch a build stopped inside stays open and is filled up first, so batch
+boundaries are a fresh build's. Stop reasons:
+
+- ``saturated``: ``saturation_window`` complete batches in a row added no region. Final: the
+  same command on any longer stream stops at the same place, so it never resumes (rebuild with
+  a larger --saturation-window and --overwrite to go on).
+- ``end_of_stream``: every row was consumed (possibly inside a batch); resumes when rows exist.
+- ``max_tokens``: the budget ran out; resumes with a larger --max-tokens.
+
+A rerun with nothing new writes nothing: same Lance version, same tag, same digest.
 """
 
 from __future__ import annotations

@@ -132,8 +132,9 @@ def meta_at(meta: dict, entry: dict) -> dict:
     at = {**meta, **{k: entry[k] for k in SNAPSHOT_FIELDS if k in entry}}
     at["exemplars_version"] = entry["version"]
     at["saturation_curve"] = curve_at(meta, entry)
-    if "activations" in entry:
-        at["activations"] = entry["activations"]
+    if entry["version"] != meta["exemplars_version"]:  # an earlier build
+        at.pop("builder", None)  # the writer's resume state belongs to the latest build only
+        at["activations"] = entry.get("activations", {**meta.get("activations", {}), "version": None})
     at["tags"] = {name: v for name, v in meta.get("tags", {}).items() if v <= entry["version"]}
     return at
 

@@ -76,6 +76,7 @@ def test_as_of_reads_the_assignments_of_that_build(store):
         assert len(d) == small["regions"] and d.meta["tokens"] == 1000
         assert d.meta["saturation_curve"] == small["saturation_curve"]
         assert (d.snapshot.exemplars_version, d.snapshot.assignments_version) == (1, 1)
+        assert d.snapshot.activations_version == small["activations"]["version"] and "builder" not in d.meta
     snap = store.dictionary_snapshot(KEY)
     assert (snap.exemplars_version, snap.assignments_version, snap.meta["tokens"]) == (2, 2, 3000)
     # The latest assignments still see every region of the latest build.
