@@ -9,14 +9,17 @@ every command, progress bars, logs and errors go to stderr. Bad input raises
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
 
-from ep_store.errors import UsageError
+from ep_store.errors import EnvError, Terminated, UsageError, failure_line
 from ep_store.questions import DEFAULTS as QDEFAULTS
 
 STORE = click.option("--store", "store_path", type=click.Path(path_type=Path), default=Path("data/store"),
@@ -56,43 +59,73 @@ def emit(summary: dict) -> None:
     click.echo(jsonio.dumps(summary), err=True)
 
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+def _fail(err: BaseException, store=None) -> None:
+    """Exit with the one line and code of ``err`` (errors.failure_line); re-raise a bug."""
+    found = failure_line(err, store)
+    if found is None:
+        raise err
+    line, code = found
+    logging.getLogger(__name__).debug("the failure in full", exc_info=err)
+    click.echo(f"error: {line}", err=True)
+    sys.exit(code)
 
 
 def user_errors(fn):
-    """Turn UsageError into a one-line message and exit code 2, and Ctrl-C into one line and
-    exit code 130 (no traceback either way). Every write is atomic, so an interrupted command
-    leaves only whole commits; rerunning it resumes or redoes the work."""
+    """Turn every failure a user can cause or meet into one line on stderr and an exit code
+    (errors.failure_line): UsageError 2; a missing optional package, a full disk, a read-only
+    or unwritable store (any OSError) 1, naming the path and the fix; Ctrl-C 130; SIGTERM 143.
+    No traceback (``-vv`` logs it). Every write is atomic, so a failed or interrupted command
+    leaves only whole commits; rerunning it resumes or redoes the work (issue 18, C7, C8)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UsageError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; only completed writes were kept: rerun the command to finish", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        except (UsageError, EnvError, OSError, KeyboardInterrupt) as err:
+            _fail(err, kwargs.get("store_path"))
 
     return wrapper
 
 
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM raises Terminated (a KeyboardInterrupt) in the main thread, so the cleanup Ctrl-C
+    runs (locks released, writer drained, whole commits kept) runs for it too; a second SIGTERM
+    during that cleanup is ignored (SIGKILL still ends it). Issue 18, C8."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Install _on_sigterm for the command's duration (main thread only), then restore."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class OneLineErrors(click.Group):
     """Click's own usage errors (a bad option type, a missing option, an unknown command) as
-    one line on stderr and exit code 2, like UsageError, instead of usage + hint + error."""
+    one line on stderr and exit code 2, like UsageError, instead of usage + hint + error; and
+    SIGTERM handled like Ctrl-C (exit 143, one line)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
-            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with sigterm_as_interrupt():
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as err:
             click.echo(f"error: {err.format_message()}", err=True)
             sys.exit(err.exit_code)
-        except click.exceptions.Abort:
-            click.echo("error: interrupted; only completed writes were kept: rerun the command to finish", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        except click.exceptions.Abort as err:  # click turns a KeyboardInterrupt it sees into Abort
+            _fail(err.__context__ if isinstance(err.__context__, KeyboardInterrupt) else KeyboardInterrupt())
+        except (UsageError, EnvError, OSError, KeyboardInterrupt) as err:  # raised outside a command
+            _fail(err)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -467,7 +500,6 @@ def store_verify(a, b, rtol, preserved, cutoff, fmt) -> None:
     emit({"outputs": len(rows), **found})
     if found["different"]:
         raise SystemExit(1)
-
 
 # -- interventions (issue 9) ---------------------------------------------------------------------
 @main.command("generate")

@@ -39,7 +39,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from ep_store import jsonio
-from ep_store.errors import UsageError
+from ep_store.errors import UsageError, require
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,7 @@ class RayConfig:
 @contextlib.contextmanager
 def ray_session(cfg: RayConfig):
     """Connect to (or start) Ray for one job; shut down only what this job started."""
-    try:
-        import ray
-    except ImportError:
-        raise UsageError("the ray engine needs Ray: pip install 'ep_store[ray]'") from None
+    ray = require("ray", "ray", "--engine ray")  # EnvError (exit 1) with the install hint (issue 18, C7)
     started = False
     if not ray.is_initialized():
         kwargs = {"num_cpus": cfg.workers} if cfg.address == "local" else {"address": cfg.address}

@@ -144,3 +144,52 @@ def options_changed(what: str, stored: dict, given: dict, flags: dict[str, str] 
     options with both values, and the fix (issue 18, item C9)."""
     return UsageError(f"{what} exists with other options ({differing_options(stored, given, flags)}); "
                       "rerun with the stored values to resume, or pass --overwrite to replace it")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers and ``timeout`` send), raised in the main thread by the CLI's
+    handler. A KeyboardInterrupt, so every cleanup that Ctrl-C runs runs for it too; the CLI
+    exits 143 (128 + 15) with one line (issue 18, item C8)."""
+
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as shells report a kill by `timeout` or a scheduler
+_RERUN = "only completed writes were kept: rerun the command to finish"
+
+
+def failure_line(err: BaseException, store=None) -> tuple[str, int] | None:
+    """(one line, exit code) for a failure the user caused or met, or None for a bug.
+
+    UsageError: exit 2. EnvError and any OSError (disk full, quota, read-only, no permission,
+    a file that vanished): exit 1, naming the path (the error's own, else ``store``) and the
+    fix. Terminated: exit 143; other KeyboardInterrupt: exit 130 (issue 18, items C7, C8).
+    """
+    if isinstance(err, UsageError):
+        return str(err), 2
+    if isinstance(err, EnvError):
+        return str(err), 1
+    if isinstance(err, Terminated):
+        return f"terminated (SIGTERM); {_RERUN}", EXIT_TERMINATED
+    if isinstance(err, KeyboardInterrupt):
+        return f"interrupted; {_RERUN}", EXIT_INTERRUPTED
+    if isinstance(err, OSError):
+        line = os_error_line(err, store)
+        if line is None:  # an OSError we have no fix for: still one line, with what we know
+            import re
+
+            message = re.sub(r",\s*\S+\.rs:\d+:\d+", "", " ".join(str(err).split()))[:300]  # Lance's Rust source
+            path = err.filename or store
+            line = f"{message}{f' (at {path})' if path is not None and str(path) not in message else ''}; rerun with -vv for details"
+        return line, 1
+    return None
+
+
+INT32_MAX = 2**31 - 1  # Arrow/Lance int32 columns (pos, token ids) and Lance's i32 search parameters
+INT64_MAX = 2**63 - 1  # Arrow/Lance int64 columns (doc_id, rows)
+
+
+def check_range(value: int | None, option: str, lo: int, hi: int) -> None:
+    """Refuse (UsageError) an integer option outside lo..hi before it reaches Lance or Arrow,
+    whose int32/int64 conversions fail with a traceback (issue 18, item C7). None passes."""
+    if value is not None and not lo <= value <= hi:
+        raise UsageError(f"{option} must lie in {lo}..{hi}, got {value}")

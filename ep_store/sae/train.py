@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 from ep_store.environment import ENVIRONMENT_KEY, environment
-from ep_store.errors import UsageError
+from ep_store.errors import UsageError, require
 from ep_store.keys import ActivationKey, SAEKey
 from ep_store.models import resolve_device
 from ep_store.store import Store, arrow_to_tensor
@@ -229,6 +229,7 @@ def train_sae(cfg: SAETrainConfig, store: Store, progress: bool = True, curves_p
     width = cfg.width or 8 * info.width
     device = resolve_device(cfg.device)
 
+    require("sae_lens", "sae", "ep sae train")  # EnvError (exit 1) with the install hint (issue 18, C7)
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig, __version__
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.saes.sae import SAEMetadata
@@ -327,6 +328,7 @@ def load_sae(store: Store, key: SAEKey, device: str = "cpu"):
     if not (folder / META).is_file():
         known = ", ".join(str(k) for k in store.list_saes()) or "none"
         raise UsageError(f"no SAE {key} in {store.root} (known: {known}); run ep sae train first")
+    require("sae_lens", "sae", f"reading SAE {key}")
     from sae_lens import SAE
 
     return SAE.load_from_disk(str(folder), device=device), store.read_json(folder / META)
