@@ -23,6 +23,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import train_test_split
 
 from ep_store.errors import UsageError
+from ep_store.evaluate.splits import first_by_content
 from ep_store.evaluate.tasks import HARD, NEGATIVE, POSITIVE, ConceptRow
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,11 @@ class ConceptResult:
 
 
 def concept_texts(rows: list[ConceptRow], min_per_class: int) -> dict[str, tuple[list[str], np.ndarray]]:
-    """concept -> (texts, is_positive) with its hard negatives and the shared negatives."""
+    """concept -> (texts, is_positive) with its hard negatives and the shared negatives.
+
+    Each content once per concept (``splits.first_by_content``, positives first: a text that
+    is also listed as a negative stays a positive), so no text can land in both the train
+    and the test split (issue 18, A4)."""
     shared = [r.text for r in rows if r.label == NEGATIVE and r.concept == ""]
     concepts = sorted({r.concept for r in rows if r.label == POSITIVE})
     if not concepts:
@@ -62,6 +67,9 @@ def concept_texts(rows: list[ConceptRow], min_per_class: int) -> dict[str, tuple
     for c in concepts:
         pos = [r.text for r in rows if r.concept == c and r.label == POSITIVE]
         neg = [r.text for r in rows if r.concept == c and r.label in (NEGATIVE, HARD)] + shared
+        both = pos + neg
+        keep = first_by_content(both)
+        pos, neg = [both[i] for i in keep if i < len(pos)], [both[i] for i in keep if i >= len(pos)]
         if len(pos) < min_per_class or len(neg) < min_per_class:
             raise UsageError(f"concept {c!r} has {len(pos)} positive and {len(neg)} negative texts; "
                              f"each needs at least {min_per_class}")

@@ -11,9 +11,11 @@ Sets, each ``documents`` texts cut to their first ``max_tokens_per_text`` tokens
 - ``shuffled``: the held-out documents with their words shuffled;
 - ``random_tokens``: uniformly random non-special token ids, as many as the held-out documents have;
 - one set per ``--ood-corpus`` file (.txt/.jsonl/.parquet, as the harvest corpus reads them).
-Reference and held-out documents alternate over the *last* 2 x ``documents`` documents of
-the in-corpus: the default harvest streams a prefix of ``chat,builtin``, so these were
-not in the dictionary's build data.
+Reference and held-out documents alternate over the *last* 2 x ``documents`` distinct
+documents of the in-corpus: the default harvest streams a prefix of ``chat,builtin``, so
+these were not in the dictionary's build data. Sets are disjoint by content (issue 18, A4;
+``evaluate.splits``): a document repeated in the in-corpus counts once, and an OOD file's
+texts that repeat one another or an in-distribution document are dropped.
 
     ep eval ood --dictionary gemma-3-270m/base/L6/p1 --in-corpus builtin --ood-corpus notes.txt --out DIR
 """
@@ -28,6 +30,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from ep_store.errors import UsageError
+from ep_store.evaluate.splits import without_contents
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +100,11 @@ def shuffle_words(text: str, rng: np.random.Generator) -> str:
 
 
 def in_distribution(spec: str, documents: int) -> tuple[list[str], list[str]]:
-    """(reference, heldout): alternating documents among the last 2 x ``documents`` of ``spec``."""
+    """(reference, heldout): alternating documents among the last 2 x ``documents`` distinct
+    documents of ``spec`` (each content once, the first copy kept: no copy on both sides)."""
     from ep_store.corpus import iter_documents
 
-    texts = [d.text for d in iter_documents(spec)]
+    texts = without_contents((d.text for d in iter_documents(spec)), ())
     if len(texts) < 2 * documents:
         raise UsageError(f"in-corpus {spec!r} has {len(texts)} documents; it needs {2 * documents} "
                          "(pass a bigger corpus or fewer --documents)")
@@ -108,14 +112,17 @@ def in_distribution(spec: str, documents: int) -> tuple[list[str], list[str]]:
     return tail[0::2], tail[1::2]
 
 
-def ood_files(paths: tuple[str, ...], documents: int) -> dict[str, list[str]]:
+def ood_files(paths: tuple[str, ...], documents: int, in_distribution: list[str] = ()) -> dict[str, list[str]]:
+    """name -> the first ``documents`` texts of each OOD file, each content once and none that is
+    an ``in_distribution`` text (issue 18, A4). UsageError for a file left with no text."""
     from ep_store.corpus import file_texts
 
     sets = {}
     for p in paths:
-        texts = [t for _, t in file_texts(Path(p)) if isinstance(t, str) and t.strip()]
+        texts = without_contents((t for _, t in file_texts(Path(p)) if isinstance(t, str) and t.strip()),
+                                 in_distribution)
         if not texts:
-            raise UsageError(f"OOD corpus {p} holds no text")
+            raise UsageError(f"OOD corpus {p} holds no text that is not also in-distribution text")
         name = Path(p).stem
         if name in sets or name in BUILTIN_SETS or name == "reference":
             raise UsageError(f"two OOD sets would be named {name!r}; rename one file")
@@ -171,7 +178,7 @@ def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None, plots_dir=N
 
     dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
     reference, heldout = in_distribution(cfg.in_corpus, cfg.documents)
-    extra = ood_files(cfg.ood_corpus, cfg.documents)
+    extra = ood_files(cfg.ood_corpus, cfg.documents, reference + heldout)
     rng = np.random.default_rng(cfg.seed)
     sets: dict[str, list] = {"reference": reference, "heldout": heldout,
                              "shuffled": [shuffle_words(t, rng) for t in heldout], **extra}

@@ -26,6 +26,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ep_store.errors import UsageError
+from ep_store.evaluate.splits import first_by_content
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def fit_probe(X_train, y_train, X_test, y_test, cfg: ProbeConfig) -> tuple[float
 
 
 def sparse_probe(features: Mapping[str, np.ndarray], labels: Sequence, cfg: ProbeConfig | None = None,
-                 task: str = "task") -> ProbeResult:
+                 task: str = "task", texts: Sequence[str] | None = None) -> ProbeResult:
     """SAEBench sparse probing of several pooled feature sets on the same texts.
 
     Contract: ``features`` maps a name to a pooled matrix (N_texts, F_name), every matrix
@@ -172,8 +173,10 @@ def sparse_probe(features: Mapping[str, np.ndarray], labels: Sequence, cfg: Prob
     the names: its all-feature probe is the denominator of every retention. Each task
     (one-vs-rest per class; one task for two classes) uses the same balanced split for
     every feature set, so the sets are compared on the same test texts. Pool with
-    ``ep_store.evaluate.features.pool_per_text``. Raises UsageError for one class,
-    classes under ``cfg.min_per_class`` texts, or mismatched shapes.
+    ``ep_store.evaluate.features.pool_per_text``. ``texts`` (N_texts,), the rows' texts: rows
+    are then kept once per content (``splits.first_by_content``, the first copy and its
+    label) before anything is split, so no text is on both sides (issue 18, A4). Raises
+    UsageError for one class, classes under ``cfg.min_per_class`` texts, or mismatched shapes.
     """
     cfg = cfg or ProbeConfig()
     labels = np.asarray([str(v) for v in labels])
@@ -182,6 +185,11 @@ def sparse_probe(features: Mapping[str, np.ndarray], labels: Sequence, cfg: Prob
     for name, X in features.items():
         if np.ndim(X) != 2 or len(X) != len(labels):
             raise UsageError(f"feature set {name!r} has shape {np.shape(X)}; expected ({len(labels)}, F)")
+    if texts is not None:
+        if len(texts) != len(labels):
+            raise UsageError(f"{len(texts)} texts for {len(labels)} labels; pass one text per row")
+        keep = first_by_content(texts)
+        labels, features = labels[keep], {name: np.asarray(X)[keep] for name, X in features.items()}
     check_labels(labels, cfg.min_per_class)
     names = list(features)
     rows = []
@@ -263,7 +271,7 @@ def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None, plo
     task_list = tasks.probe_tasks(cfg.data, cfg.text_field, cfg.label_field)
     for t in task_list:
         try:
-            check_labels(t.labels, cfg.probe.min_per_class)
+            check_labels([t.labels[i] for i in first_by_content(t.texts)], cfg.probe.min_per_class)  # as probed
         except UsageError as err:
             raise UsageError(f"task {t.name}: {err}") from None
     texts = list(dict.fromkeys(text for t in task_list for text in t.texts))
@@ -279,7 +287,8 @@ def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None, plo
         results = []
         for t in task_list:
             rows = np.array([index[text] for text in t.texts])
-            result = sparse_probe({n: X[rows] for n, X in pooled.items()}, t.labels, cfg.probe, task=t.name)
+            result = sparse_probe({n: X[rows] for n, X in pooled.items()}, t.labels, cfg.probe, task=t.name,
+                                  texts=t.texts)
             results.append(result)
             records[key] += result.records()
             metrics[key][t.name] = {f"k{m['k']}": _headline(m) for m in result.mean_by_k()}

@@ -71,7 +71,7 @@ def probe_comparison(key: DictionaryKey, center_D: torch.Tensor, theta: float, e
     rows, per_task = [], {}
     for t in task_list:
         ix = np.array([index[text] for text in t.texts])
-        result = sparse_probe({n: X[ix] for n, X in pooled.items()}, t.labels, cfg, task=t.name)
+        result = sparse_probe({n: X[ix] for n, X in pooled.items()}, t.labels, cfg, task=t.name, texts=t.texts)
         rows += result.rows
         per_task[t.name] = result.mean_by_k()
     mean = ProbeResult(rows, list(pooled), cfg.baseline).mean_by_k()
