@@ -199,3 +199,33 @@ def test_as_of_meta_keeps_each_builds_curve(store):
     assert [h["activations"]["key"] for h in history] == [str(KEY.activations)] * 2
     assert json.loads(json.dumps(history))[0]["open_batch"] == at_1000[-1]
     assert np.all(np.array(meta_of(store, KEY)["saturation_curve"][:3]) == np.array(at_1000[:3]))
+
+
+def test_build_cli_after_a_resumed_harvest_equals_a_fresh_build(models_dir, tmp_path):
+    """The issue's commands: ep build, the same ep build again, ep harvest --max-tokens larger
+    (resumes and appends), the same ep build: equal to one fresh build of the longer stream."""
+    from ep_store.harvest import HarvestConfig, harvest
+
+    store = Store(tmp_path / "store")
+    hcfg = dict(model="tiny", checkpoint="base", layers=(2,), ctx=64, batch_size=8, device="cpu")
+    harvest(HarvestConfig(**hcfg, max_tokens=1000), store, models_dir, progress=False)
+    args = ["build", "--model", "tiny", "--checkpoint", "base", "--layer", "2", "--percentile", "5",
+            "--calibration-tokens", "500", "--calibration-batch", "250", "--batch-size", "256",
+            "--saturation-window", "1", "--device", "cpu", "--no-progress", "--store", str(store.root)]
+    assert cli(*args).exit_code == 0
+    folder = store.dictionary_dir(KEY)
+    before = digests([folder], None)
+    assert cli(*args).exit_code == 0
+    assert digests([folder], None) == before and store.versions(folder / "exemplars.lance") == [1]
+    harvest(HarvestConfig(**hcfg, max_tokens=2000), store, models_dir, progress=False)
+    assert cli(*args).exit_code == 0
+    fresh = Store(tmp_path / "fresh")
+    shutil.copytree(store.root / "activations", fresh.root / "activations")
+    assert cli(*args[:-1], str(fresh.root)).exit_code == 0
+    a, b = meta_of(store, KEY), meta_of(fresh, KEY)
+    assert a["tokens"] > 1000 and a["tokens"] == b["tokens"]
+    for field in ("regions", "saturation_curve", "stop_reason"):
+        assert a[field] == b[field], field
+    assert store.read_table(folder / "exemplars.lance").equals(fresh.read_table(fresh.dictionary_dir(KEY) /
+                                                                                "exemplars.lance"))
+    assert sorted(a["tags"]) == sorted([*b["tags"], f"tokens-{a['history'][0]['tokens']}"])  # and the first build's
