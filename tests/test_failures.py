@@ -225,3 +225,59 @@ def test_sigterm_during_harvest(tmp_path, models_dir):
     keys = list(zip(table.column("doc_id").to_pylist(), table.column("pos").to_pylist()))
     assert keys[:rows.num_rows] == list(zip(rows.column("doc_id").to_pylist(), rows.column("pos").to_pylist()))
     assert keys == sorted(set(keys))  # no row twice, none out of order
+
+
+def test_every_command_turns_failures_into_one_line():
+    """Every subcommand runs inside user_errors (OSError, EnvError, UsageError, Ctrl-C, SIGTERM)."""
+    import click
+
+    def walk(group, prefix):
+        for name, cmd in group.commands.items():
+            if isinstance(cmd, click.Group):
+                yield from walk(cmd, f"{prefix}{name} ")
+            else:
+                yield f"{prefix}{name}", cmd.callback
+
+    unwrapped = [name for name, callback in walk(main, "") if getattr(callback, "__name__", "") != "wrapper"
+                 and not hasattr(callback, "__wrapped__")]
+    assert unwrapped == []
+
+
+def test_permission_errors_name_the_path():
+    err = PermissionError(13, "Permission denied", "/data/store/.locks")
+    line, code = failure_line(err, Path("/data/store"))
+    assert code == 1 and "permission denied (EACCES) writing /data/store/.locks" in line and "--store" in line
+
+
+def test_store_without_write_permission(tiny_store, tmp_path):
+    """A real EACCES: the store's folders are 555 and the command runs as user nobody (root
+    ignores permission bits), via setpriv; skipped where that is not possible."""
+    import stat
+    import tempfile
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is not installed")
+    top = Path(tempfile.mkdtemp(prefix="ep-eacces-"))  # pytest's tmp folders are private to root
+    try:
+        top.chmod(0o755)
+        store = top / "store"
+        shutil.copytree(tiny_store, store, ignore=shutil.ignore_patterns("L2.lance"))
+        assert run_cli(build_args(store, **{"--calibration-tokens": "300", "--saturation-window": "1"})).exit_code == 0
+        for path in [store, *store.rglob("*")]:
+            path.chmod(0o555 if path.is_dir() else 0o444)
+        before = tree_snapshot(store)
+        for args, needle in [(build_args(store, **{"--percentile": "10"}), "permission denied (EACCES)"),
+                             (["search", "--dictionary", "tiny/base/L1/p5", "--region", "0", "--save", "s",
+                               "--store", str(store)], "permission denied (EACCES)")]:
+            proc = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                                   sys.executable, "-m", "ep_store", *args], capture_output=True, text=True,
+                                  cwd=top, env={"PATH": "/usr/bin:/bin", "HOME": str(top), "PYTHONPATH": str(Path.cwd())})
+            if proc.returncode == 1 and "ModuleNotFoundError" in proc.stderr:
+                pytest.skip("user nobody cannot read the project")
+            lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+            assert proc.returncode == 1 and len(lines) == 1 and needle in lines[0] and str(store) in lines[0], proc.stderr
+        assert tree_snapshot(store) == before
+    finally:
+        for path in [top, *top.rglob("*")]:
+            path.chmod(stat.S_IRWXU | path.stat().st_mode)
+        shutil.rmtree(top)
