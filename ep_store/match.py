@@ -144,6 +144,9 @@ def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: Dictionar
         raise UsageError(f"{a} has width {da.width} and {b} width {db_.width}: vector matching needs equal "
                          "widths; use --method membership")
     use_vector = cfg.method != "membership" and da.width == db_.width
+    # --method both across widths runs membership alone: say so (issue 18, D12)
+    skipped = {} if use_vector or cfg.method == "membership" else {
+        "vector_skipped": f"widths differ ({da.width} vs {db_.width})"}
     overlaps, by = None, None
     if cfg.method in ("membership", "both"):  # pairs the tokens of both streams (issue 18, A3)
         require_same_stream(store, a.activations, b.activations, f"membership match of {a} and {b}",
@@ -192,8 +195,9 @@ def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: Dictionar
         }))
     counts = {status: sum(1 for row in rows if row["status"] == status)
               for status in ("preserved", "introduced", "dropped")}
+    methods_run = [m for m, ran in (("vector", use_vector), ("membership", overlaps is not None)) if ran]
     summary = {"a": str(a), "b": str(b), "method": "vector" if use_vector else "membership",
-               "membership_by": by, **counts, "regions_a": len(da), "regions_b": len(db_),
+               "methods_run": methods_run, **skipped, "membership_by": by, **counts, "regions_a": len(da), "regions_b": len(db_),
                "matched_cosines": [round(c, 4) for _, _, c in pairs if c is not None],
                "seconds": round(time.perf_counter() - start, 3), "config": asdict(cfg), **versions,
                ENVIRONMENT_KEY: environment()}  # issue 18, E14.1; digests skip it

@@ -139,17 +139,38 @@ def test_membership_across_tokenizers_by_character_spans(two_models):
         assert got[k] == pytest.approx(v)
 
 
-def test_match_refusals(two_models, tmp_path):
-    store, _ = two_models
-    # Vector matching across widths: refused.
+def narrow_dictionary(store) -> DictionaryKey:
+    """tiny/base/L1's stream with vectors cut to 32 dimensions, built (once per store)."""
     narrow = DictionaryKey("tiny", "narrow", 1, 10.0)
-    table = store.read_table(store.activation_path(DictionaryKey("tiny", "base", 1, 10.0).activations))
+    if (store.dictionary_dir(narrow) / "meta.json").is_file():
+        return narrow
+    source = store.activation_path(DictionaryKey("tiny", "base", 1, 10.0).activations)
+    table = store.read_table(source)
     from ep_store.store import arrow_to_vectors, vectors_to_arrow
 
     x = arrow_to_vectors(table.column("vector"))[:, :32]
+    same_stream = {k: v for k, v in store.info(source).meta.items() if k in ("corpus", "fingerprint")}
     store.append_activations(narrow.activations, table.set_column(table.schema.get_field_index("vector"), "vector",
-                                                                   vectors_to_arrow(x)), {})
+                                                                   vectors_to_arrow(x)), same_stream)
     build(BuildConfig("tiny", "narrow", 1, 10.0, calibration_tokens=500, batch_size=256, device="cpu"), store, progress=False)
+    return narrow
+
+
+def test_both_across_widths_says_vector_was_skipped(two_models):
+    """--method both with other widths runs membership only, and the summary says so (issue 18, D12)."""
+    store, _ = two_models
+    narrow = narrow_dictionary(store)
+    summary = match(MatchConfig("tiny/base/L1/p10", str(narrow), method="both"), store)
+    assert summary["methods_run"] == ["membership"] and summary["method"] == "membership"
+    assert summary["vector_skipped"] == "widths differ (64 vs 32)"
+    same = match(MatchConfig("tiny/base/L1/p10", "tiny/other/L1/p10", method="both"), store)
+    assert same["methods_run"] == ["vector", "membership"] and "vector_skipped" not in same
+
+
+def test_match_refusals(two_models, tmp_path):
+    store, _ = two_models
+    # Vector matching across widths: refused.
+    narrow = narrow_dictionary(store)
     before = tree_snapshot(store.root)
     result = CliRunner().invoke(main, ["match", "tiny/base/L1/p10", str(narrow), "--method", "vector",
                                        "--store", str(store.root)])
