@@ -5,10 +5,13 @@ needs no registration. Every view carries the key columns ``model, checkpoint, l
 (and ``percentile`` where it applies), so any two can be joined:
 
     dictionaries       one row per dictionary: key, theta, regions, tokens, calibration, stop reason, version, tags
-    exemplars          key, region_id, member_count, coherence, first doc_id/pos/token (no vectors)
+    exemplars          key, region_id, build_members (= member_count: members the build passed, not the
+                       final assignment count; issue 18, D13), coherence, first doc_id/pos/token (no vectors)
     exemplar_vectors   key, region_id, exemplar and mean_direction as FLOAT[d] (FLOAT[] when widths differ;
                        exemplar_vectors_d<d> always holds FLOAT[d])
     assignments        key, doc_id, pos, region_id, distance (each dictionary over its own stream)
+    foreign_assignments  key, activations_model/_checkpoint/_layer, doc_id, pos, region_id, distance: a
+                       dictionary over another activation dataset (``ep assign --activations``; issue 18, D11)
     tokens             activation metadata without vectors
     saturation         key, batch, new_regions, regions, tokens
     matches            cross-dictionary region pairs with status (ep match)
@@ -52,7 +55,7 @@ import duckdb
 import pyarrow as pa
 
 from ep_store.errors import UsageError
-from ep_store.keys import DictionaryKey
+from ep_store.keys import DictionaryKey, from_segment
 from ep_store.questions import DEFAULTS, questions
 from ep_store.store import Store
 from ep_store.tables import unique_columns
@@ -126,7 +129,7 @@ class StoreDB:
                 "lance_version": ds.version, "tags": ",".join(sorted(meta["tags"])),
             })
             ex = self._relation(ds.scanner(columns=EXEMPLAR_COLUMNS))
-            ex_parts.append(f"SELECT {_dict_cols(key)}, * FROM {ex}")
+            ex_parts.append(f"SELECT {_dict_cols(key)}, *, member_count AS build_members FROM {ex}")
             vec = self._relation(ds)
             select = f"SELECT {_dict_cols(key)}, region_id, exemplar, mean_direction FROM {vec}"
             vec_parts.append((meta["width"], select))
@@ -162,7 +165,8 @@ class StoreDB:
         key_empty = "SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS checkpoint, NULL::INTEGER AS layer, NULL::DOUBLE AS percentile"
         con.execute("CREATE VIEW exemplars AS " + _union(ex_parts, f"{key_empty}, NULL::INTEGER AS region_id, "
                     "NULL::BIGINT AS member_count, NULL::FLOAT AS coherence, NULL::BIGINT AS source_row, "
-                    "NULL::BIGINT AS doc_id, NULL::INTEGER AS pos, NULL::VARCHAR AS token LIMIT 0"))
+                    "NULL::BIGINT AS doc_id, NULL::INTEGER AS pos, NULL::VARCHAR AS token, "
+                    "NULL::BIGINT AS build_members LIMIT 0"))
         mixed = len(vec_by_width) > 1
         vec_sql = [s.replace("exemplar, mean_direction", "exemplar::FLOAT[] AS exemplar, mean_direction::FLOAT[] AS "
                              "mean_direction") if mixed else s for _, s in vec_parts]
@@ -185,7 +189,22 @@ class StoreDB:
         self._register_matches()
         self._register_saes()
         self._register_searches()
+        self._register_foreign(keys)
         return keys
+
+    def _register_foreign(self, keys: list[DictionaryKey]) -> None:
+        """The view ``foreign_assignments``: each dictionary's assignments over other activation
+        datasets (``dictionaries/<key>/foreign/<model>/<checkpoint>/L<layer>.lance``, the latest
+        version), keyed by the dictionary and by the activations (issue 18, D11)."""
+        parts = []
+        for key in keys:
+            for path in sorted((self.store.dictionary_dir(key) / "foreign").glob("*/*/L*.lance")):
+                model, checkpoint = from_segment(path.parent.parent.name), from_segment(path.parent.name)
+                rel = self._relation(self.store.dataset(path).scanner(columns=["doc_id", "pos", "region_id", "distance"]))
+                parts.append(f"SELECT {_dict_cols(key)}, '{_q(model)}' AS activations_model, '{_q(checkpoint)}' "
+                             f"AS activations_checkpoint, {int(path.stem[1:])} AS activations_layer, "
+                             f"doc_id, pos, region_id, distance FROM {rel}")
+        self.con.execute("CREATE VIEW foreign_assignments AS " + _union(parts, FOREIGN_EMPTY))
 
     def _register_matches(self):
         """Every finished ``ep match``: a folder whose meta.json (written last) names the Lance
@@ -325,6 +344,11 @@ SAES_SCHEMA = pa.schema([
     ("width", pa.int64()), ("k", pa.int64()), ("tokens", pa.int64()), ("seconds", pa.float64()),
     ("flops", pa.float64()),
 ])
+FOREIGN_EMPTY = ("SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS checkpoint, NULL::INTEGER AS layer, "
+                 "NULL::DOUBLE AS percentile, NULL::VARCHAR AS activations_model, NULL::VARCHAR AS "
+                 "activations_checkpoint, NULL::INTEGER AS activations_layer, NULL::BIGINT AS doc_id, "
+                 "NULL::INTEGER AS pos, NULL::INTEGER AS region_id, NULL::FLOAT AS distance LIMIT 0")
+
 SAE_FEATURES_VIEW = """
 CREATE VIEW sae_features AS
 SELECT model, checkpoint, layer, percentile, sae, feature_id, count(*) AS active_tokens,
