@@ -472,10 +472,20 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
     UsageError for bad input (before anything is written).
     """
     with writer_locks(cfg, store):
-        summary = _harvest_locked(cfg, store, models_dir, progress)
-        summary["compaction"] = {str(k): store.compact(store.activation_path(k)) for k in cfg.keys.values()
-                                 if store.exists(store.activation_path(k))}
+        try:
+            summary = _harvest_locked(cfg, store, models_dir, progress)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: compact what was committed (issue 18, C8)
+            compact_written(cfg, store)
+            raise
+        summary["compaction"] = compact_written(cfg, store)
     return summary
+
+
+def compact_written(cfg: HarvestConfig, store: Store) -> dict:
+    """Compact every dataset of ``cfg`` that exists (a compaction version: same rows, same
+    order); the caller holds their writer locks."""
+    return {str(k): store.compact(store.activation_path(k)) for k in cfg.keys.values()
+            if store.exists(store.activation_path(k))}
 
 
 @contextlib.contextmanager

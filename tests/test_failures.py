@@ -219,6 +219,8 @@ def test_sigterm_during_harvest(tmp_path, models_dir):
     assert no_locks(store)
     rows = lance.dataset(str(versions.parent)).to_table(columns=["doc_id", "pos"])
     assert 0 < rows.num_rows < 6000
+    # The committed batches were compacted on the way out, as at a normal end (issue 18, C8).
+    assert len(lance.dataset(str(versions.parent)).get_fragments()) == 1
     result = run_cli(args)
     assert result.exit_code == 0, result.output
     table = lance.dataset(str(versions.parent)).to_table(columns=["doc_id", "pos"])
