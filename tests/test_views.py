@@ -55,3 +55,12 @@ def test_exemplars_name_build_members(tiny_store, tmp_path):
     empty = StoreDB(Store(tmp_path / "empty"))  # the views exist, with their columns, in an empty store
     assert "build_members" in empty.query("SELECT * FROM exemplars").column_names
     assert "activations_layer" in empty.query("SELECT * FROM foreign_assignments").column_names
+
+
+def test_region_browser_labels_both_sizes(tiny_store, tmp_path):
+    from ep_store.report import dictionary_report
+
+    store = built(tiny_store, tmp_path)
+    dictionary_report(store.root, KEY, tmp_path / "browser")
+    html = (tmp_path / "browser" / "index.html").read_text()
+    assert "assigned tokens" in html and "build members" in html
