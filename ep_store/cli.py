@@ -329,7 +329,7 @@ def sql(query, fmt, output, as_of, store_path) -> None:
     """Run one read-only SQL query over the store's views.
 
     \b
-    Views: dictionaries, exemplars, exemplar_vectors, exemplar_vectors_d<width>, assignments,
+    Views: dictionaries, exemplars, exemplar_vectors, exemplar_vectors_d<width>, assignments, foreign_assignments,
     tokens, saturation, matches, match_overlaps, saes, sae_activations, ep_projections, sae_features,
     searches.
     Data goes to stdout, the summary line to stderr; writes are refused.
