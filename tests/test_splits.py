@@ -82,3 +82,53 @@ def test_probe_refuses_texts_of_another_length():
     texts, labels, X = probe_inputs(copies=1)
     with pytest.raises(Exception, match="texts for"):
         sparse_probe({"raw": X}, labels, ProbeConfig(ks=(1,), min_per_class=5), texts=texts[:-1])
+
+
+def write_stream(store, key, docs):
+    """An activation dataset of ``docs`` (lists of token strings) in order, one row per token, width 4."""
+    import pyarrow as pa
+
+    from ep_store.keys import ActivationKey
+    from ep_store.store import vectors_to_arrow
+
+    doc_id = np.concatenate([np.full(len(d), i) for i, d in enumerate(docs)])
+    pos = np.concatenate([np.arange(len(d)) for d in docs])
+    n = len(doc_id)
+    store.append_activations(ActivationKey.parse(key), pa.table({
+        "doc_id": pa.array(doc_id, pa.int64()), "pos": pa.array(pos, pa.int32()),
+        "token_id": pa.array(np.zeros(n), pa.int32()), "token": [t for d in docs for t in d],
+        "char_start": pa.array(np.zeros(n), pa.int32()), "char_end": pa.array(np.ones(n), pa.int32()),
+        "vector": vectors_to_arrow(np.ones((n, 4), np.float32))}), {})
+
+
+def test_sae_heldout_rows_share_no_document_with_training(tmp_path):
+    """ep sae compare's held-out rows (issue 18, A4). Before: the last rows by index, so the tail of a
+    document straddling the boundary and copies of training documents were compared on."""
+    from ep_store.keys import DictionaryKey
+    from ep_store.sae.compare import SAECompareConfig, heldout_selection
+    from ep_store.store import Store
+
+    words = lambda text: [w + " " for w in text.split()]  # noqa: E731 - document slices, spaces kept
+    docs = [words("the cat sat on the mat " * 3),                 # 0: training
+            words("a dog ran in the park today " * 3),            # 1: training
+            words("this one straddles the split point " * 4),     # 2: 10 rows before the split, 14 after
+            words("THE CAT  sat on the MAT " * 3),                # 3: a copy of 0 (case, spacing)
+            words("fresh text never seen before " * 3),           # 4: held out
+            words("fresh text never seen before " * 3),           # 5: a copy of 4, also held out: kept
+            words("a dog ran in the park")]                       # 6: the last, cut short: the start of 1
+    store = Store(tmp_path / "store")
+    write_stream(store, "toy/base/L1", docs)
+    start = sum(map(len, docs[:2])) + 10
+    rows = sum(map(len, docs))
+    cfg = SAECompareConfig("toy/base/L1/p10", "s", str(tmp_path / "out"), heldout_tokens=rows - start, top_n=5,
+                           min_positives=1)
+    held = heldout_selection(store, DictionaryKey.parse(cfg.dictionary), start, cfg)
+    doc_id = np.concatenate([np.full(len(d), i) for i, d in enumerate(docs)])
+    kept = doc_id[start:][held.keep_M]
+    assert sorted(set(kept.tolist())) == [4, 5] and len(kept) == len(docs[4]) + len(docs[5])
+    train = {content_key("".join(docs[d])) for d in set(doc_id[:start].tolist())}
+    assert not {content_key("".join(docs[d])) for d in kept.tolist()} & train
+    assert (held.straddling, held.copies) == (len(docs[2]) - 10, len(docs[3]) + len(docs[6]))
+    with pytest.raises(Exception, match="too few held-out tokens"):  # top-n more than what is left
+        heldout_selection(store, DictionaryKey.parse(cfg.dictionary), start,
+                          SAECompareConfig(cfg.dictionary, "s", cfg.out, heldout_tokens=rows - start, top_n=40))

@@ -14,7 +14,10 @@ training rows are checked against its meta.json, and the EP side is built afresh
 same training prefix with the stored dictionary's own parameters (p, calibration and build
 batch sizes), because the stored dictionary normally streams the whole dataset. When the
 stored dictionary stayed within the prefix the two are the same (the builder is exact).
-That build is also timed here, for the compute comparison.
+That build is also timed here, for the compute comparison. No example on both sides (issue
+18, A4): of those last rows only the documents with no row in the prefix and whose text
+matches no prefix document's are compared on (``evaluate.splits.heldout_rows``); a document
+straddling the boundary and copies of training documents are dropped and counted.
 
 Writes ``sae_compare/<model>/<checkpoint>/L<layer>/p<p>/<sae>/`` in the store
 (``sae_activations.lance``, ``ep_projections.lance``, ``ep_exemplars.lance``,
@@ -43,6 +46,7 @@ from ep_store.calibrate import unit_directions
 from ep_store.dictionary import BuildConfig, calibrate_stream, stream_vectors
 from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError
+from ep_store.evaluate.splits import HeldOutRows, heldout_rows
 from ep_store.keys import DictionaryKey, SAEKey
 from ep_store.leader import LeaderBuilder, LeaderState
 from ep_store.models import resolve_device
@@ -196,20 +200,41 @@ def build_on_prefix(store: Store, key: DictionaryKey, dmeta: dict, rows: int, de
 
 
 # -- held-out pass --------------------------------------------------------------------------------------
-def heldout_pass(store: Store, key: DictionaryKey, sae, ep: dict, start: int, cfg: SAECompareConfig,
-                 device: torch.device, progress: bool) -> dict:
-    """Stream the held-out rows once: SAE non-zeros (all) and EP projections (top-n per region)."""
+def heldout_selection(store: Store, key: DictionaryKey, start: int, cfg: SAECompareConfig) -> HeldOutRows:
+    """The rows from ``start`` on whose documents share no example with the rows before it
+    (issue 18, A4). Raises UsageError when fewer than ``--top-n`` of them are left."""
+    table = store.read_table(store.activation_path(key.activations), ["doc_id", "pos", "token"])
+    held = heldout_rows(table.column("doc_id").to_numpy(), table.column("pos").to_numpy(),
+                        table.column("token").to_pylist(), start)
+    kept = int(held.keep_M.sum())
+    if kept < cfg.top_n:
+        raise UsageError(f"too few held-out tokens: of {key.activations}'s last {cfg.heldout_tokens} rows only {kept} "
+                         f"are of documents with no training row and no copy among the training documents "
+                         f"({held.straddling} straddle the boundary, {held.copies} are copies), fewer than --top-n "
+                         f"{cfg.top_n}; retrain the SAE with a larger ep sae train --heldout-tokens and pass it here")
+    return held
+
+
+def heldout_pass(store: Store, key: DictionaryKey, sae, ep: dict, start: int, keep_M: np.ndarray,
+                 cfg: SAECompareConfig, device: torch.device, progress: bool) -> dict:
+    """Stream the held-out rows once: SAE non-zeros (all) and EP projections (top-n per region).
+
+    ``keep_M`` (bool, one per row from ``start`` on) marks the rows compared on (``heldout_selection``).
+    """
     source = store.activation_path(key.activations)
     E = ep["state"].exemplars_KD.to(device)
     center = ep["center_D"].to(device)
     top = B.TopPositive(E.shape[0], cfg.top_n)
     doc, pos, tok, feats, fdoc, fpos, fval = [], [], [], [], [], [], []
-    skipped, row = 0, 0
+    skipped, row, offset = 0, 0, 0
     bar = tqdm(total=cfg.heldout_tokens, unit="tok", desc=f"compare {key}", disable=not progress)
     for batch in store.scan(source, columns=["doc_id", "pos", "token", "vector"], batch_size=READ_ROWS, offset=start):
         x = arrow_to_tensor(batch.column("vector"))
-        finite = torch.isfinite(x).all(dim=1).numpy()
-        skipped += int((~finite).sum())
+        keep = keep_M[offset:offset + batch.num_rows]
+        offset += batch.num_rows
+        ok = torch.isfinite(x).all(dim=1).numpy()
+        skipped += int((keep & ~ok).sum())
+        finite = keep & ok
         x = x[torch.from_numpy(finite)].to(device)
         d = batch.column("doc_id").to_numpy()[finite]
         p = batch.column("pos").to_numpy()[finite]
@@ -297,10 +322,11 @@ def compare(cfg: SAECompareConfig, store: Store, progress: bool = True) -> dict:
     """Run one EP-vs-SAE comparison; returns the summary written to ``out/metrics.json``."""
     key, skey = cfg.key, cfg.sae_key
     dmeta, smeta, start, rows = check_inputs(cfg, store)
+    selected = heldout_selection(store, key, start, cfg)
     device = resolve_device(cfg.device)
     sae, _ = load_sae(store, skey, device=str(device))
     ep = build_on_prefix(store, key, dmeta, start, device)
-    held = heldout_pass(store, key, sae, ep, start, cfg, device, progress)
+    held = heldout_pass(store, key, sae, ep, start, selected.keep_M, cfg, device, progress)
     folder = store.sae_compare_dir(key, cfg.sae)
     store.remove(folder / "meta.json")  # not listed (no SQL views) until complete again
     write_tables(store, folder, held, ep)
@@ -319,6 +345,7 @@ def compare(cfg: SAECompareConfig, store: Store, progress: bool = True) -> dict:
     metrics = {
         "dictionary": str(key), "sae": str(skey), "heldout_rows": [start, rows],
         "heldout_tokens": int(len(held["doc_id"])), "skipped_nonfinite": held["skipped_nonfinite"],
+        "heldout_dropped": {"straddling": selected.straddling, "copies": selected.copies},  # issue 18, A4
         "ep_to_sae_share_f1_gt_05": s["ep_to_sae_share_f1_gt_05"],
         "sae_to_ep_share_f1_gt_05": s["sae_to_ep_share_f1_gt_05"],
         "hungarian_pairs_f1_gt_05": s["hungarian_pairs_f1_gt_05"],
@@ -338,8 +365,9 @@ def compare(cfg: SAECompareConfig, store: Store, progress: bool = True) -> dict:
         "compute": compute_comparison(ep, smeta),
         "protocol": {"binarisation": f"top-{cfg.top_n} tokens with activation > 0, eligible with >= "
                      f"{cfg.min_positives}", "ep_score": "signed projection (x - c).e_k",
-                     "tokens": "held-out: the dataset's last rows, used by neither the SAE's training nor the EP build "
-                               "(the paper compared on its build tokens)"},
+                     "tokens": "held-out: the dataset's last rows, used by neither the SAE's training nor the EP build, "
+                               "less documents with rows in the training prefix or a copy there (the paper compared "
+                               "on its build tokens)"},
         "config": asdict(cfg),
     }
     if cfg.probe:

@@ -6,7 +6,8 @@ SAELens's own ``SAETrainer`` runs the training loop; ep_store only feeds it: bat
 the dataset's first ``rows - heldout_tokens`` rows, read from Lance in chunks, shuffled in
 a bounded buffer, epoch after epoch until ``tokens`` samples are consumed (memory is the
 buffer, never the dataset). The last ``heldout_tokens`` rows are never read here: they are
-what ``ep sae compare`` evaluates on. Inputs are scaled by SAELens's
+what ``ep sae compare`` evaluates on, less the documents that also have training rows or
+copy a training document's text (issue 18, A4: ``evaluate.splits.heldout_rows``). Inputs are scaled by SAELens's
 ``expected_average_only_in`` normalisation, which SAELens folds back into the weights at
 the end, so the saved SAE encodes raw activations.
 
