@@ -548,6 +548,10 @@ class AssignJob:
         if info.width != dictionary.width:
             raise UsageError(f"{target} has width {info.width} but {key} has width {dictionary.width}; "
                              "assign activations of the same model and layer width")
+        if target != key.activations:  # (doc_id, pos) name the same tokens only for the same documents (A3)
+            from ep_store.streams import require_same_stream
+
+            require_same_stream(store, key.activations, target, f"assigning {key} over {target}")
         return cls(store, key, target, dictionary, source, info.version, info.rows, resolve_device(device))
 
     @property

@@ -118,30 +118,13 @@ def run_assign(store, dictionary: str, activations: str | None, device: str, ray
     """Assign with the local engine (``ray_cfg`` None) or with Ray tasks (CPU workers).
 
     Assigning a dictionary over another dataset's activations (``activations``) needs both
-    datasets harvested from the same documents (UsageError otherwise; issue 18, A3)."""
+    datasets harvested from the same documents: ``dictionary.AssignJob.open``, which both
+    engines go through, raises UsageError otherwise (issue 18, A3)."""
     from ep_store.dictionary import assign_dataset
 
-    check_assign_stream(store, dictionary, activations)
     if ray_cfg is None:
         return assign_dataset(store, dictionary, activations, device, progress=progress)
     return ray_assign(store, dictionary, activations, ray_cfg)
-
-
-def check_assign_stream(store, dictionary: str, activations: str | None) -> None:
-    """Refuse (UsageError) assigning ``dictionary`` over an activation dataset of other documents
-    than its own: the foreign assignments are keyed by (doc_id, pos) beside its own, which only
-    name the same tokens for the same documents (issue 18, A3). Unknown keys are left to the
-    assignment's own checks."""
-    from ep_store.keys import ActivationKey, DictionaryKey
-    from ep_store.streams import require_same_stream
-
-    if activations is None:
-        return
-    key, target = DictionaryKey.parse(dictionary), ActivationKey.parse(activations)
-    if target == key.activations or not (store.dictionary_dir(key) / "meta.json").is_file() \
-            or not store.exists(store.activation_path(target)):
-        return
-    require_same_stream(store, key.activations, target, f"assigning {key} over {target}")
 
 
 # -- harvest ------------------------------------------------------------------------------------

@@ -164,6 +164,24 @@ def test_assign_over_other_documents_refused(streams, tmp_path):
     assert result.exit_code == 0, result.output  # same documents
 
 
+def test_library_assign_over_other_documents_refused(streams, tmp_path):
+    """Before: only the CLI's engine checked the streams, so ``assign_dataset`` (and the
+    ``AssignJob`` both engines open) wrote foreign assignments keyed by unrelated tokens."""
+    from ep_store.dictionary import AssignJob, assign_dataset
+
+    store, *_ = streams
+    root = tmp_path / "store"
+    shutil.copytree(store.root, root)
+    copy = Store(root)
+    before = tree_snapshot(root)
+    with pytest.raises(UsageError, match="hold different documents"):
+        assign_dataset(copy, A, "tiny/other/L1", "cpu", progress=False)
+    with pytest.raises(UsageError, match="hold different documents"):
+        AssignJob.open(copy, A, ActivationKey("tiny", "other", 1), "cpu")
+    assert tree_snapshot(root) == before
+    assert assign_dataset(copy, A, "tiny/other/L2", "cpu", progress=False)["tokens"] > 0  # same documents
+
+
 def test_datasets_from_before_fingerprints_are_refused(streams, tmp_path):
     store, *_ = streams
     old = Store(tmp_path / "store")
