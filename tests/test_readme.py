@@ -34,7 +34,7 @@ SUBSTITUTIONS = [  # (regex, replacement), applied in order to each joined line
     (r"\bgemma-3-270m\b", "tiny"),
     (r"\bsmollm2-135m\b", "tiny"),
     (r"--max-tokens 20000\b", "--max-tokens 3000"),     # harvest: 3,000 tokens per layer
-    (r"\btokens-10000\b", "tokens-3000"),               # the tag the first build of those 3,000 makes
+    (r"\btokens-(10000|20000)\b", "tokens-3000"),       # the tag the first build of those 3,000 makes
     (r"--steps 60 --save-every 20\b", "--steps 2 --save-every 1"),
     (r"--max-new-tokens 48\b", "--max-new-tokens 4"),
     (r"--width 5120\b", "--width 256"),
