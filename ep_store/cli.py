@@ -759,20 +759,22 @@ def eval_concepts(dictionaries, data, test_fraction, model, checkpoint, max_toke
 @eval_group.command("ood")
 @click.option("--in-corpus", default="builtin", show_default=True,
               help="In-distribution corpus (as ep harvest --corpus); its last documents are used.")
-@click.option("--ood-corpus", default="", help="Extra OOD sets: .txt/.jsonl/.parquet files, comma-separated "
+@click.option("--ood-corpus", default="", help="Extra OOD sets: .txt/.jsonl/.csv/.parquet files, comma-separated "
                                                "(held-out, word-shuffled and random-token sets are always made).")
+@click.option("--text-field", default="text", show_default=True,
+              help="Field holding the text in .jsonl/.csv/.parquet rows of the OOD and in-corpus files.")
 @click.option("--documents", type=int, default=40, show_default=True, help="Documents per set.")
 @eval_options
 @user_errors
-def eval_ood(dictionaries, in_corpus, ood_corpus, documents, model, checkpoint, max_tokens_per_text, batch_size, out,
-             metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
+def eval_ood(dictionaries, in_corpus, ood_corpus, text_field, documents, model, checkpoint, max_tokens_per_text,
+             batch_size, out, metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
     """Nearest-exemplar distance as an OOD score: within-theta rate, quantiles, AUROC per set."""
     from ep_store.evaluate.ood import OODConfig, run_ood_eval
     from ep_store.store import Store
 
     files = tuple(p.strip() for p in ood_corpus.split(",") if p.strip())
-    cfg = OODConfig(dictionaries=_keys(dictionaries), in_corpus=in_corpus, ood_corpus=files, documents=documents,
-                    seed=seed, model=model, checkpoint=checkpoint)
+    cfg = OODConfig(dictionaries=_keys(dictionaries), in_corpus=in_corpus, ood_corpus=files, text_field=text_field,
+                    documents=documents, seed=seed, model=model, checkpoint=checkpoint)
     run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
     emit(run_ood_eval(cfg, Store(store_path), run, out, metrics_path, plots_dir))
 

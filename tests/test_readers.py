@@ -183,6 +183,31 @@ def test_generate_text_field(tmp_path):
         read_prompts(csv)
 
 
+def test_eval_ood_text_field(tiny_store, models_dir, tmp_path):
+    """ep eval ood --text-field (issue 18, B5): before, an OOD file's rows were read as 'text' only."""
+    import shutil
+
+    from ep_store.dictionary import BuildConfig, build
+
+    root = tmp_path / "store"
+    shutil.copytree(tiny_store, root)
+    build(BuildConfig("tiny", "base", 1, 10, calibration_tokens=500, calibration_batch=250, batch_size=256,
+                      device="cpu"), Store(root), assign=False, progress=False)
+    ood = jsonl(tmp_path / "notes.jsonl", [{"body": f"an unusual note number {i} about tides"} for i in range(3)])
+    args = ["eval", "ood", "--dictionary", "tiny/base/L1/p10", "--ood-corpus", str(ood), "--documents", "2",
+            "--max-tokens-per-text", "8", "--device", "cpu", "--store", str(root), "--models-dir", str(models_dir),
+            "--no-progress"]
+    before = tree_snapshot(root)
+    runner = CliRunner()
+    assert_refused(runner.invoke(main, [*args, "--out", str(tmp_path / "bad")]),
+                   "has no field 'text' (its fields: body); pass --text-field")
+    assert tree_snapshot(root) == before and not (tmp_path / "bad").exists()
+    ok = runner.invoke(main, [*args, "--out", str(tmp_path / "out"), "--text-field", "body"])
+    assert ok.exit_code == 0, ok.output
+    sets = json.loads((tmp_path / "out" / "metrics.json").read_text())["sets"]["tiny/base/L1/p10"]
+    assert sets["notes"]["documents"] == 2
+
+
 # -- B6: tokenization bounded by the tokens kept --------------------------------------------------
 class CountingTokenizer:
     """Delegates to a tokenizer and counts the characters it is asked to tokenize."""

@@ -10,7 +10,8 @@ Sets, each ``documents`` texts cut to their first ``max_tokens_per_text`` tokens
 - ``heldout``: other in-distribution documents (control: AUROC near 0.5);
 - ``shuffled``: the held-out documents with their words shuffled;
 - ``random_tokens``: uniformly random non-special token ids, as many as the held-out documents have;
-- one set per ``--ood-corpus`` file (.txt/.jsonl/.parquet, as the harvest corpus reads them).
+- one set per ``--ood-corpus`` file (.txt/.jsonl/.csv/.parquet, as the harvest corpus reads them;
+  ``--text-field`` names the field of record files, for the in-corpus's files too: issue 18, B5).
 Reference and held-out documents alternate over the *last* 2 x ``documents`` distinct
 documents of the in-corpus: the default harvest streams a prefix of ``chat,builtin``, so
 these were not in the dictionary's build data. Sets are disjoint by content (issue 18, A4;
@@ -45,7 +46,10 @@ class OODConfig:
     in_corpus: str = "builtin"
     """In-distribution corpus spec (as ep harvest --corpus); its last documents are used."""
     ood_corpus: tuple[str, ...] = ()
-    """Extra OOD sets: .txt/.jsonl/.parquet files (one set per file)."""
+    """Extra OOD sets: .txt/.jsonl/.csv/.parquet files (one set per file)."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.csv/.parquet rows of the OOD files and the in-corpus's files
+    (as ep harvest --text-field; issue 18, B5)."""
     documents: int = 40
     """Documents per set (issue 10 sizes them for the 30-minute default pipeline)."""
     quantiles: tuple[float, ...] = (0.5, 0.9, 0.99)
@@ -99,12 +103,14 @@ def shuffle_words(text: str, rng: np.random.Generator) -> str:
     return " ".join(words[i] for i in rng.permutation(len(words)))
 
 
-def in_distribution(spec: str, documents: int) -> tuple[list[str], list[str]]:
+def in_distribution(spec: str, documents: int, text_field: str = "text") -> tuple[list[str], list[str]]:
     """(reference, heldout): alternating documents among the last 2 x ``documents`` distinct
-    documents of ``spec`` (each content once, the first copy kept: no copy on both sides)."""
+    documents of ``spec`` (each content once, the first copy kept: no copy on both sides).
+    ``text_field``: the text's field in the spec's record files. UsageError for too few documents
+    or a file the reader refuses."""
     from ep_store.corpus import iter_documents
 
-    texts = without_contents((d.text for d in iter_documents(spec)), ())
+    texts = without_contents((d.text for d in iter_documents(spec, text_field=text_field)), ())
     if len(texts) < 2 * documents:
         raise UsageError(f"in-corpus {spec!r} has {len(texts)} documents; it needs {2 * documents} "
                          "(pass a bigger corpus or fewer --documents)")
@@ -112,14 +118,18 @@ def in_distribution(spec: str, documents: int) -> tuple[list[str], list[str]]:
     return tail[0::2], tail[1::2]
 
 
-def ood_files(paths: tuple[str, ...], documents: int, in_distribution: list[str] = ()) -> dict[str, list[str]]:
+def ood_files(paths: tuple[str, ...], documents: int, in_distribution: list[str] = (), *,
+              text_field: str = "text") -> dict[str, list[str]]:
     """name -> the first ``documents`` texts of each OOD file, each content once and none that is
-    an ``in_distribution`` text (issue 18, A4). UsageError for a file left with no text."""
+    an ``in_distribution`` text (issue 18, A4). ``text_field``: the text's field in .jsonl/.csv/.parquet
+    rows. UsageError for a file left with no text, or one the reader refuses (a missing field is
+    named with the fields the file has)."""
     from ep_store.corpus import file_texts
 
     sets = {}
     for p in paths:
-        texts = without_contents((t for _, t in file_texts(Path(p)) if isinstance(t, str) and t.strip()),
+        texts = without_contents((t for _, t in file_texts(Path(p), text_field=text_field)
+                                  if isinstance(t, str) and t.strip()),
                                  in_distribution)
         if not texts:
             raise UsageError(f"OOD corpus {p} holds no text that is not also in-distribution text")
@@ -177,8 +187,8 @@ def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None, plots_dir=N
     check_outputs(out, metrics_path, plots_dir)
 
     dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
-    reference, heldout = in_distribution(cfg.in_corpus, cfg.documents)
-    extra = ood_files(cfg.ood_corpus, cfg.documents, reference + heldout)
+    reference, heldout = in_distribution(cfg.in_corpus, cfg.documents, text_field=cfg.text_field)
+    extra = ood_files(cfg.ood_corpus, cfg.documents, reference + heldout, text_field=cfg.text_field)
     rng = np.random.default_rng(cfg.seed)
     sets: dict[str, list] = {"reference": reference, "heldout": heldout,
                              "shuffled": [shuffle_words(t, rng) for t in heldout], **extra}
