@@ -1,4 +1,5 @@
-"""What the store holds: one row per activation dataset and per dictionary."""
+"""What the store holds: one row per activation dataset (its latest version) and per dictionary
+(the build its meta.json publishes: version, rows and tags of that snapshot; issue 18, A1)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,13 @@ def catalog(store_path: Path) -> list[dict]:
         rows.append({"kind": "activations", "key": str(key), "rows": info.rows, "width": info.width,
                      "version": info.version, "versions": info.versions, "tags": info.tags})
     for key in store.list_dictionaries():
-        path = store.dictionary_dir(key) / "exemplars.lance"
-        if store.exists(path):
-            info = store.info(path)
-            rows.append({"kind": "dictionary", "key": str(key), "rows": info.rows, "width": info.width,
-                         "version": info.version, "versions": info.versions, "tags": info.tags})
+        # The build meta.json publishes, not the latest Lance version: a killed build's or a
+        # compaction's version is not what readers read (issue 18, A1).
+        snap = store.dictionary_snapshot(key)
+        if store.exists(snap.exemplars_path):
+            info = store.info(snap.exemplars_path)
+            rows.append({"kind": "dictionary", "key": str(key),
+                         "rows": store.dataset(snap.exemplars_path, snap.exemplars_version).count_rows(),
+                         "width": info.width, "version": snap.exemplars_version, "versions": info.versions,
+                         "tags": snap.meta["tags"]})
     return rows

@@ -41,16 +41,21 @@ def span_labels(corpus: str, text_field: str = "text") -> pa.Table:
                                                         ("char_end", pa.int32()), ("label", pa.string())]))
 
 
-def step_series(store: Store, a: DictionaryKey, b: DictionaryKey, models_dir: Path) -> list[dict]:
-    """Preserved/introduced counts of A against every <b.checkpoint>-step<k> and b itself."""
-    series = []
+def step_series(db: StoreDB, a: DictionaryKey, b: DictionaryKey, models_dir: Path) -> list[dict]:
+    """Preserved/introduced counts of A against every <b.checkpoint>-step<k> and b itself.
+
+    Raises UsageError when one of those matches was computed from other builds than the
+    published ones (issue 18, A1)."""
+    store, series = db.store, []
     final = models_dir / b.model / b.checkpoint / "finetune.json"
     final_step = json.loads(final.read_text())["steps"] if final.is_file() else None
     for meta_path in sorted((store.root / "matches").glob(f"{a.slug()}__*/meta.json")):
         meta = store.read_json(meta_path)
         other = DictionaryKey.parse(meta["b"])
-        if (other.model, other.layer, other.percentile) != (b.model, b.layer, b.percentile):
+        if (other.model, other.layer, other.percentile) != (b.model, b.layer, b.percentile) \
+                or other not in db.snapshots:
             continue
+        db.require_current_match(meta)
         found = re.fullmatch(rf"{re.escape(b.checkpoint)}-step(\d+)", other.checkpoint)
         step = int(found.group(1)) if found else (final_step if other.checkpoint == b.checkpoint else None)
         if step is not None:
@@ -107,6 +112,8 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
     db = StoreDB(store)
     db.require(ka)
     db.require(kb)
+    db.require_current_match(meta)  # never pair a match with other builds (issue 18, A1)
+    steps = step_series(db, ka, kb, models_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     pairs = db.query("SELECT * FROM matches WHERE a = $a AND b = $b ORDER BY status, region_a, region_b", {"a": str(ka), "b": str(kb)}).to_pylist()
@@ -137,7 +144,6 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
         counts, edges = np.histogram(cosines, bins=40, range=(-0.2, 1.0))
         images["cosines"] = plots.bar_histogram(edges[:-1], counts, edges[1] - edges[0], out / "cosines.png",
                                                 "matched exemplar cosines", "cosine", "pairs", vline=cutoff)
-    steps = step_series(store, ka, kb, models_dir)
     if len(steps) > 1:
         images["steps"] = plots.lines([s["step"] for s in steps],
                                       {"preserved": [s["preserved"] for s in steps],

@@ -32,6 +32,7 @@ from ep_store.dictionary import Dictionary
 from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey
+from ep_store.snapshot import match_record
 from ep_store.sql import StoreDB, ask_pair
 from ep_store.store import Store
 from ep_store.streams import require_same_stream
@@ -155,6 +156,7 @@ def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: Dictionar
         sql.require(a)
         sql.require(b)
         overlaps, by = overlaps_in_sql(sql, a, b)
+        _read_together(sql, da, db_)
 
     scores = {}
     if overlaps is not None:
@@ -193,6 +195,9 @@ def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: Dictionar
             "f1": overlaps.f1, "best_for_a": best_flags(overlaps.region_a, overlaps.f1),
             "best_for_b": best_flags(overlaps.region_b, overlaps.f1),
         }))
+    # What the match was computed from, so readers can tell it from a match of other builds (issue 18, A1).
+    snaps = (sql.snapshots[a], sql.snapshots[b]) if overlaps is not None else (da.snapshot, db_.snapshot)
+    versions["snapshots"] = match_record(*snaps, membership=overlaps is not None)
     counts = {status: sum(1 for row in rows if row["status"] == status)
               for status in ("preserved", "introduced", "dropped")}
     methods_run = [m for m, ran in (("vector", use_vector), ("membership", overlaps is not None)) if ran]
@@ -204,6 +209,15 @@ def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: Dictionar
     store.write_json(folder / "meta.json", summary)
     return {k: v for k, v in summary.items() if k not in ("matched_cosines", "config", ENVIRONMENT_KEY)} \
         | {"out": str(folder)}
+
+
+def _read_together(sql: StoreDB, *dictionaries: Dictionary) -> None:
+    """Refuse (UsageError) when a build of a dictionary was published between loading its
+    exemplars and opening the SQL views, so a match never pairs two builds (issue 18, A1)."""
+    for d in dictionaries:
+        if sql.snapshots[d.key].exemplars_version != d.snapshot.exemplars_version:
+            raise UsageError(f"{d.key} published a new build (exemplars version "
+                             f"{sql.snapshots[d.key].exemplars_version}) while it was being matched; rerun ep match")
 
 
 def _row(a, b, r, s, cosine, theta, score, status) -> dict:

@@ -171,3 +171,51 @@ def assignments_version(store: Store, key: DictionaryKey, path: Path, exemplars_
     return None, (f"{key} at {label} (exemplars version {exemplars_version}) has no assignments: they were "
                   f"written from exemplars versions {sorted({v for v in found if v is not None})} only; "
                   f"query it without --as-of, or ask only about its exemplars")
+
+
+# -- what a stored match was computed from (issue 18, A1) -------------------------------------------
+def match_record(snap_a: DictionarySnapshot, snap_b: DictionarySnapshot, membership: bool) -> dict:
+    """``{"a": {...}, "b": {...}}`` for a match's meta.json: each side's key, exemplars version and
+    (for a membership match, which joins the assignments) assignments version; None otherwise."""
+    return {side: {"key": str(s.key), "exemplars_version": s.exemplars_version,
+                   "assignments_version": s.assignments_version if membership else None}
+            for side, s in (("a", snap_a), ("b", snap_b))}
+
+
+def stale_match(meta: dict, snapshots: dict[DictionaryKey, DictionarySnapshot]) -> str:
+    """Why the stored match ``meta`` (its meta.json) does not belong with the snapshots being read,
+    in one line; '' when it was computed from exactly those exemplars (and assignments) versions.
+
+    ``snapshots`` maps each key to the snapshot a reader reads (both sides must be present).
+    """
+    a, b = meta["a"], meta["b"]
+    rerun = f"rerun: ep match {a} {b}"
+    recorded = meta.get("snapshots")
+    if recorded is None:
+        return f"match {a} {b} does not record which versions of {a} and {b} it was computed from; {rerun}"
+    for side in (recorded["a"], recorded["b"]):
+        snap = snapshots[DictionaryKey.parse(side["key"])]
+        was = f"exemplars version {side['exemplars_version']}"
+        now = f"exemplars version {snap.exemplars_version}"
+        differs = side["exemplars_version"] != snap.exemplars_version
+        if side["assignments_version"] is not None:
+            was += f" (assignments version {side['assignments_version']})"
+            now += f" (assignments version {snap.assignments_version})"
+            differs = differs or side["assignments_version"] != snap.assignments_version
+        if differs:
+            if snap.label == "latest":
+                return f"match {a} {b} was computed from {side['key']} at {was}, but its published build is {now}; {rerun}"
+            return (f"match {a} {b} was computed from {side['key']} at {was}, but {side['key']} at {snap.label} "
+                    f"is {now}; query the match without --as-of")
+    return ""
+
+
+def published_assignments(folder: Path, path: Path) -> tuple[int | None, str]:
+    """``assignments_version`` for an assignments dataset ``path`` (its own or a foreign one) of
+    the dictionary ``folder``, read outside a store's layout (``ep store verify``): the version
+    written from the exemplars the folder's meta.json publishes, or (None, why not in one line)
+    (issue 18, A1)."""
+    from ep_store.store import Store  # store imports this module lazily
+
+    meta = Store.read_json(folder / META)
+    return assignments_version(Store(folder), meta.get("key", folder), path, meta["exemplars_version"], "latest")

@@ -28,7 +28,9 @@ needs no registration. Every view carries the key columns ``model, checkpoint, l
 Each dictionary is one snapshot (``Store.dictionary_snapshot``, issue 18 A1): with ``--as-of TAG``
 its exemplars, assignments, saturation curve, tokens and stop reason are those the build of that
 tag published; dictionaries without that tag are left out. A query that reads the assignments of
-a dictionary whose build has none (assigned only later, or not since it grew) fails in one line.
+a dictionary whose build has none (assigned only later, or not since it grew) fails in one line,
+and so does a query that reads a match (``matches``, ``match_overlaps``, match questions) computed
+from other builds than those snapshots: the match names the versions it used (rerun ep match).
 
 Lance datasets reach DuckDB as Arrow objects with only the columns a view needs (DuckDB
 cannot read float16 vectors, and never reads vectors unless a query asks for them).
@@ -57,6 +59,7 @@ import pyarrow as pa
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey, from_segment
 from ep_store.questions import DEFAULTS, questions
+from ep_store.snapshot import DictionarySnapshot, assignments_version, stale_match
 from ep_store.store import Store
 from ep_store.tables import unique_columns
 
@@ -95,6 +98,8 @@ class StoreDB:
         self.con = duckdb.connect()
         self._n = 0
         self.registered: set[str] = set()
+        self.snapshots: dict[DictionaryKey, DictionarySnapshot] = {}
+        """The snapshot each view reads, by dictionary (issue 18, A1)."""
         self.keys = self._register_views()
         self.con.execute("SET enable_external_access = false")
         self.con.execute("SET lock_configuration = true")
@@ -119,6 +124,7 @@ class StoreDB:
                 log.info("%s has no version %s; left out", key, self.as_of)
                 continue
             keys.append(key)
+            self.snapshots[key] = snap
             meta = snap.meta
             ds = store.dataset(snap.exemplars_path, snap.exemplars_version)
             dict_rows.append({
@@ -195,24 +201,45 @@ class StoreDB:
     def _register_foreign(self, keys: list[DictionaryKey]) -> None:
         """The view ``foreign_assignments``: each dictionary's assignments over other activation
         datasets (``dictionaries/<key>/foreign/<model>/<checkpoint>/L<layer>.lance``, the latest
-        version), keyed by the dictionary and by the activations (issue 18, D11)."""
+        version written from the snapshot's exemplars: issue 18, A1), keyed by the dictionary and
+        by the activations (issue 18, D11). One written from other exemplars fails in one line
+        when a query reads it."""
         parts = []
         for key in keys:
+            snap = self.snapshots[key]
             for path in sorted((self.store.dictionary_dir(key) / "foreign").glob("*/*/L*.lance")):
                 model, checkpoint = from_segment(path.parent.parent.name), from_segment(path.parent.name)
-                rel = self._relation(self.store.dataset(path).scanner(columns=["doc_id", "pos", "region_id", "distance"]))
-                parts.append(f"SELECT {_dict_cols(key)}, '{_q(model)}' AS activations_model, '{_q(checkpoint)}' "
-                             f"AS activations_checkpoint, {int(path.stem[1:])} AS activations_layer, "
-                             f"doc_id, pos, region_id, distance FROM {rel}")
+                cols = (f"{_dict_cols(key)}, '{_q(model)}' AS activations_model, '{_q(checkpoint)}' "
+                        f"AS activations_checkpoint, {int(path.stem[1:])} AS activations_layer")
+                version, why = assignments_version(self.store, key, path, snap.exemplars_version, snap.label)
+                if version is None:
+                    fail = f"error('{_q(f'{why} (over {path.parent.parent.name}/{path.parent.name}/{path.stem})')}')"
+                    parts.append(f"SELECT {cols}, {fail}::BIGINT AS doc_id, {fail}::INTEGER AS pos, {fail}::INTEGER "
+                                 f"AS region_id, {fail}::FLOAT AS distance FROM range(1) WHERE {fail} IS NULL")
+                    continue
+                rel = self._relation(self.store.dataset(path, version).scanner(
+                    columns=["doc_id", "pos", "region_id", "distance"]))
+                parts.append(f"SELECT {cols}, doc_id, pos, region_id, distance FROM {rel}")
         self.con.execute("CREATE VIEW foreign_assignments AS " + _union(parts, FOREIGN_EMPTY))
 
     def _register_matches(self):
         """Every finished ``ep match``: a folder whose meta.json (written last) names the Lance
         versions of its tables, read at those versions. A match killed before its meta.json
-        (tables half created, or newer than published) is not seen (crash test, issue 8 G)."""
+        (tables half created, or newer than published) is not seen (crash test, issue 8 G).
+        A match computed from other builds than the snapshots read here (a dictionary grew, or
+        ``--as-of``) fails in one line when a query reads it; one of a dictionary left out by
+        ``--as-of`` is left out too (issue 18, A1)."""
         pairs, overlaps = [], []
         for meta_path in sorted((self.store.root / "matches").glob("*/meta.json")):
             folder, meta = meta_path.parent, self.store.read_json(meta_path)
+            if any(DictionaryKey.parse(meta[side]) not in self.snapshots for side in ("a", "b")):
+                continue
+            stale = stale_match(meta, self.snapshots)
+            if stale:
+                pairs.append(_failing_part(meta, stale, MATCH_COLUMNS))
+                if meta.get("overlaps_version") is not None:
+                    overlaps.append(_failing_part(meta, stale, OVERLAP_COLUMNS))
+                continue
             pairs.append(f"SELECT * FROM {self._relation(self.store.dataset(folder / 'pairs.lance', meta['pairs_version']))}")
             if meta.get("overlaps_version") is not None:
                 overlaps.append("SELECT * FROM " + self._relation(
@@ -310,6 +337,16 @@ class StoreDB:
         except duckdb.Error:
             return False
 
+    def require_current_match(self, meta: dict) -> None:
+        """Refuse (UsageError, one line naming the rerun) a stored match, given by its meta.json,
+        that was computed from other builds than the snapshots this connection reads (issue 18, A1).
+        Raises UsageError for a dictionary of it that is not among ``keys`` too."""
+        self.require(meta["a"])
+        self.require(meta["b"])
+        stale = stale_match(meta, self.snapshots)
+        if stale:
+            raise UsageError(stale)
+
     def require(self, key: DictionaryKey | str) -> DictionaryKey:
         key = key if isinstance(key, DictionaryKey) else DictionaryKey.parse(key)
         if key not in self.keys:
@@ -356,11 +393,25 @@ SELECT model, checkpoint, layer, percentile, sae, feature_id, count(*) AS active
 FROM sae_activations WHERE activation > 0
 GROUP BY ALL
 """
-MATCHES_EMPTY = (
-    "SELECT NULL::VARCHAR AS a, NULL::VARCHAR AS b, NULL::INTEGER AS region_a, NULL::INTEGER AS region_b, "
-    "NULL::DOUBLE AS cosine, NULL::DOUBLE AS distance_theta, NULL::DOUBLE AS precision, NULL::DOUBLE AS recall, "
-    "NULL::DOUBLE AS f1, NULL::VARCHAR AS status LIMIT 0"
-)
+# Columns of the matches and match_overlaps views, in the order of ep_store.match's tables.
+MATCH_COLUMNS = (("a", "VARCHAR"), ("b", "VARCHAR"), ("region_a", "INTEGER"), ("region_b", "INTEGER"),
+                 ("cosine", "DOUBLE"), ("distance_theta", "DOUBLE"), ("precision", "DOUBLE"), ("recall", "DOUBLE"),
+                 ("f1", "DOUBLE"), ("status", "VARCHAR"))
+OVERLAP_COLUMNS = (("a", "VARCHAR"), ("b", "VARCHAR"), ("region_a", "INTEGER"), ("region_b", "INTEGER"),
+                   ("overlap", "DOUBLE"), ("precision", "DOUBLE"), ("recall", "DOUBLE"), ("f1", "DOUBLE"),
+                   ("best_for_a", "BOOLEAN"), ("best_for_b", "BOOLEAN"))
+MATCHES_EMPTY = "SELECT " + ", ".join(f"NULL::{kind} AS {name}" for name, kind in MATCH_COLUMNS) + " LIMIT 0"
+OVERLAPS_EMPTY = "SELECT " + ", ".join(f"NULL::{kind} AS {name}" for name, kind in OVERLAP_COLUMNS) + " LIMIT 0"
+
+
+def _failing_part(meta: dict, why: str, columns: tuple) -> str:
+    """A view part standing for a stale match (issue 18, A1): ``a`` and ``b`` are constants, so
+    queries about other pairs prune it; every other column raises ``why``, so any query that
+    reads this pair fails in one line instead of pairing the match with other builds."""
+    fail = f"error('{_q(why)}')"
+    cols = [f"'{_q(meta['a'])}' AS a", f"'{_q(meta['b'])}' AS b"]
+    cols += [f"{fail}::{kind} AS {name}" for name, kind in columns[2:]]
+    return f"SELECT {', '.join(cols)} FROM range(1) WHERE {fail} IS NULL"
 
 SEARCHES_EMPTY = (
     "SELECT NULL::VARCHAR AS search, NULL::VARCHAR AS model, NULL::VARCHAR AS checkpoint, NULL::INTEGER AS layer, "
@@ -370,19 +421,13 @@ SEARCHES_EMPTY = (
 )
 
 
-OVERLAPS_EMPTY = (
-    "SELECT NULL::VARCHAR AS a, NULL::VARCHAR AS b, NULL::INTEGER AS region_a, NULL::INTEGER AS region_b, "
-    "NULL::DOUBLE AS overlap, NULL::DOUBLE AS precision, NULL::DOUBLE AS recall, NULL::DOUBLE AS f1, "
-    "NULL::BOOLEAN AS best_for_a, NULL::BOOLEAN AS best_for_b LIMIT 0"
-)
-
-
 # -- canned questions ------------------------------------------------------------------------------
 def ask_pair(db: StoreDB, a: DictionaryKey, b: DictionaryKey, name: str, **params) -> pa.Table:
     """Run a canned two-dictionary question ($a_*, $b_* parameters, $a and $b keys).
 
-    Raises UsageError for an unknown question or one that asks about a single dictionary, and
-    for a ``same_stream`` question over activations of different documents (issue 18, A3).
+    Raises UsageError for an unknown question or one that asks about a single dictionary, for
+    a ``same_stream`` question over activations of different documents (issue 18, A3), and for
+    a ``match`` question whose stored match was computed from other builds (issue 18, A1).
     """
     question = _question(name, pair=True)
     check_options(params)
@@ -394,6 +439,9 @@ def ask_pair(db: StoreDB, a: DictionaryKey, b: DictionaryKey, name: str, **param
         from ep_store.streams import require_same_stream
 
         require_same_stream(db.store, a.activations, b.activations, f"{name} of {a} and {b}")
+    match_meta = db.store.matches_dir(f"{a.slug()}__{b.slug()}") / "meta.json"
+    if "match" in question.needs and match_meta.is_file():  # not one of other builds (issue 18, A1)
+        db.require_current_match(db.store.read_json(match_meta))
     if "span_labels" in question.needs and "span_labels" not in db.registered:
         from ep_store.diff import span_labels  # the labels of B's corpus (chat markers, refusals)
 

@@ -43,7 +43,8 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from ep_store.digest import digest, stable
 from ep_store.errors import UsageError
 from ep_store.match import vector_match
-from ep_store.store import Store, arrow_to_vectors
+from ep_store.snapshot import published_assignments
+from ep_store.store import Store, arrow_to_vectors, logical_digest
 
 VERDICTS = ("identical", "equivalent", "different")
 EXEMPLARS, META, ASSIGNMENTS = "exemplars.lance", "meta.json", "assignments.lance"
@@ -140,9 +141,7 @@ def _kind(path: Path) -> str:
 
 def _judge(cfg: VerifyConfig, rel: str, kind: str) -> Verdict:
     pa_, pb = (cfg.a, cfg.b) if rel == "." else (cfg.a / rel, cfg.b / rel)
-    parts_a = [pa_ / EXEMPLARS, pa_ / META] if kind == "dictionary" else [pa_]
-    parts_b = [pb / EXEMPLARS, pb / META] if kind == "dictionary" else [pb]
-    if all(digest(x)["digest"] == digest(y)["digest"] for x, y in zip(parts_a, parts_b)):
+    if _same_digests(pa_, pb, kind):
         return Verdict(rel, "identical", "equal logical digests")
     if kind == "dictionary":
         ok, detail = compare_dictionaries(pa_, pb, cfg)
@@ -155,6 +154,21 @@ def _judge(cfg: VerifyConfig, rel: str, kind: str) -> Verdict:
     else:
         ok, detail = False, "bytes differ"
     return Verdict(rel, "equivalent" if ok else "different", detail)
+
+
+def _same_digests(a: Path, b: Path, kind: str) -> bool:
+    """Equal logical digests of what readers read: a dictionary's exemplars at the version its
+    meta.json publishes, its assignments written from that version (issue 18, A1)."""
+    if kind == "assignments" and _dictionary_of(a) is not None and _dictionary_of(b) is not None:
+        (va, _), (vb, _) = published_assignments(_dictionary_of(a), a), published_assignments(_dictionary_of(b), b)
+        return va is not None and vb is not None and \
+            logical_digest(a, va)["digest"] == logical_digest(b, vb)["digest"]
+    if kind != "dictionary":
+        return digest(a)["digest"] == digest(b)["digest"]
+    published = [logical_digest(p / EXEMPLARS, json.loads((p / META).read_text()).get("exemplars_version"))
+                 for p in (a, b)]
+    return published[0]["digest"] == published[1]["digest"] and \
+        digest(a / META)["digest"] == digest(b / META)["digest"]
 
 
 # -- Lance datasets ---------------------------------------------------------------------------------
@@ -269,16 +283,21 @@ def _dictionary_of(path: Path) -> Path | None:
 
 def compare_assignments(a: Path, b: Path, cfg: VerifyConfig) -> tuple[bool, str]:
     """(equivalent, detail): the same tokens (doc_id, pos) in the same order, and at least
-    ``preserved`` of them in regions that the dictionaries' exemplar matching pairs (E14.2)."""
+    ``preserved`` of them in regions that the dictionaries' exemplar matching pairs (E14.2).
+    Each side's assignments are those written from its published exemplars (the dictionary
+    snapshot's, issue 18 A1), not the latest Lance version."""
     da, db = _dictionary_of(a), _dictionary_of(b)
     if da is None or db is None:
         return compare_datasets(a, b, cfg.rtol)
-    rows_a, rows_b = Store.info(a).rows, Store.info(b).rows
+    (va, why_a), (vb, why_b) = published_assignments(da, a), published_assignments(db, b)
+    if va is None or vb is None:
+        return va == vb, "; ".join(f"{side}: {why}" for side, why in (("A", why_a), ("B", why_b)) if why)
+    rows_a, rows_b = Store.dataset(a, va).count_rows(), Store.dataset(b, vb).count_rows()
     if rows_a != rows_b:
         return False, f"row counts differ ({rows_a} in A, {rows_b} in B)"
     a_to_b, agree, row = match_regions(da, db, cfg.cutoff).a_to_b, 0, 0
     columns = ["doc_id", "pos", "region_id"]
-    for x, y in zip(Store.scan(a, columns, SCAN_ROWS), Store.scan(b, columns, SCAN_ROWS)):
+    for x, y in zip(Store.scan(a, columns, SCAN_ROWS, va), Store.scan(b, columns, SCAN_ROWS, vb)):
         if not (x.column("doc_id").equals(y.column("doc_id")) and x.column("pos").equals(y.column("pos"))):
             return False, f"tokens differ (rows {row}..{row + x.num_rows - 1})"
         ra = x.column("region_id").to_numpy(zero_copy_only=False)

@@ -113,18 +113,15 @@ class SAECompareConfig:
 
 # -- inputs -----------------------------------------------------------------------------------------
 def check_inputs(cfg: SAECompareConfig, store: Store) -> tuple[dict, dict, int, int]:
-    """(dictionary meta, SAE meta, first held-out row, dataset rows); UsageError on any mismatch."""
+    """(dictionary meta as its published snapshot gives it, SAE meta, first held-out row, dataset rows);
+    UsageError on any mismatch (an unknown dictionary included)."""
     key, skey = cfg.key, cfg.sae_key
-    folder = store.dictionary_dir(key)
-    if not (folder / "meta.json").is_file():
-        known = ", ".join(str(k) for k in store.list_dictionaries()) or "none"
-        raise UsageError(f"unknown dictionary {key} (known: {known})")
+    dmeta = store.dictionary_snapshot(key).meta  # the published build's meta (issue 18, A1)
     if not (store.sae_dir(skey) / "meta.json").is_file():
         others = [str(k) for k in store.list_saes() if k.name == cfg.sae]
         hint = f"; an SAE of that name exists for {', '.join(others)}: compare it with a dictionary of the " \
                "same model, checkpoint and layer" if others else "; run ep sae train first"
         raise UsageError(f"no SAE {skey} in {store.root}{hint}")
-    dmeta = store.read_json(folder / "meta.json")
     smeta = store.read_json(store.sae_dir(skey) / "meta.json")
     source = store.activation_path(key.activations)
     info = store.info(source)
