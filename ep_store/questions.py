@@ -11,7 +11,8 @@ ep_store.sql):
 ``params`` are the DuckDB named parameters the statement uses (a test checks them against
 DuckDB's parser). A question is a *pair* question when it names ``a``/``b`` parameters (two
 dictionaries: ``ep stats A QUESTION --against B``), otherwise it asks about one dictionary
-(``ep stats KEY QUESTION``). The key parameters come from the dictionary keys; the others
+(``ep stats KEY QUESTION``). The key parameters come from the dictionary keys (``key`` is the
+whole key as text, as the matches views spell it); the others
 are options with the defaults below. ``needs: match`` means ``ep match A B`` must have run
 (the question reads the ``matches``/``match_overlaps`` views); ``span_labels`` is the table
 of labelled character spans of B's corpus, which ep_store.sql registers on demand;
@@ -28,6 +29,9 @@ from importlib import resources
 
 KEY_PARAMS = frozenset({"model", "checkpoint", "layer", "percentile"})
 PAIR_PARAMS = frozenset({"a", "b"} | {f"{side}_{k}" for side in "ab" for k in KEY_PARAMS})
+# ``key``: the dictionary key as the matches views spell it (tiny/base/L1/p10); a filter on it
+# prunes the view parts of other matches, stale ones included (issue 18, A1).
+DICTIONARY_PARAMS = KEY_PARAMS | {"key"}
 # Options a question may take, with their defaults and what they mean (ep stats shows these).
 OPTIONS = {
     "limit": (20, "regions (or rows) to show"),
@@ -83,7 +87,7 @@ def parse(name: str, text: str) -> Question:
         header[field.strip()] = tuple(v.strip() for v in value.split(",") if v.strip())
     if "params" not in header:
         raise ValueError(f"queries/{name}.sql: the second line must be '-- params: ...'")
-    unknown = set(header["params"]) - KEY_PARAMS - PAIR_PARAMS - set(OPTIONS)
+    unknown = set(header["params"]) - DICTIONARY_PARAMS - PAIR_PARAMS - set(OPTIONS)
     if unknown:
         raise ValueError(f"queries/{name}.sql: unknown parameters {sorted(unknown)}")
     unknown = set(header.get("needs", ())) - NEEDS

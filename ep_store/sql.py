@@ -473,7 +473,7 @@ def ask(db: StoreDB, key: DictionaryKey | str, name: str, **params) -> pa.Table:
     check_options(params)
     key = db.require(key)
     bound = {"model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
-             "percentile": float(key.percentile), **DEFAULTS, **params}
+             "percentile": float(key.percentile), "key": str(key), **DEFAULTS, **params}
     return db.query(question.sql, {k: bound[k] for k in question.params})
 
 

@@ -166,3 +166,16 @@ def test_foreign_assignments_view_reads_those_of_the_snapshot(store):
     assert cli(*args).exit_code == 0
     assert StoreDB(store).query(count).to_pylist()[0]["n"] == small["n"]
     assert StoreDB(store, "tokens-1000").query(count).to_pylist()[0] == small  # its version is kept
+
+
+def test_a_stale_match_fails_only_the_questions_that_read_it(store):
+    """region_match_status joined every match to the dictionaries view, so one stale match in the
+    store made the question fail for every dictionary; it now filters on the key and reads only
+    the matches where the dictionary is B."""
+    matched_then_grown(store)  # A -> B is stale
+    match(MatchConfig(str(B), str(A), method="vector"), store)  # B -> A is current
+    db = StoreDB(store)
+    rows = ask(db, A, "region_match_status", limit=10**6).to_pylist()
+    assert rows and {r["a"] for r in rows} == {str(B)}
+    with pytest.raises(UsageError, match=f"rerun: ep match {A} {B}"):
+        ask(db, B, "region_match_status")
