@@ -65,7 +65,7 @@ def step_series(db: StoreDB, a: DictionaryKey, b: DictionaryKey, models_dir: Pat
 
 
 def region_sizes(db: StoreDB, key: DictionaryKey) -> dict[int, int]:
-    return {r["region_id"]: r["size"] for r in ask(db, key, "region_members").to_pylist()}
+    return {r["region_id"]: r["assigned_tokens"] for r in ask(db, key, "region_members").to_pylist()}
 
 
 def region_entries(db: StoreDB, key: DictionaryKey, region_ids: list[int], sizes: dict[int, int],

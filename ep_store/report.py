@@ -53,7 +53,7 @@ def region_cards(db: StoreDB, key: DictionaryKey, context: int, per_region: int)
         cards.append({
             # Two sizes of one region (issue 18, D13): tokens finally assigned to it, and the
             # members the build passed (first-come; the exemplars table's member_count).
-            "region_id": rid, "size": members.get(rid, {}).get("size", 0), "build_members": ex["member_count"],
+            "region_id": rid, "size": members.get(rid, {}).get("assigned_tokens", 0), "build_members": ex["member_count"],
             "coherence": ex["coherence"], "exemplar": ex,
             "top_tokens": list(zip(top.get("top_tokens", []), top.get("top_counts", []))),
             "purity": top.get("purity"), "entropy": top.get("entropy_bits"),

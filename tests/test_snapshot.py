@@ -65,7 +65,7 @@ def test_as_of_reads_the_assignments_of_that_build(store):
     members = ask(db, KEY, "region_members").to_pydict()
     # Old code: assignments of the latest build, with region ids the tagged build never had.
     assert max(members["region_id"]) < small["regions"]
-    assert sum(members["size"]) == 3000
+    assert sum(members["assigned_tokens"]) == 3000
     row = db.query("SELECT regions, tokens, stop_reason, lance_version FROM dictionaries").to_pylist()[0]
     assert row == {"regions": small["regions"], "tokens": 1000, "stop_reason": "max_tokens", "lance_version": 1}
     sat = ask(db, KEY, "saturation").to_pydict()

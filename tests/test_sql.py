@@ -130,7 +130,7 @@ def test_questions_match_brute_force(built):
     for row in ask(db, KEY, "top_tokens", limit=10).to_pylist():
         counts = by_region[row["region_id"]]
         n = sum(counts.values())
-        assert row["size"] == n
+        assert row["assigned_tokens"] == n
         assert row["purity"] == pytest.approx(max(counts.values()) / n, abs=1e-4)
         entropy = -sum(c / n * math.log2(c / n) for c in counts.values())
         assert row["entropy_bits"] == pytest.approx(entropy, abs=1e-3)

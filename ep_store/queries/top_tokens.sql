@@ -13,7 +13,7 @@ counts AS (
     SELECT region_id, token, count(*) AS n FROM members GROUP BY region_id, token
 ),
 per_region AS (
-    SELECT region_id, sum(n) AS size, max(n) AS top_n,
+    SELECT region_id, sum(n) AS assigned_tokens, max(n) AS top_n,
            -sum(n * log2(n)) / sum(n) + log2(sum(n)) AS entropy_bits
     FROM counts GROUP BY region_id
 ),
@@ -21,13 +21,13 @@ ranked AS (
     SELECT region_id, token, n, row_number() OVER (PARTITION BY region_id ORDER BY n DESC, token) AS rank
     FROM counts
 )
-SELECT p.region_id, p.size,
+SELECT p.region_id, p.assigned_tokens,
        list(r.token ORDER BY r.rank) AS top_tokens,
        list(r.n ORDER BY r.rank) AS top_counts,
-       round(p.top_n / p.size, 4) AS purity,
+       round(p.top_n / p.assigned_tokens, 4) AS purity,
        round(p.entropy_bits, 4) AS entropy_bits
 FROM per_region p JOIN ranked r USING (region_id)
 WHERE r.rank <= $top
-GROUP BY p.region_id, p.size, p.top_n, p.entropy_bits
-ORDER BY p.size DESC, p.region_id
+GROUP BY p.region_id, p.assigned_tokens, p.top_n, p.entropy_bits
+ORDER BY p.assigned_tokens DESC, p.region_id
 LIMIT $limit
