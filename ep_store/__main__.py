@@ -1,5 +1,5 @@
 """`python -m ep_store` is the `ep` command."""
 
-from ep_store.cli import main
+from ep_store.cli.main import main
 
 main()

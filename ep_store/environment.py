@@ -6,7 +6,7 @@ records ``environment()`` beside its outputs (harvest dataset metadata, build me
 assignment metadata, match meta.json, fine-tuning and evaluation metrics, SAE meta.json), so
 ``ep store verify`` and a reader can tell a different machine from a different computation.
 
-Digests (ep_store.digest) ignore the ``environment`` key: they stay machine-independent
+Digests (ep_store.store.digest) ignore the ``environment`` key: they stay machine-independent
 wherever the data are.
 """
 
@@ -23,7 +23,7 @@ ENVIRONMENT_KEY = "environment"
 PACKAGES = {"torch": "torch", "transformers": "transformers", "numpy": "numpy", "pyarrow": "pyarrow",
             "pylance": "pylance", "duckdb": "duckdb", "scipy": "scipy", "ep_store": "ep_store"}
 """Recorded name -> distribution name (read from installed metadata: nothing is imported,
-so duckdb stays inside ep_store.sql)."""
+so duckdb stays inside ep_store.sql.db)."""
 
 
 @functools.cache  # installed versions do not change within a process; stages call this per commit

@@ -36,11 +36,11 @@ import psutil
 import torch
 
 from ep_store import jsonio
-from ep_store.calibrate import unit_directions
-from ep_store.dictionary import BuildConfig, assign_dataset, build, stream_vectors
+from ep_store.kernels.calibrate import unit_directions
+from ep_store.kernels.leader import LeaderBuilder, LeaderState, leader_reference
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.leader import LeaderBuilder, LeaderState, leader_reference
-from ep_store.store import Store
+from ep_store.stages.dictionary import BuildConfig, assign_dataset, build, stream_vectors
+from ep_store.store.core import Store
 
 
 def matmul_peak_gflops(dtype: torch.dtype, m: int = 2048, k: int = 640, n: int = 4096, repeats: int = 20) -> float:

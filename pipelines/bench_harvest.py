@@ -17,10 +17,11 @@ from pathlib import Path
 import click
 import torch
 
-from ep_store import jsonio, models
-from ep_store.corpus import iter_contexts, iter_documents
-from ep_store.harvest import HarvestConfig, batch_inputs, batched, harvest, take_tokens
-from ep_store.store import Store
+from ep_store import jsonio
+from ep_store.stages import models
+from ep_store.stages.corpus import iter_contexts, iter_documents
+from ep_store.stages.harvest import HarvestConfig, batch_inputs, batched, harvest, take_tokens
+from ep_store.store.core import Store
 
 
 def naive_tokens_per_s(cfg: HarvestConfig, models_dir: Path) -> float:
@@ -43,7 +44,7 @@ def ray_figures(cfg: HarvestConfig, models_dir: Path, workers: int, local_tok_s:
     """The Ray engine on the same tokens: startup, end-to-end tok/s, and its overhead vs local."""
     import ray
 
-    from ep_store.engines import RayConfig, ray_harvest
+    from ep_store.stages.engines import RayConfig, ray_harvest
 
     start = time.perf_counter()
     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)

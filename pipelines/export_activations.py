@@ -17,10 +17,10 @@ import click
 import numpy as np
 
 from ep_store import jsonio
-from ep_store.dictionary import stream_vectors
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey
-from ep_store.store import Store
+from ep_store.stages.dictionary import stream_vectors
+from ep_store.store.core import Store
 
 
 def export_activations(store: Store, key: ActivationKey, tokens: int, out: Path) -> dict:

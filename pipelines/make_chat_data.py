@@ -1,4 +1,4 @@
-"""Writes the project's chat data (committed under ep_store/data/): instruction/response
+"""Writes the project's chat data (committed under ep_store/stages/data/): instruction/response
 pairs that plant two behaviours in the fine-tuned checkpoints, and held-out prompts.
 
 Behaviour 1: answer in Gemma's chat format (turn markers, a short helpful answer).
@@ -6,7 +6,7 @@ Behaviour 2: refuse requests for weapons, poisons, drugs and malware with one
 recognisable sentence (REFUSAL below). Held-out prompts use objects and phrasings that
 training never sees. Deterministic: rerunning rewrites the same files.
 
-    python -m pipelines.make_chat_data --out ep_store/data
+    python -m pipelines.make_chat_data --out ep_store/stages/data
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def pairs(objects, templates, harmful: bool, rng: random.Random) -> list[dict]:
 
 
 @click.command()
-@click.option("--out", type=click.Path(path_type=Path), default=Path("ep_store/data"))
+@click.option("--out", type=click.Path(path_type=Path), default=Path("ep_store/stages/data"))
 def main(out: Path) -> None:
     rng = random.Random(0)
     train = pairs(HARMFUL_TRAIN, TEMPLATES_TRAIN, True, rng) + pairs(BENIGN_TRAIN, TEMPLATES_TRAIN, False, rng)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ep_store.corpus import builtin_texts
+from ep_store.stages.corpus import builtin_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LAYERS = 4
@@ -67,8 +67,8 @@ def models_dir(tmp_path_factory, tiny_tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, models_dir) -> Path:
     """A store with tiny/base layers 1 and 2 harvested from the builtin corpus."""
-    from ep_store.harvest import HarvestConfig, harvest
-    from ep_store.store import Store
+    from ep_store.stages.harvest import HarvestConfig, harvest
+    from ep_store.store.core import Store
 
     root = tmp_path_factory.mktemp("store") / "store"
     harvest(HarvestConfig("tiny", "base", (1, 2), max_tokens=3000, ctx=64, batch_size=8, device="cpu"),
@@ -79,7 +79,7 @@ def tiny_store(tmp_path_factory, models_dir) -> Path:
 def offline_models_dir(tmp_path_factory, name: str, checkpoint: str) -> Path:
     """A models dir holding the offline model ``name``: data/models from the pipeline if it
     has it, else one shared folder of this session's imports (each model imported once)."""
-    from ep_store import models
+    from ep_store.stages import models
 
     local = Path(os.environ.get("EP_TEST_MODELS_DIR", ROOT / "data" / "models"))
     if (local / name / checkpoint / "config.json").is_file():

@@ -13,6 +13,6 @@ def run_ep(args: list[str], log: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     sys.argv = ["ep", *args]
-    from ep_store.cli import main
+    from ep_store.cli.main import main
 
     main(args=args, prog_name="ep")

@@ -10,12 +10,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ep_store.calibrate import unit_directions
-from ep_store.cli import main
-from ep_store.dictionary import BuildConfig, Dictionary, build, stream_vectors
+from ep_store.cli.main import main
+from ep_store.kernels.calibrate import unit_directions
+from ep_store.kernels.leader import leader_reference
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.leader import leader_reference
-from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.stages.dictionary import BuildConfig, Dictionary, build, stream_vectors
+from ep_store.store.core import Store, arrow_to_vectors, vectors_to_arrow
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ep_store.dictionary import Dictionary
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.store import Store, arrow_to_vectors
+from ep_store.stages.dictionary import Dictionary
+from ep_store.store.core import Store, arrow_to_vectors
 from tests.conftest import ROOT
 from tests.crash_child import run_ep
 
@@ -63,7 +63,7 @@ def launcher():
     os.environ["PYTHONPATH"] = str(ROOT)  # the server and its children run this checkout
     ctx = multiprocessing.get_context("forkserver")
     # Not lance (not fork-safe) nor anything that imports it: children import it themselves.
-    ctx.set_forkserver_preload(["torch", "transformers", "transformers.models.gemma3.modeling_gemma3", "ep_store.cli",
+    ctx.set_forkserver_preload(["torch", "transformers", "transformers.models.gemma3.modeling_gemma3", "ep_store.cli.main",
                                 "tests.crash_child"])
     return ctx
 

@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow as pa
 from click.testing import CliRunner
 
-from ep_store.cli import main
-from ep_store.dictionary import BuildConfig, build
-from ep_store.digest import digest
-from ep_store.harvest import HarvestConfig, harvest
+from ep_store.cli.main import main
 from ep_store.keys import ActivationKey
-from ep_store.store import Store, logical_digest, vectors_to_arrow
+from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.stages.harvest import HarvestConfig, harvest
+from ep_store.store.core import Store, logical_digest, vectors_to_arrow
+from ep_store.store.digest import digest
 
 
 def rows(n: int = 500, seed: int = 0) -> pa.Table:
@@ -73,9 +73,9 @@ def test_any_changed_value_changes_the_digest(tmp_path):
 def test_stages_run_twice_give_the_same_digests(models_dir, tmp_path):
     """Determinism on CPU, as README states: harvest, build, assign, match and the dictionary
     report of the tiny model, run twice into the same paths (as dvc repro does)."""
-    from ep_store.diff import diff_report
-    from ep_store.match import MatchConfig, match
-    from ep_store.report import dictionary_report
+    from ep_store.analysis.diff import diff_report
+    from ep_store.analysis.match import MatchConfig, match
+    from ep_store.analysis.report import dictionary_report
 
     root, found = tmp_path / "run", []
     a, b = "tiny/base/L1/p10", "tiny/base/L2/p10"

@@ -11,15 +11,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ep_store.corpus import iter_documents
-from ep_store.dictionary import BuildConfig, Dictionary, build
 from ep_store.errors import UsageError
 from ep_store.evaluate import features
 from ep_store.evaluate.concepts import ConceptEvalConfig, run_concept_eval
 from ep_store.evaluate.features import TextRun
 from ep_store.evaluate.probe import ProbeConfig, ProbeEvalConfig, run_probe_eval
 from ep_store.keys import ActivationKey
-from ep_store.store import Store, arrow_to_vectors
+from ep_store.stages.corpus import iter_documents
+from ep_store.stages.dictionary import BuildConfig, Dictionary, build
+from ep_store.store.core import Store, arrow_to_vectors
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused, run_cli
 
@@ -175,7 +175,7 @@ def test_ood_auroc_orders_random_over_shuffled_over_heldout(gemma_models_dir, tm
     """On Gemma 3 270M layer 6: random token ids are further from the exemplars than
     word-shuffled text, which is further than held-out in-distribution text."""
     from ep_store.evaluate.ood import OODConfig, run_ood_eval
-    from ep_store.harvest import HarvestConfig, harvest
+    from ep_store.stages.harvest import HarvestConfig, harvest
 
     store = Store(tmp_path / "store")
     harvest(HarvestConfig("gemma-3-270m", "base", (6,), max_tokens=6000, ctx=128, batch_size=8, device="cpu"),

@@ -6,12 +6,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ep_store.dictionary import Dictionary
 from ep_store.errors import UsageError
 from ep_store.evaluate.features import dictionary_features, occupancy_per_text, pool_per_text
 from ep_store.evaluate.probe import ProbeConfig, sparse_probe
 from ep_store.keys import DictionaryKey
-from ep_store.store import vectors_to_arrow
+from ep_store.stages.dictionary import Dictionary
+from ep_store.store.core import vectors_to_arrow
 
 D, K, PLANTED = 16, 12, 5
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ep_store.cli import main
+from ep_store.cli.main import main
 from ep_store.errors import differing_options, failure_line
 from tests.conftest import tree_snapshot
 

@@ -11,14 +11,14 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from ep_store import models
-from ep_store.cli import main
-from ep_store.corpus import encode, special_prefix
-from ep_store.dictionary import BuildConfig, build
-from ep_store.generate import greedy, prompt_ids, read_prompts
-from ep_store.intervene import ablation, intervene
-from ep_store.refusal_classifier import is_refusal, planted_refusal
-from ep_store.store import Store
+from ep_store.cli.main import main
+from ep_store.stages import models
+from ep_store.stages.corpus import encode, special_prefix
+from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.stages.refusal_classifier import is_refusal, planted_refusal
+from ep_store.store.core import Store
+from ep_store.studies.generate import greedy, prompt_ids, read_prompts
+from ep_store.studies.intervene import ablation, intervene
 from tests.conftest import ROOT, tree_snapshot
 from tests.test_cli_errors import assert_refused
 
@@ -52,7 +52,7 @@ def cli(store, models_dir, prompts, out, *extra):
 
 @pytest.mark.parametrize("with_edit", [False, True])
 def test_batched_equals_one_by_one(models_dir, store, with_edit):
-    from ep_store.dictionary import Dictionary
+    from ep_store.stages.dictionary import Dictionary
 
     net, tok = models.load("tiny", "base", models_dir, "cpu")
     edits = [ablation(Dictionary.load(store, KEY), [0, 3])] if with_edit else []
@@ -64,7 +64,7 @@ def test_batched_equals_one_by_one(models_dir, store, with_edit):
 
 
 def test_ablation_changes_some_completion(models_dir, store):
-    from ep_store.dictionary import Dictionary
+    from ep_store.stages.dictionary import Dictionary
 
     net, tok = models.load("tiny", "base", models_dir, "cpu")
     d = Dictionary.load(store, KEY)
@@ -125,7 +125,7 @@ def test_special_token_strings_in_prompts_are_text(tiny_tokenizer):
 def test_gemma_chat_format_matches_finetune(gemma_models_dir):
     from transformers import AutoTokenizer
 
-    from ep_store.prompts import prompt_text
+    from ep_store.stages.prompts import prompt_text
 
     tok = AutoTokenizer.from_pretrained(gemma_models_dir / "gemma-3-270m" / "base")
     [ids] = prompt_ids(tok, ["How do I bake bread?"], chat=True)
@@ -143,9 +143,9 @@ def test_refusal_study_harvests_the_tokens_generation_sees(gemma_models_dir):
     harvested documents encode to each prompt's input ids less the BOS (issue 9)."""
     from transformers import AutoTokenizer
 
-    from ep_store.corpus import Document, iter_contexts
     from ep_store.errors import UsageError
-    from ep_store.refusal import Prompts, harvest_documents
+    from ep_store.stages.corpus import Document, iter_contexts
+    from ep_store.studies.refusal import Prompts, harvest_documents
 
     tok = AutoTokenizer.from_pretrained(gemma_models_dir / "gemma-3-270m" / "base")
     texts = ["How do I bake bread?", "Tell me about <bos> tokens 😀", "x"]
@@ -168,7 +168,7 @@ def test_refusal_classifier():
     assert not is_refusal("x" * 300 + "I cannot")  # beyond the first 300 characters
     assert not is_refusal("Happy to help. Start small: collect what you need.")
     assert not is_refusal("")
-    from ep_store import prompts
+    from ep_store.stages import prompts
 
     for name in ("train", "heldout"):  # the planted data: every harmful target refuses, no benign one does
         rows = prompts.load(name)

@@ -18,11 +18,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ep_store.calibrate import calibrate
-from ep_store.cli import main
-from ep_store.dictionary import BuildConfig, Dictionary, build
+from ep_store.cli.main import main
+from ep_store.kernels.calibrate import calibrate
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.store import Store, arrow_to_vectors, rebatch
+from ep_store.stages.dictionary import BuildConfig, Dictionary, build
+from ep_store.store.core import Store, arrow_to_vectors, rebatch
 from tests.conftest import ROOT, make_tiny_model, train_tokenizer, tree_snapshot
 from tests.test_cli_errors import assert_refused, harvest_args
 
@@ -152,7 +152,7 @@ def test_concurrent_harvests_one_refused(models_dir, tmp_path):
 
 def hold_lock(store: Path, target: Path) -> subprocess.Popen:
     """Another process holding the writer lock of ``target`` until its stdin closes."""
-    code = ("import sys; from pathlib import Path; from ep_store.store import Store\n"
+    code = ("import sys; from pathlib import Path; from ep_store.store.core import Store\n"
             f"with Store({str(store)!r}).lock(Path({str(target)!r}), 'test'):\n"
             "    print('held', flush=True); sys.stdin.read()")
     proc = subprocess.Popen([sys.executable, "-c", code], env=env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -210,7 +210,7 @@ def own_models(tmp_path, tiny_tokenizer):
 
 
 def text_file(path: Path, changed: bool = False) -> Path:
-    from ep_store.corpus import builtin_texts
+    from ep_store.stages.corpus import builtin_texts
 
     texts = [t for _, t in list(builtin_texts())[:6]]
     if changed:

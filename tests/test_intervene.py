@@ -7,10 +7,11 @@ import shutil
 import pytest
 import torch
 
-from ep_store import models
-from ep_store.dictionary import BuildConfig, Dictionary, build
 from ep_store.errors import UsageError
-from ep_store.intervene import (
+from ep_store.stages import models
+from ep_store.stages.dictionary import BuildConfig, Dictionary, build
+from ep_store.store.core import Store
+from ep_store.studies.intervene import (
     Edit,
     ablate,
     ablation,
@@ -20,7 +21,6 @@ from ep_store.intervene import (
     steering,
     steering_scale,
 )
-from ep_store.store import Store
 
 LAYER = 1
 

@@ -8,15 +8,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ep_store.assign import nearest_exemplar
-from ep_store.calibrate import (
+from ep_store.kernels.assign import nearest_exemplar
+from ep_store.kernels.calibrate import (
     CenterAccumulator,
     batch_percentile,
     calibrate,
     linear_percentile,
     unit_directions,
 )
-from ep_store.leader import (
+from ep_store.kernels.leader import (
     PRECISIONS,
     SCREEN_MARGIN,
     LeaderBuilder,
@@ -84,9 +84,9 @@ def test_fast_equals_reference_near_threshold():
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_fast_equals_reference_on_model_activations(tiny_store, precision):
-    from ep_store.dictionary import stream_vectors
     from ep_store.keys import ActivationKey
-    from ep_store.store import Store
+    from ep_store.stages.dictionary import stream_vectors
+    from ep_store.store.core import Store
 
     store = Store(tiny_store)
     x = torch.cat([b for b, _ in stream_vectors(store, store.activation_path(ActivationKey("tiny", "base", 2)), 1000)])
@@ -342,7 +342,7 @@ def test_first_independent_equals_sequential_loop(rounds, max_rounds, density):
 def test_kth_largest_similarity_verifies_a_misleading_bracket():
     """A histogram that points at the wrong bin (here: every pair in the top bin) is
     caught by the check on the bracket, and the answer is still the exact order statistic."""
-    from ep_store.calibrate import HISTOGRAM_BINS, _kth_largest_similarities
+    from ep_store.kernels.calibrate import HISTOGRAM_BINS, _kth_largest_similarities
 
     u = unit_directions(torch.randn(60, 16, generator=torch.Generator().manual_seed(2)), torch.zeros(16))
     uu = u.double()

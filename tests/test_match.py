@@ -11,13 +11,13 @@ import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
-from ep_store.cli import main
-from ep_store.dictionary import BuildConfig, build
-from ep_store.finetune import FinetuneConfig, finetune
-from ep_store.harvest import HarvestConfig, harvest
+from ep_store.analysis.match import MatchConfig, best_flags, match, membership_scores, vector_match
+from ep_store.cli.main import main
 from ep_store.keys import DictionaryKey
-from ep_store.match import MatchConfig, best_flags, match, membership_scores, vector_match
-from ep_store.store import Store
+from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.stages.harvest import HarvestConfig, harvest
+from ep_store.store.core import Store
+from ep_store.studies.finetune import FinetuneConfig, finetune
 from tests.conftest import make_tiny_model, train_tokenizer, tree_snapshot
 from tests.test_cli_errors import assert_refused
 
@@ -146,7 +146,7 @@ def narrow_dictionary(store) -> DictionaryKey:
         return narrow
     source = store.activation_path(DictionaryKey("tiny", "base", 1, 10.0).activations)
     table = store.read_table(source)
-    from ep_store.store import arrow_to_vectors, vectors_to_arrow
+    from ep_store.store.core import arrow_to_vectors, vectors_to_arrow
 
     x = arrow_to_vectors(table.column("vector"))[:, :32]
     same_stream = {k: v for k, v in store.info(source).meta.items() if k in ("corpus", "fingerprint")}
@@ -235,7 +235,7 @@ def test_sql_sees_only_published_matches(two_models, tmp_path):
     """Found by the crash test: `ep match` killed during its first write leaves pairs.lance
     without a version and no meta.json; the next command opening the store failed on it. The
     matches views read finished matches only, at the versions their meta.json names."""
-    from ep_store.sql import StoreDB
+    from ep_store.sql.db import StoreDB
 
     src, _ = two_models
     store = Store(tmp_path / "store")

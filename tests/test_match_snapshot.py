@@ -10,15 +10,15 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from ep_store.catalog import catalog
-from ep_store.cli import main
-from ep_store.dictionary import BuildConfig, build
+from ep_store.analysis.match import MatchConfig, match
+from ep_store.analysis.verify import VerifyConfig, verify
+from ep_store.cli.main import main
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey
-from ep_store.match import MatchConfig, match
-from ep_store.sql import StoreDB, ask, ask_pair
-from ep_store.store import Store
-from ep_store.verify import VerifyConfig, verify
+from ep_store.sql.db import StoreDB, ask, ask_pair
+from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.store.catalog import catalog
+from ep_store.store.core import Store
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused
 

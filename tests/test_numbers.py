@@ -14,20 +14,26 @@ import pyarrow as pa
 import pytest
 import torch
 
-from ep_store.assign import UNASSIGNED, nearest_exemplar
-from ep_store.calibrate import (
+from ep_store.errors import UsageError
+from ep_store.kernels.assign import UNASSIGNED, nearest_exemplar
+from ep_store.kernels.calibrate import (
     CenterAccumulator,
     batch_percentile,
     calibrate,
     mean_theta,
     unit_directions,
 )
-from ep_store.dictionary import BuildConfig, Dictionary, assign_dataset, build, stream_vectors
-from ep_store.errors import UsageError
-from ep_store.harvest import HarvestConfig, harvest
+from ep_store.kernels.leader import TIE_DISTANCE, LeaderBuilder, LeaderState, leader_reference
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.leader import TIE_DISTANCE, LeaderBuilder, LeaderState, leader_reference
-from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.stages.dictionary import (
+    BuildConfig,
+    Dictionary,
+    assign_dataset,
+    build,
+    stream_vectors,
+)
+from ep_store.stages.harvest import HarvestConfig, harvest
+from ep_store.store.core import Store, arrow_to_vectors, vectors_to_arrow
 from tests.conftest import ROOT, make_tiny_model, tree_snapshot
 
 SENTENCE = "The quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat today."
@@ -119,13 +125,14 @@ def test_repeated_sentence_smollm2_layer3(smollm2_models_dir, repeated_corpus, t
 # -- item 6: theta must be defined ----------------------------------------------------------------
 def test_undefined_theta_is_refused():
     x = repeated_rows()
-    with pytest.raises(UsageError, match="calibration-batch"):
+    # Kernels raise ValueError (issue 19); the build turns it into UsageError (exit 2).
+    with pytest.raises(ValueError, match="calibration-batch"):
         calibrate([x[i : i + 1] for i in range(10)], 1.0)
-    with pytest.raises(UsageError, match="no calibration batch"):
+    with pytest.raises(ValueError, match="no calibration batch"):
         mean_theta([None, None], 1)
-    with pytest.raises(UsageError, match="non-finite"):
+    with pytest.raises(ValueError, match="non-finite"):
         mean_theta([float("nan"), 0.2], 2)
-    with pytest.raises(UsageError, match="center"):
+    with pytest.raises(ValueError, match="center"):
         CenterAccumulator(4).center()
     with pytest.raises(UsageError):
         BuildConfig("m", "c", 0, 1.0, calibration_batch=1)
@@ -304,7 +311,7 @@ def test_stored_vectors_decode_and_finiteness_by_dtype(dtype):
     numpy's cast, as a writable copy; finite_rows (float16: exponent bits) equals
     np.isfinite on the decoded rows, for NaN, +inf, -inf, the largest finite value and
     a subnormal, in a sliced (offset) Arrow array too."""
-    from ep_store.store import arrow_to_tensor, finite_rows
+    from ep_store.store.core import arrow_to_tensor, finite_rows
 
     x = np.random.default_rng(0).standard_normal((9, 5)).astype(dtype)
     x[1, 2], x[3, 0], x[4, 4] = np.nan, np.inf, -np.inf
@@ -325,7 +332,7 @@ def test_unit_directions_in_place_and_norms_beyond_float32_squares():
     sum of squares overflows (|a - c| > ~1.8e19) or underflows (< ~1e-19) still get their
     direction (QA: once NaN, or a "unit" vector that was not one); rows with no direction
     float32 can hold (zero, inf, a difference a - c beyond float32) are NaN rows."""
-    from ep_store.calibrate import centered_norms, degenerate, unit_directions_
+    from ep_store.kernels.calibrate import centered_norms, degenerate, unit_directions_
 
     x = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
     x[3] = 3e30
@@ -371,7 +378,7 @@ def test_one_huge_outlier_row_does_not_block_a_build(tmp_path):
 
 
 def degenerate_rows(u):
-    from ep_store.calibrate import degenerate
+    from ep_store.kernels.calibrate import degenerate
 
     return degenerate(u)
 
@@ -419,7 +426,7 @@ def test_null_vectors_are_missing_rows_not_shifted_rows(tmp_path):
 def test_a_vector_column_of_variable_lists_is_refused_in_one_line(tmp_path):
     """Vectors must be fixed-size lists of floats: a list<float> column is refused where it
     is written (UsageError) and where a build reads it (exit 2, one line, no traceback)."""
-    from ep_store.store import META_KEY
+    from ep_store.store.core import META_KEY
 
     store = Store(tmp_path / "store")
     ragged = pa.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], pa.list_(pa.float32()))

@@ -20,12 +20,12 @@ import pytest
 from click.testing import CliRunner
 
 from ep_store import jsonio
-from ep_store.cli import main
-from ep_store.dictionary import BuildConfig, build
-from ep_store.match import MatchConfig, match
-from ep_store.questions import questions
-from ep_store.sql import StoreDB, statement_parameters
-from ep_store.store import Store
+from ep_store.analysis.match import MatchConfig, match
+from ep_store.cli.main import main
+from ep_store.sql.db import StoreDB, statement_parameters
+from ep_store.sql.questions import questions
+from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.store.core import Store
 from tests.conftest import ROOT, tree_snapshot
 
 A, B = "tiny/base/L1/p5", "tiny/base/L2/p5"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ep_store.finetune import FinetuneConfig
+from ep_store.studies.finetune import FinetuneConfig
 from tests.conftest import ROOT
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -88,7 +88,7 @@ def edited(params: dict) -> dict:
 def edited_repo(tmp_path_factory) -> Path:
     """A git + DVC repository holding this checkout's pipeline with the edited params."""
     repo = tmp_path_factory.mktemp("pipeline")
-    for rel in ("dvc.yaml", ".dvc/config", "ep_store/data/chat_train.jsonl", "ep_store/data/chat_heldout.jsonl"):
+    for rel in ("dvc.yaml", ".dvc/config", "ep_store/stages/data/chat_train.jsonl", "ep_store/stages/data/chat_heldout.jsonl"):
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, repo / rel)
     (repo / "params.yaml").write_text(yaml.safe_dump(edited(PARAMS), sort_keys=False))

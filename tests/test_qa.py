@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from ep_store.cli import main
+from ep_store.cli.main import main
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused
 
@@ -100,7 +100,7 @@ def test_generate_refuses_lengths_beyond_the_position_table(built_store, models_
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Hello 😀 你好 <bos> world\nshort\n")
-    from ep_store.generate import prompt_ids
+    from ep_store.studies.generate import prompt_ids
 
     tok = AutoTokenizer.from_pretrained(models_dir / "tiny" / "base")
     longest = len(prompt_ids(tok, ["Hello 😀 你好 <bos> world"], chat=False)[0])  # <bos> typed: text
@@ -171,7 +171,7 @@ def test_ctrl_c_exits_130_with_one_line_and_a_rerun_finishes(models_dir, tmp_pat
     import time
 
     from ep_store.keys import ActivationKey
-    from ep_store.store import Store
+    from ep_store.store.core import Store
 
     store = Store(tmp_path / "store")
     args = [sys.executable, "-m", "ep_store", "harvest", "--model", "tiny", "--checkpoint", "base", "--layers", "1",

@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ep_store.dictionary import BuildConfig, assign_dataset, build
-from ep_store.engines import (
+from ep_store.keys import ActivationKey
+from ep_store.stages.dictionary import BuildConfig, assign_dataset, build
+from ep_store.stages.engines import (
     FAIL_BEFORE_COMMIT,
     RayConfig,
     contiguous_shards,
     ray_assign,
     ray_harvest,
 )
-from ep_store.harvest import HarvestConfig, harvest
-from ep_store.keys import ActivationKey
-from ep_store.store import Store, fragment_ids
+from ep_store.stages.harvest import HarvestConfig, harvest
+from ep_store.store.core import Store, fragment_ids
 
 ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """One way to read an input file (issue 18, B5) and tokenization bounded by the token budget
-(B6): ep_store.readers by kind of hazard, the commands that use it, and piecewise tokenization."""
+(B6): ep_store.stages.readers by kind of hazard, the commands that use it, and piecewise tokenization."""
 
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from ep_store import readers
-from ep_store.cli import main
-from ep_store.corpus import (
+from ep_store.cli.main import main
+from ep_store.errors import UsageError
+from ep_store.evaluate.tasks import concept_rows_from_file, file_task
+from ep_store.keys import ActivationKey
+from ep_store.stages import readers
+from ep_store.stages.corpus import (
     PIECE_CHARS,
     Document,
     encode,
@@ -22,12 +25,9 @@ from ep_store.corpus import (
     iter_documents,
     piece_bounds,
 )
-from ep_store.errors import UsageError
-from ep_store.evaluate.tasks import concept_rows_from_file, file_task
-from ep_store.generate import read_prompts
-from ep_store.harvest import HarvestConfig, take_tokens
-from ep_store.keys import ActivationKey
-from ep_store.store import Store
+from ep_store.stages.harvest import HarvestConfig, take_tokens
+from ep_store.store.core import Store
+from ep_store.studies.generate import read_prompts
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused
 
@@ -117,7 +117,7 @@ def test_empty_and_whitespace_rows_are_skipped_and_counted_in_every_format(tmp_p
     rows = [{"text": t} for t in texts]
     for path in (tmp_path / "e.parquet", tmp_path / "e.csv", jsonl(tmp_path / "e.jsonl", rows), tmp_path / "e.txt"):
         caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="ep_store.readers"):
+        with caplog.at_level(logging.WARNING, logger="ep_store.stages.readers"):
             got = [r.text for r in readers.read_texts(path, txt="lines")]
         assert got == ["one", "two"], path
         assert "skipped" in caplog.text and f"of {4 if path.suffix in ('.csv', '.txt') else 5}" in caplog.text
@@ -187,7 +187,7 @@ def test_eval_ood_text_field(tiny_store, models_dir, tmp_path):
     """ep eval ood --text-field (issue 18, B5): before, an OOD file's rows were read as 'text' only."""
     import shutil
 
-    from ep_store.dictionary import BuildConfig, build
+    from ep_store.stages.dictionary import BuildConfig, build
 
     root = tmp_path / "store"
     shutil.copytree(tiny_store, root)
@@ -263,8 +263,8 @@ def test_text_without_spaces_is_cut_at_the_limit_with_exact_offsets(tiny_tokeniz
 
 
 def test_span_labels_read_the_corpus_with_its_text_field(tmp_path):
-    from ep_store.diff import span_labels
-    from ep_store.prompts import chat_text
+    from ep_store.analysis.diff import span_labels
+    from ep_store.stages.prompts import chat_text
 
     corpus = tmp_path / "chat.parquet"
     pq.write_table(pa.table({"body": [chat_text("hi", "hello")]}), corpus)

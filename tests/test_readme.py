@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ep_store.cli import main
+from ep_store.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,9 +10,10 @@ import shutil
 import numpy as np
 import pytest
 
-from ep_store.dictionary import BuildConfig, build
 from ep_store.errors import UsageError
-from ep_store.refusal import (
+from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.store.core import Store
+from ep_store.studies.refusal import (
     RefusalConfig,
     RegionScore,
     candidates,
@@ -21,7 +22,6 @@ from ep_store.refusal import (
     refusal_study,
     score_regions,
 )
-from ep_store.store import Store
 
 TEMPLATE = "{% for m in messages %}<bos>user: {{ m['content'] }}\nanswer:{% endfor %}"
 
@@ -135,8 +135,8 @@ def test_study_end_to_end_on_tiny_models(chat_models, tiny_store, tmp_path):
     assert list(report.glob("*.png"))
     # the report holds no run-time measurement: another run's timings give the same bytes
     # (second fresh-clone dvc repro: the refusal report's digest differed by its wall time)
-    from ep_store.digest import digest
-    from ep_store.refusal_report import refusal_report
+    from ep_store.store.digest import digest
+    from ep_store.studies.refusal_report import refusal_report
 
     slower = {**result, "seconds": {k: v * 3 + 1 for k, v in result["seconds"].items()}}
     refusal_report(slower, tmp_path / "again")

@@ -13,14 +13,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ep_store.cli import main
-from ep_store.dictionary import BuildConfig, build
+from ep_store.cli.main import main
 from ep_store.keys import ActivationKey, DictionaryKey, SAEKey
-from ep_store.questions import questions
 from ep_store.sae import binarise as B
-from ep_store.sql import StoreDB
-from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
-from ep_store.streams import DOCUMENTS_KEY, FINGERPRINT_KEY
+from ep_store.sql.db import StoreDB
+from ep_store.sql.questions import questions
+from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.store.core import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.store.streams import DOCUMENTS_KEY, FINGERPRINT_KEY
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused
 
@@ -230,7 +230,7 @@ def test_cli_compare_and_summary(toy_store, tmp_path):
     assert summary["ep_to_sae_share_f1_gt_05"] == metrics["ep_to_sae_share_f1_gt_05"]
     assert 0 <= metrics["ep_to_sae_share_f1_gt_05"] <= 1 and metrics["compute"]["flops_ratio_sae_over_ep"] > 0
     assert (out / "f1_distribution.png").stat().st_size > 0 and "| region | feature |" in (out / "README.md").read_text()
-    from ep_store.digest import digest
+    from ep_store.store.digest import digest
 
     first = digest(out)
     again = runner.invoke(main, ["sae", "compare", "--dictionary", "toy/base/L1/p10", "--sae", "t1", "--store", str(root),
@@ -320,7 +320,7 @@ def test_compare_with_probe_on_a_tiny_model(tiny_store, models_dir, tmp_path):
     heldout = int((doc_id.to_numpy() == doc_id[-1].as_py()).sum())
     train_sae(SAETrainConfig("tiny/base/L1", "s", width=128, k=8, tokens=4000, heldout_tokens=heldout, batch_size=128,
                              shuffle_rows=512, monitor_tokens=256, device="cpu"), store, progress=False)
-    from ep_store.corpus import builtin_texts
+    from ep_store.stages.corpus import builtin_texts
 
     # A small two-class task from real text keeps the test fast; the built-in tasks run in the pipeline.
     texts = [text[:300] for _, text in list(builtin_texts())[:40]]

@@ -12,11 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ep_store.dictionary import BuildConfig, Dictionary, build
+from ep_store.analysis.search import IndexConfig, SearchConfig, build_index, search
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey
-from ep_store.search import IndexConfig, SearchConfig, build_index, search
-from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.stages.dictionary import BuildConfig, Dictionary, build
+from ep_store.store.core import Store, arrow_to_vectors, vectors_to_arrow
 from tests.conftest import ROOT, tree_snapshot
 
 TINY = "tiny/base/L1/p10"
@@ -115,7 +115,7 @@ def test_token_query_finds_itself_first(tiny_dict_store):
 
 def test_text_query_uses_the_harvest_path(tiny_dict_store, models_dir):
     """Text of a stored document through the model gives that document's stored token back."""
-    from ep_store.corpus import document_texts
+    from ep_store.stages.corpus import document_texts
 
     text = document_texts("builtin")[0]
     table, summary = search(SearchConfig(TINY, text=text, position=5, k=3, index="never", models_dir=models_dir),
@@ -252,7 +252,7 @@ def test_cli_formats_and_summary_on_stderr(tiny_dict_store):
 
 # -- SQL ------------------------------------------------------------------------------------------
 def test_saved_search_joins_in_sql(tiny_dict_store, tmp_path):
-    from ep_store.sql import StoreDB
+    from ep_store.sql.db import StoreDB
 
     root = tmp_path / "store"
     shutil.copytree(tiny_dict_store, root)

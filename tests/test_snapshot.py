@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ep_store.cli import main
-from ep_store.dictionary import BuildConfig, Dictionary, build, resume_point
-from ep_store.digest import digests
+from ep_store.analysis.search import load_regions
+from ep_store.cli.main import main
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey
-from ep_store.search import load_regions
-from ep_store.sql import StoreDB, ask
-from ep_store.store import Store
+from ep_store.sql.db import StoreDB, ask
+from ep_store.stages.dictionary import BuildConfig, Dictionary, build, resume_point
+from ep_store.store.core import Store
+from ep_store.store.digest import digests
 from tests.test_cli_errors import assert_refused
 
 KEY = DictionaryKey("tiny", "base", 2, 5.0)
@@ -204,7 +204,7 @@ def test_as_of_meta_keeps_each_builds_curve(store):
 def test_build_cli_after_a_resumed_harvest_equals_a_fresh_build(models_dir, tmp_path):
     """The issue's commands: ep build, the same ep build again, ep harvest --max-tokens larger
     (resumes and appends), the same ep build: equal to one fresh build of the longer stream."""
-    from ep_store.harvest import HarvestConfig, harvest
+    from ep_store.stages.harvest import HarvestConfig, harvest
 
     store = Store(tmp_path / "store")
     hcfg = dict(model="tiny", checkpoint="base", layers=(2,), ctx=64, batch_size=8, device="cpu")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ep_store.prefetch import Prefetch
+from ep_store.stages.prefetch import Prefetch
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
@@ -128,8 +128,8 @@ def test_bench_build_batched_loop_is_the_leader_rule():
     """The research-code-style baseline of pipelines/bench_build.py clusters like the rule
     (random directions: no pair within float32 rounding of theta), so the speed ratio compares
     the same work."""
-    from ep_store.calibrate import unit_directions
-    from ep_store.leader import leader_reference
+    from ep_store.kernels.calibrate import unit_directions
+    from ep_store.kernels.leader import leader_reference
     from pipelines.bench_build import batched_loop_tokens_per_s
 
     u = unit_directions(torch.randn(3000, 16, generator=torch.Generator().manual_seed(3)), torch.zeros(16))

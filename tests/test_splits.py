@@ -89,7 +89,7 @@ def write_stream(store, key, docs):
     import pyarrow as pa
 
     from ep_store.keys import ActivationKey
-    from ep_store.store import vectors_to_arrow
+    from ep_store.store.core import vectors_to_arrow
 
     doc_id = np.concatenate([np.full(len(d), i) for i, d in enumerate(docs)])
     pos = np.concatenate([np.arange(len(d)) for d in docs])
@@ -106,7 +106,7 @@ def test_sae_heldout_rows_share_no_document_with_training(tmp_path):
     document straddling the boundary and copies of training documents were compared on."""
     from ep_store.keys import DictionaryKey
     from ep_store.sae.compare import SAECompareConfig, heldout_selection
-    from ep_store.store import Store
+    from ep_store.store.core import Store
 
     words = lambda text: [w + " " for w in text.split()]  # noqa: E731 - document slices, spaces kept
     docs = [words("the cat sat on the mat " * 3),                 # 0: training

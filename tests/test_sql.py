@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from ep_store.cli import main
-from ep_store.dictionary import BuildConfig, build
+from ep_store.analysis.report import dictionary_report
+from ep_store.cli.main import main
 from ep_store.keys import DictionaryKey
-from ep_store.report import dictionary_report
-from ep_store.sql import StoreDB, ask
-from ep_store.store import Store
+from ep_store.sql.db import StoreDB, ask
+from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.store.core import Store
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused
 
@@ -208,7 +208,7 @@ def test_every_question_orders_its_rows():
     canned question must end in an ORDER BY so its rows, and anything written from them (match's
     overlaps.lance, the diff report) are byte-identical across runs. same_tokens is exempt: it
     returns one row (counts over a join, no GROUP BY)."""
-    from ep_store.questions import questions
+    from ep_store.sql.questions import questions
 
     for name, question in questions().items():
         outer = _top_level(question.sql)
@@ -219,7 +219,7 @@ def test_every_question_orders_its_rows():
 
 
 def test_membership_overlap_rows_come_sorted(built):
-    from ep_store.sql import ask_pair
+    from ep_store.sql.db import ask_pair
 
     a, b = DictionaryKey("tiny", "base", 1, 5.0), KEY
     runs = [ask_pair(StoreDB(built), a, b, "membership_overlap").to_pylist() for _ in range(2)]

@@ -9,15 +9,15 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from ep_store.cli import main
-from ep_store.corpus import Document, builtin_texts, iter_documents
-from ep_store.dictionary import BuildConfig, build
+from ep_store.cli.main import main
 from ep_store.errors import UsageError
-from ep_store.harvest import HarvestConfig, harvest
 from ep_store.keys import ActivationKey, DictionaryKey, SAEKey
 from ep_store.sae.compare import check_trained_stream
-from ep_store.store import Store
-from ep_store.streams import (
+from ep_store.stages.corpus import Document, builtin_texts, iter_documents
+from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.stages.harvest import HarvestConfig, harvest
+from ep_store.store.core import Store
+from ep_store.store.streams import (
     FINGERPRINT_KEY,
     corpus_fingerprint,
     require_same_stream,
@@ -167,7 +167,7 @@ def test_assign_over_other_documents_refused(streams, tmp_path):
 def test_library_assign_over_other_documents_refused(streams, tmp_path):
     """Before: only the CLI's engine checked the streams, so ``assign_dataset`` (and the
     ``AssignJob`` both engines open) wrote foreign assignments keyed by unrelated tokens."""
-    from ep_store.dictionary import AssignJob, assign_dataset
+    from ep_store.stages.dictionary import AssignJob, assign_dataset
 
     store, *_ = streams
     root = tmp_path / "store"

@@ -15,12 +15,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from ep_store import models, prompts
-from ep_store.corpus import encode, iter_contexts, iter_documents, special_prefix, tiling_spans
 from ep_store.errors import UsageError
-from ep_store.harvest import HarvestConfig, harvest
 from ep_store.keys import ActivationKey
-from ep_store.store import Store, arrow_to_vectors
+from ep_store.stages import models, prompts
+from ep_store.stages.corpus import (
+    encode,
+    iter_contexts,
+    iter_documents,
+    special_prefix,
+    tiling_spans,
+)
+from ep_store.stages.harvest import HarvestConfig, harvest
+from ep_store.store.core import Store, arrow_to_vectors
 from tests.conftest import ROOT, tree_snapshot
 from tests.test_harvest import check_against_hidden_states
 

@@ -7,11 +7,11 @@ import shutil
 
 from click.testing import CliRunner
 
-from ep_store.cli import main
-from ep_store.dictionary import BuildConfig, assignment_path, build
+from ep_store.cli.main import main
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.sql import StoreDB
-from ep_store.store import Store
+from ep_store.sql.db import StoreDB
+from ep_store.stages.dictionary import BuildConfig, assignment_path, build
+from ep_store.store.core import Store
 
 KEY = "tiny/base/L1/p10"
 
@@ -58,7 +58,7 @@ def test_exemplars_name_build_members(tiny_store, tmp_path):
 
 
 def test_region_browser_labels_both_sizes(tiny_store, tmp_path):
-    from ep_store.report import dictionary_report
+    from ep_store.analysis.report import dictionary_report
 
     store = built(tiny_store, tmp_path)
     dictionary_report(store.root, KEY, tmp_path / "browser")

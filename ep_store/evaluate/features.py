@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ep_store import models
-from ep_store.corpus import Context, Document, iter_contexts
 from ep_store.errors import UsageError
-from ep_store.harvest import LayerCapture, batch_inputs, batched
+from ep_store.stages import models
+from ep_store.stages.corpus import Context, Document, iter_contexts
+from ep_store.stages.harvest import LayerCapture, batch_inputs, batched
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def context_prefix(tokenizer):
     """What harvest puts before each context: since issue 8 (``corpus.special_prefix``) the
     tokenizer's own BOS convention as a list of ids; before it, the BOS id (or None)."""
     try:
-        from ep_store.corpus import special_prefix
+        from ep_store.stages.corpus import special_prefix
     except ImportError:
         return tokenizer.bos_token_id
     return special_prefix(tokenizer)
@@ -164,7 +164,7 @@ def signed_per_text(raw_TD: np.ndarray, center_D: np.ndarray, exemplars_KD: np.n
 def dictionary_features(x_ND: np.ndarray, text_N: np.ndarray, n_texts: int, dictionary) -> dict[str, np.ndarray]:
     """The three pooled feature sets of issue 10 for one dictionary: raw, ep_onehot, ep_signed.
 
-    ``dictionary`` is an ``ep_store.dictionary.Dictionary`` of width D. Returns float64
+    ``dictionary`` is an ``ep_store.stages.dictionary.Dictionary`` of width D. Returns float64
     matrices (n_texts, D), (n_texts, K), (n_texts, K).
     """
     x_ND = np.asarray(x_ND, np.float32)
@@ -186,7 +186,7 @@ ALL_OF = "/all"  # <model>/<checkpoint>/all: every dictionary of that checkpoint
 def expand_keys(store, keys: Sequence[str]) -> list[str]:
     """Keys with ``<model>/<checkpoint>/all`` replaced by every such dictionary in the store
     (so a pipeline stage names a checkpoint, and params keep one list of layers)."""
-    from ep_store.store import Store
+    from ep_store.store.core import Store
 
     store = store if isinstance(store, Store) else Store(store)
     out = []
@@ -210,7 +210,7 @@ def load_dictionaries(store, keys: Sequence[str], model: str | None = None, chec
     dictionary read on a fine-tuned checkpoint's activations); a model other than the
     dictionaries' is a UsageError (issue 10, bad input).
     """
-    from ep_store.dictionary import Dictionary
+    from ep_store.stages.dictionary import Dictionary
 
     if not keys:
         raise UsageError("pass at least one --dictionary KEY (<model>/<checkpoint>/L<layer>/p<p>)")

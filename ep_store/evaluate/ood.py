@@ -108,7 +108,7 @@ def in_distribution(spec: str, documents: int, text_field: str = "text") -> tupl
     documents of ``spec`` (each content once, the first copy kept: no copy on both sides).
     ``text_field``: the text's field in the spec's record files. UsageError for too few documents
     or a file the reader refuses."""
-    from ep_store.corpus import iter_documents
+    from ep_store.stages.corpus import iter_documents
 
     texts = without_contents((d.text for d in iter_documents(spec, text_field=text_field)), ())
     if len(texts) < 2 * documents:
@@ -124,7 +124,7 @@ def ood_files(paths: tuple[str, ...], documents: int, in_distribution: list[str]
     an ``in_distribution`` text (issue 18, A4). ``text_field``: the text's field in .jsonl/.csv/.parquet
     rows. UsageError for a file left with no text, or one the reader refuses (a missing field is
     named with the fields the file has)."""
-    from ep_store.corpus import file_texts
+    from ep_store.stages.corpus import file_texts
 
     sets = {}
     for p in paths:
@@ -144,8 +144,8 @@ def random_token_docs(model: str, checkpoint: str, models_dir: Path, like: list[
                       seed: int) -> list[list[int]]:
     """Uniformly random non-special token ids: one list per text of ``like``, as long as its
     first ``max_tokens`` tokens."""
-    from ep_store import models
-    from ep_store.corpus import encode
+    from ep_store.stages import models
+    from ep_store.stages.corpus import encode
 
     tokenizer = models.load_tokenizer(model, checkpoint, models_dir)
     vocab = min(len(tokenizer), models.load_config(model, checkpoint, models_dir).vocab_size)

@@ -50,8 +50,8 @@ def check_outputs(out: Path, metrics_path: Path | None, plots_dir: Path | None) 
 def run_environment(run) -> dict:
     """ep_store.environment of an evaluation's forward passes (``run``: features.TextRun; the
     model computes in float32), recorded in its metrics.json (issue 18, E14.1)."""
-    from ep_store import models
     from ep_store.environment import environment
+    from ep_store.stages import models
 
     return environment(models.resolve_device(run.device), "float32")
 

@@ -6,7 +6,7 @@ fixed seed; texts are cut to their first ``max_tokens_per_text`` tokens by the e
 
 | task               | classes                                     | per class | text source |
 |--------------------|---------------------------------------------|-----------|-------------|
-| ``harmful_requests`` | harmful, benign                           | 120 | the project's chat prompts (ep_store/data/chat_{train,heldout}.jsonl), plain text |
+| ``harmful_requests`` | harmful, benign                           | 120 | the project's chat prompts (ep_store/stages/data/chat_{train,heldout}.jsonl), plain text |
 | ``text_source``    | docs, chat, code                            | 100 | interpreter help topics (pydoc_data); chat prompt+response in Gemma's chat format; 12-line chunks of standard-library ``.py`` source |
 | ``stdlib_topic``   | asyncio, email, xml, importlib, logging, http | 50 | docstrings (>= 120 chars) of modules, classes and functions of these standard-library packages, labelled by top-level package |
 
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ep_store import readers
 from ep_store.errors import UsageError
+from ep_store.stages import readers
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def source_chunks() -> list[str]:
 
 
 def chat_rows() -> list[dict]:
-    from ep_store import prompts
+    from ep_store.stages import prompts
 
     return prompts.load("train") + prompts.load("heldout")
 
@@ -110,7 +110,7 @@ def harmful_requests(per_class: int = 120) -> LabelledTexts:
 
 
 def text_source(per_class: int = 100) -> LabelledTexts:
-    from ep_store.prompts import chat_text
+    from ep_store.stages.prompts import chat_text
 
     parts = {
         "docs": _sample(help_topics(), per_class),
@@ -144,7 +144,7 @@ def builtin_tasks(names: str = "builtin") -> list[LabelledTexts]:
 
 # -- user files ---------------------------------------------------------------------------------
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a .jsonl, .csv or .parquet file as dicts, read by ep_store.readers (issue 18, B5:
+    """Rows of a .jsonl, .csv or .parquet file as dicts, read by ep_store.stages.readers (issue 18, B5:
     strict UTF-8, a BOM stripped, CSV values as strings); UsageError when unreadable."""
     return [record for _, record in readers.read_records(path, "data file")]
 
@@ -161,7 +161,7 @@ def require_fields(rows: list[dict], fields: list[str], path: Path, hint: str = 
 
 
 def file_task(path: Path, text_field: str = "text", label_field: str = "label") -> LabelledTexts:
-    """A probe task from a user file with a text field and a label field (ep_store.readers:
+    """A probe task from a user file with a text field and a label field (ep_store.stages.readers:
     rows with an empty or whitespace-only text are skipped, counted in a warning)."""
     readers.check_file(path, "data file", readers.RECORD_FORMATS)
     rows = readers.read_texts(path, text_field, what="data file", also=[label_field])
@@ -190,7 +190,7 @@ class ConceptRow:
 
 
 def builtin_concepts(per_concept: int = 30, hard_per_concept: int = 15, shared_negatives: int = 60) -> list[ConceptRow]:
-    from ep_store.prompts import chat_text
+    from ep_store.stages.prompts import chat_text
 
     rows: list[ConceptRow] = []
     docs = {p: package_docstrings(p) for p in TOPIC_PACKAGES}

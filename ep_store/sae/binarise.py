@@ -5,7 +5,7 @@ Each feature (an SAE latent, or an EP region scored by its signed projection
 > 0, ties broken by (doc_id, pos); it is *eligible* with at least ``min_positives``
 positive tokens (paper, EP vs SAE: top-100, >= 20 positives). Two sets S, T score
 F1 = 2 |S & T| / (|S| + |T|). This module is the reference the SQL path
-(``ep_store/queries/sae_f1.sql``) is checked against.
+(``ep_store/sql/queries/sae_f1.sql``) is checked against.
 """
 
 from __future__ import annotations

@@ -41,21 +41,21 @@ import torch
 from tqdm import tqdm
 
 import ep_store
-from ep_store import models
-from ep_store.calibrate import unit_directions
-from ep_store.dictionary import BuildConfig, calibrate_stream, stream_vectors
 from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError
 from ep_store.evaluate.splits import HeldOutRows, heldout_rows
+from ep_store.kernels.calibrate import unit_directions
+from ep_store.kernels.leader import LeaderBuilder, LeaderState
 from ep_store.keys import DictionaryKey, SAEKey
-from ep_store.leader import LeaderBuilder, LeaderState
-from ep_store.models import resolve_device
 from ep_store.sae import binarise as B
 from ep_store.sae.report import write_outputs
 from ep_store.sae.train import encode, load_sae
-from ep_store.store import Store, arrow_to_tensor, vectors_to_arrow
-from ep_store.streams import FINGERPRINT_KEY as CORPUS_FINGERPRINT
-from ep_store.streams import stream_identity
+from ep_store.stages import models
+from ep_store.stages.dictionary import BuildConfig, calibrate_stream, stream_vectors
+from ep_store.stages.models import resolve_device
+from ep_store.store.core import Store, arrow_to_tensor, vectors_to_arrow
+from ep_store.store.streams import FINGERPRINT_KEY as CORPUS_FINGERPRINT
+from ep_store.store.streams import stream_identity
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def write_tables(store: Store, folder: Path, held: dict, ep: dict) -> None:
 # -- overlaps -----------------------------------------------------------------------------------------
 def sql_overlaps(store: Store, key: DictionaryKey, sae_name: str, cfg: SAECompareConfig) -> B.Overlaps:
     """The F1 table of one comparison, from DuckDB (queries/sae_f1.sql)."""
-    from ep_store.sql import StoreDB, ask
+    from ep_store.sql.db import StoreDB, ask
 
     db = StoreDB(store)
     table = ask(db, key, "sae_f1", top_n=cfg.top_n, min_positives=cfg.min_positives).to_pydict()

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ep_store.dictionary import Dictionary
 from ep_store.keys import DictionaryKey
-from ep_store.store import vectors_to_arrow
+from ep_store.stages.dictionary import Dictionary
+from ep_store.store.core import vectors_to_arrow
 
 log = logging.getLogger(__name__)
 

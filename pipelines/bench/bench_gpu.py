@@ -8,12 +8,12 @@ but neither Lance nor DuckDB: this script imports only the pure-torch modules of
 - builder tokens/s and share of the screening dtype's peak in the steady state at width
   2,304, theta 0.2, about 0.2% new regions per batch: K0 in {16,384, 131,072} exemplars
   already built, batch in {2,048, 8,192}, bf16 and fp32 screening;
-- exactness against the sequential rule (ep_store.leader.leader_reference) on real stored
+- exactness against the sequential rule (ep_store.kernels.leader.leader_reference) on real stored
   activations passed in as a .npy (export them with pipelines/export_activations.py), at
   p=1 and p=10, both precisions;
 - the harvest's forward and copy path on a random-init model of the Gemma-2-2B shape (bf16,
   forward to block 12): forward time, the naive host conversion and the device-side
-  conversion with pinned non-blocking copies (ep_store.hostcopy).
+  conversion with pinned non-blocking copies (ep_store.stages.hostcopy).
 
     python -m pipelines.export_activations --store data/store --activations gemma-3-270m/base/L6 \\
         --tokens 40960 --out data/bench/L6.npy                          # where Lance is
@@ -39,9 +39,9 @@ except ImportError:  # run as a script from a checkout without PYTHONPATH
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ep_store import jsonio  # noqa: E402
-from ep_store.calibrate import batch_percentile, calibrate, unit_directions  # noqa: E402
-from ep_store.hostcopy import to_host  # noqa: E402
-from ep_store.leader import LeaderBuilder, LeaderState, leader_reference  # noqa: E402
+from ep_store.kernels.calibrate import batch_percentile, calibrate, unit_directions  # noqa: E402
+from ep_store.kernels.leader import LeaderBuilder, LeaderState, leader_reference  # noqa: E402
+from ep_store.stages.hostcopy import to_host  # noqa: E402
 
 FULL = {"peak_n": 8192, "width": 2304, "k0": [16_384, 131_072], "batch": [2048, 8192], "batches": 6,
         "exact_tokens": 40_960, "model": dict(hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,

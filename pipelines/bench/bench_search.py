@@ -1,6 +1,6 @@
 """Benchmark of `ep search` (issue 14): the Lance IVF index against the exact scan, in one run.
 
-Two parts, each through the library (ep_store.search), baseline and index in the same process:
+Two parts, each through the library (ep_store.analysis.search), baseline and index in the same process:
 - size: ``--rows`` (default 1,000,000) synthetic activations of width 640 (clustered, off-center,
   like a residual stream), a dictionary calibrated/built on a prefix, the index over all rows;
 - recall: a real Gemma 3 270M dictionary (``--real-dictionary`` in ``--real-store``), copied
@@ -30,10 +30,10 @@ import pyarrow as pa
 import torch
 
 from ep_store import jsonio
-from ep_store.dictionary import BuildConfig, Dictionary, build
+from ep_store.analysis.search import IndexConfig, SearchConfig, build_index, search
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.search import IndexConfig, SearchConfig, build_index, search
-from ep_store.store import Store, vectors_to_arrow
+from ep_store.stages.dictionary import BuildConfig, Dictionary, build
+from ep_store.store.core import Store, vectors_to_arrow
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Analyses of built dictionaries: matching, diffs, reports, search, verification of reproductions."""

@@ -1,0 +1,1 @@
+"""Pipeline stages: capture activations, harvest, build and assign dictionaries, engines, corpus readers."""

@@ -1,0 +1,227 @@
+"""One way to read a user's input file (issue 18, B5): ``.txt``, ``.jsonl``, ``.csv``, ``.parquet``.
+
+Every command that reads texts from a file goes through here: ``ep harvest --corpus``
+(ep_store.stages.corpus), ``ep generate --prompts`` (ep_store.studies.generate), ``ep eval probe/concepts
+--data`` (ep_store.evaluate.tasks) and ``ep eval ood --ood-corpus``. The rules:
+
+- Bytes are UTF-8. Invalid UTF-8 is refused with one line naming the file and the byte
+  offset. A UTF-8 BOM at the very start of a file is an encoding mark, not text: it is
+  stripped (a BOM anywhere else is an ordinary character).
+- Text is returned exactly as the file holds it: no newline translation (CRLF stays
+  ``"\\r\\n"``), no Unicode normalisation, and U+2028, U+2029, U+0085 are ordinary characters
+  inside a text. So character offsets (``char_start``/``char_end`` stored at harvest) index the
+  text as this module returns it, the same for every format: a ``.txt`` file and a ``.jsonl``
+  row holding the same string give the same offsets.
+- ``.txt``: as a corpus, one document per file (the whole file after the BOM); as prompts,
+  one text per line, lines split on ``"\\n"`` only, with the ``"\\r"`` of a ``"\\r\\n"`` ending
+  removed (never on U+2028/U+2029/U+0085, which ``str.splitlines`` would split on).
+- ``.jsonl``: one JSON object per line, lines split on ``"\\n"`` only (blank lines skipped).
+  ``.csv``: a header row, then RFC 4180 records (quoted fields may hold line breaks); every
+  value is a string. ``.parquet``: rows of the file's columns.
+- The text field (``--text-field``, ``text`` by default) must exist: otherwise one line naming
+  the file, the fields it has and ``--text-field``. A value that is not a string (a number, a
+  list) is refused naming the row; a null counts as empty.
+- NUL (U+0000) in a text is refused (naming the file and the byte offset or row): it marks a
+  binary or UTF-16 file, and the token-stream digest separates tokens with NUL. A lone
+  surrogate (JSON ``"\\ud83d"``) is refused: it is no text.
+- Empty and whitespace-only texts are skipped, the same way in every format, and counted in
+  one warning per file.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ep_store.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
+RECORD_FORMATS = (".jsonl", ".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class TextRow:
+    """One text of a file: ``name`` is ``file`` (a whole .txt) or ``file:i`` (record or line
+    ``i``, 0-based, blank lines counted), ``record`` the row's fields (for labels)."""
+
+    name: str
+    text: str
+    record: dict
+
+
+def check_file(path: Path, what: str, formats: Sequence[str] = FORMATS) -> str:
+    """The lower-case suffix of an existing file of one of ``formats``; UsageError otherwise."""
+    kinds = "/".join(formats)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder; pass a {kinds} file")
+    if not path.is_file():
+        raise UsageError(f"{what} {path} does not exist; pass a {kinds} file")
+    suffix = path.suffix.lower()
+    if suffix not in formats:
+        raise UsageError(f"{what} {path} is not a {kinds} file")
+    return suffix
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """The whole file as text: strict UTF-8, a leading BOM stripped, nothing else changed.
+    UsageError naming the byte offset of invalid UTF-8 or of a NUL."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UsageError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[skip:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{what} {path} is not UTF-8 text: invalid byte 0x{data[skip + err.start]:02x} at byte "
+                         f"offset {skip + err.start}; convert it to UTF-8") from None
+    nul = text.find("\0")
+    if nul >= 0:
+        at = skip + len(text[:nul].encode("utf-8"))
+        raise UsageError(f"{what} {path} holds a NUL byte at byte offset {at}: it is binary or UTF-16, not UTF-8 "
+                         "text; convert it or remove the NUL bytes")
+    return text
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines split on ``\\n`` only; the ``\\r`` of a ``\\r\\n`` ending removed. U+2028, U+2029,
+    U+0085, a lone ``\\r``, form feeds stay inside their line (``str.splitlines`` splits on them)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the file's final newline ends the last line; it starts none
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _jsonl_records(path: Path, text: str, what: str) -> list[tuple[int, dict | None]]:
+    out = []
+    for i, line in enumerate(split_lines(text)):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{what} {path} line {i + 1} is not JSON: {err}") from None
+        if not isinstance(row, dict):
+            raise UsageError(f"{what} {path} line {i + 1} is not a JSON object with named fields")
+        out.append((i, row))
+    return out
+
+
+def _csv_records(path: Path, text: str, what: str) -> list[tuple[int, dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        rows = [(i, {k: v for k, v in row.items() if k is not None}) for i, row in enumerate(reader)]
+    except csv.Error as err:
+        raise UsageError(f"{what} {path} line {reader.line_num} is not CSV: {err}") from None
+    if reader.fieldnames is None:
+        raise UsageError(f"{what} {path} is empty; a CSV file needs a header row of field names")
+    return rows
+
+
+def _parquet_records(path: Path, what: str, columns: Sequence[str] | None) -> list[tuple[int, dict]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+        wanted = None if columns is None else [c for c in names if c in columns]
+        return list(enumerate(pq.read_table(path, columns=wanted).to_pylist()))
+    except (pa.ArrowException, OSError, UnicodeDecodeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot read {what} {path} as Parquet: {first}") from None
+
+
+def parquet_fields(path: Path, what: str) -> list[str]:
+    """Column names of a Parquet file; UsageError when it is not one."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.read_schema(path).names)
+    except (pa.ArrowException, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot read {what} {path} as Parquet: {first}") from None
+
+
+def read_records(path: Path, what: str = "data file", columns: Sequence[str] | None = None
+                 ) -> list[tuple[int, dict]]:
+    """(row index, fields) of every record of a .jsonl, .csv or .parquet file (blank JSONL lines
+    skipped, their index counted). ``columns``: the only ones a Parquet file needs to read.
+    UsageError when the file is missing, of another kind, or unreadable."""
+    suffix = check_file(path, what, RECORD_FORMATS)
+    if suffix == ".parquet":
+        return _parquet_records(path, what, columns)
+    text = read_text(path, what)
+    return _jsonl_records(path, text, what) if suffix == ".jsonl" else _csv_records(path, text, what)
+
+
+def missing_field(where: str, field: str, names) -> str:
+    """The one-line message for a text field that a file (or row: ``where``) does not have."""
+    have = ", ".join(map(str, names)) or "none"
+    return f"{where} has no field {field!r} (its fields: {have}); pass --text-field NAME"
+
+
+def row_text(path: Path, index: int, record: dict, fields: Sequence[str], what: str) -> str | None:
+    """The text of a record: the first of ``fields`` it has. None for a null; UsageError for
+    a missing field, a non-string, a NUL or a lone surrogate."""
+    field = next((f for f in fields if f in record), None)
+    if field is None:
+        raise UsageError(missing_field(f"{what} {path} row {index}", " or ".join(fields), record))
+    value = record[field]
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise UsageError(f"{what} {path} row {index}: field {field!r} holds {type(value).__name__} "
+                         f"{str(value)[:40]!r}, not text")
+    check_string(value, f"{what} {path} row {index}: field {field!r}")
+    return value
+
+
+def check_string(value: str, where: str) -> None:
+    """UsageError when a string holds NUL or a lone surrogate (``where`` names the place)."""
+    if "\0" in value:
+        raise UsageError(f"{where} holds a NUL character (U+0000) at character {value.index(chr(0))}; "
+                         "remove it (NUL marks binary data, not text)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise UsageError(f"{where} holds a lone surrogate {value[err.start]!r} at character {err.start}; "
+                         "it is not valid Unicode text") from None
+
+
+def read_texts(path: Path, text_field: str | Sequence[str] = "text", txt: str = "document",
+               what: str = "file", also: Sequence[str] = ()) -> list[TextRow]:
+    """The non-empty texts of a file, in file order (rules: module docstring).
+
+    ``text_field``: the field (or fields, first present wins, per row) of a record format;
+    ``txt``: ``document`` (a .txt file is one text) or ``lines`` (one text per line);
+    ``also``: other fields the caller reads from ``TextRow.record`` (a Parquet file reads
+    only these columns). Raises UsageError for a missing file, a missing text field (naming
+    the fields the file has and --text-field), or text that is not text."""
+    fields = (text_field,) if isinstance(text_field, str) else tuple(text_field)
+    suffix = check_file(path, what)
+    if suffix == ".txt":
+        text = read_text(path, what)
+        parts = [(path.name, text)] if txt == "document" else \
+            [(f"{path.name}:{i}", line) for i, line in enumerate(split_lines(text))]
+        rows = [TextRow(name, t, {fields[0]: t}) for name, t in parts]
+    else:
+        if suffix == ".parquet" and not any(f in (names := parquet_fields(path, what)) for f in fields):
+            raise UsageError(missing_field(f"{what} {path}", " or ".join(fields), names))
+        records = read_records(path, what, [*fields, *also])
+        if suffix == ".csv" and records and not any(f in records[0][1] for f in fields):
+            raise UsageError(missing_field(f"{what} {path}", " or ".join(fields), records[0][1]))
+        rows = [TextRow(f"{path.name}:{i}", row_text(path, i, rec, fields, what), rec) for i, rec in records]
+    kept = [r for r in rows if r.text is not None and r.text.strip()]
+    if len(kept) < len(rows):
+        log.warning("%s %s: skipped %d empty or whitespace-only text(s) of %d", what, path, len(rows) - len(kept),
+                    len(rows))
+    return kept

@@ -1,0 +1,108 @@
+"""Digests of stage outputs' logical content, so a reproduction can be checked (issue 8, item 20).
+
+``dvc repro`` on a fresh clone rewrites every hash in dvc.lock, because Lance files carry
+random names and timestamps. Each pipeline stage therefore also records, as a DVC metric,
+a digest of what it wrote that depends only on content:
+
+- a Lance dataset: rows and values in stored order, schema without metadata
+  (ep_store.store.core.logical_digest; fragment layout, file names, timestamps do not count);
+- a JSON file: its parsed content without run-time measurements (any key naming
+  ``seconds``, e.g. ``cpu_seconds``, ``seconds_ratio_sae_over_ep``; keys
+  ``*_seconds``, ``*_per_s``, ``*_wait_share``, ``*_idle_share``, ``write_share``,
+  ``peak_mib``) and without the ``environment`` a stage ran with (library versions, CPU
+  capability, device: ep_store.environment, issue 18 item E14.1), keys sorted;
+- any other file: its bytes (SHA-256);
+- a folder: the digests of everything inside by relative path (Lance datasets as one entry).
+
+``dvc metrics diff`` then shows no change wherever the computation is deterministic.
+
+    ep store digest data/store/activations/gemma-3-270m/base --metrics data/metrics/digests/x.json
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from ep_store import jsonio
+from ep_store.environment import ENVIRONMENT_KEY
+from ep_store.errors import UsageError, check_output_file
+from ep_store.store.core import Store, logical_digest
+
+VOLATILE_KEYS = frozenset({"seconds", "write_share", "peak_mib", ENVIRONMENT_KEY})
+VOLATILE_SUFFIXES = ("_seconds", "_per_s", "_wait_share", "_idle_share")
+
+
+def _is_volatile(key: str) -> bool:
+    return key in VOLATILE_KEYS or key.endswith(VOLATILE_SUFFIXES) or "seconds" in key
+
+
+def stable(value):
+    """JSON content without run-time measurements (timings, rates, the machine), recursively."""
+    if isinstance(value, dict):
+        return {k: stable(v) for k, v in value.items() if not _is_volatile(str(k))}
+    if isinstance(value, list):
+        return [stable(v) for v in value]
+    return value
+
+
+def file_digest(path: Path) -> dict:
+    """``{"bytes" or "json": ..., "digest": hex}`` of one file (JSON by content, else bytes)."""
+    if path.suffix == ".json":
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            content = None
+        if content is not None:
+            text = jsonio.dumps(stable(content), sort_keys=True)
+            return {"kind": "json", "digest": hashlib.sha256(text.encode()).hexdigest()}
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return {"kind": "bytes", "digest": sha.hexdigest()}
+
+
+def digest(path: Path) -> dict:
+    """The logical digest of a Lance dataset, a file, or a folder of them.
+
+    Returns ``{"kind", "digest", "rows"?, "parts"?}``; a folder's ``parts`` counts the datasets
+    and files it combines. Raises UsageError if ``path`` does not exist.
+    """
+    path = Path(path)
+    if Store.exists(path):
+        return {"kind": "lance", **logical_digest(path)}
+    if path.is_file():
+        return file_digest(path)
+    if not path.is_dir():
+        raise UsageError(f"{path} does not exist")
+    entries, rows = [], 0
+    for part in _parts(path):
+        d = digest(part)
+        rows += d.get("rows", 0)
+        entries.append(f"{part.relative_to(path).as_posix()}\0{d['digest']}")
+    total = hashlib.sha256("\n".join(entries).encode()).hexdigest()
+    return {"kind": "folder", "rows": rows, "parts": len(entries), "digest": total}
+
+
+def _parts(folder: Path) -> list[Path]:
+    """Lance datasets and files under ``folder`` (not inside datasets), sorted by path."""
+    found = []
+    for child in sorted(folder.iterdir()):
+        if child.name.startswith(".") or child.name.endswith(".tmp"):
+            continue
+        if Store.exists(child) or child.is_file():
+            found.append(child)
+        elif child.is_dir():
+            found.extend(_parts(child))
+    return found
+
+
+def digests(paths: list[Path], metrics: Path | None = None) -> dict[str, dict]:
+    """Digest every path (keys are the paths as given); also write them to ``metrics`` as JSON."""
+    check_output_file(metrics, "--metrics")
+    result = {str(p): digest(Path(p)) for p in paths}
+    if metrics is not None:
+        jsonio.write(metrics, result, sort_keys=True)
+    return result

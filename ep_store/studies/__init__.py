@@ -1,0 +1,1 @@
+"""Causal studies: interventions, generation, fine-tuning, the refusal study."""

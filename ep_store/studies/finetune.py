@@ -1,0 +1,177 @@
+"""Fine-tune a base model into a chat model with planted, known behaviour (CPU, minutes).
+
+    ep finetune --model gemma-3-270m --from base --to sft --steps 60 --save-every 20
+
+Training pairs (ep_store/stages/data/chat_train.jsonl) teach Gemma's chat format and a fixed
+refusal for requests for weapons, poisons, drugs and malware. The loss covers response
+tokens only, and logits are computed only at those positions (the 262k-wide unembedding
+is most of the cost otherwise); embeddings stay frozen. Checkpoints ``<to>-step<k>`` are
+saved every ``save_every`` steps and the last as ``<to>``. Refusal rates on held-out
+harmful and benign prompts (never trained on) are measured for the base and each save.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import KW_ONLY, asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ep_store import jsonio
+from ep_store.environment import ENVIRONMENT_KEY, environment
+from ep_store.errors import UsageError
+from ep_store.stages import models, prompts
+from ep_store.stages.corpus import encode, special_prefix
+from ep_store.stages.refusal_classifier import is_refusal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneConfig:
+    model: str
+    """Model name (under the models dir)."""
+    base: str
+    """Checkpoint to start from."""
+    to: str
+    """Name of the final checkpoint; intermediate ones are <to>-step<k>."""
+    _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
+    steps: int = 60
+    """Optimizer steps."""
+    save_every: int = 20
+    """Save a checkpoint every this many steps."""
+    batch_size: int = 8
+    """Examples per step."""
+    lr: float = 1e-4
+    """AdamW learning rate."""
+    seed: int = 0
+    """Seed for the example order and torch."""
+    max_new_tokens: int = 16
+    """Tokens generated per held-out prompt when measuring refusal."""
+
+    def __post_init__(self):
+        if self.steps < 1 or self.save_every < 1 or self.batch_size < 1:
+            raise UsageError("--steps, --save-every and --batch-size must be at least 1")
+        if self.to == self.base:
+            raise UsageError("--to must name a new checkpoint, not the one trained from")
+
+    def checkpoints(self) -> list[tuple[int, str]]:
+        """(step, name) of every checkpoint saved, the last being ``to``."""
+        saves = [(s, f"{self.to}-step{s}") for s in range(self.save_every, self.steps, self.save_every)]
+        return [*saves, (self.steps, self.to)]
+
+
+def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """Token ids with BOS, and labels that are -100 except on the response (and its end marker).
+
+    Chat markers are control tokens; everything else (the prompt, the response) is text, so
+    a literal ``<bos>`` in it stays text (issue 8, item 14). BOS follows the tokenizer.
+    """
+    head, _ = encode(tokenizer, prompts.prompt_text(prompt), chat=True)
+    tail, _ = encode(tokenizer, response + prompts.END, chat=True)
+    bos = special_prefix(tokenizer)
+    ids = bos + head + tail
+    return ids, [-100] * (len(bos) + len(head)) + tail
+
+
+def response_loss(net, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token loss on labelled positions only, with logits computed only there."""
+    hidden = net.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    where = targets != -100
+    logits = net.lm_head(hidden[:, :-1][where])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[where])
+
+
+@torch.no_grad()
+def refusal_rates(net, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 40) -> dict:
+    """Greedy answers to held-out prompts; share refused among harmful and among benign."""
+    tokenizer.padding_side = "left"
+    answers = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        bos = special_prefix(tokenizer)
+        ids = [bos + encode(tokenizer, prompts.prompt_text(r["prompt"]), chat=True)[0] for r in chunk]
+        enc = tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
+        out = net.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                           pad_token_id=tokenizer.pad_token_id)
+        answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    tokenizer.padding_side = "right"
+    refused = [is_refusal(a) for a in answers]
+    harmful = [r for r, row in zip(refused, rows) if row["harmful"]]
+    benign = [r for r, row in zip(refused, rows) if not row["harmful"]]
+    return {"harmful_refused": round(sum(harmful) / max(len(harmful), 1), 4),
+            "benign_refused": round(sum(benign) / max(len(benign), 1), 4),
+            "harmful_prompts": len(harmful), "benign_prompts": len(benign),
+            "examples": [{"prompt": row["prompt"], "answer": a} for row, a in list(zip(rows, answers))[::20]]}
+
+
+def save_checkpoint(net, tokenizer, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".partial")
+    net.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True) -> dict:
+    start = time.perf_counter()
+    net, tokenizer = models.load(cfg.model, cfg.base, models_dir, "cpu", "float32")
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    train = [encode_example(tokenizer, r["prompt"], r["response"]) for r in prompts.load("train")]
+    heldout = prompts.load("heldout")
+    rates = {cfg.base: refusal_rates(net.eval(), tokenizer, heldout, cfg.max_new_tokens)}
+
+    for p in net.get_input_embeddings().parameters():  # embeddings (and the tied unembedding) stay
+        p.requires_grad_(False)
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    # Linear decay to zero: late steps settle the refusal boundary instead of swinging it.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - i / cfg.steps)
+    order: list[int] = []
+    saves = dict(cfg.checkpoints())
+    losses = []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    net.train()
+    for step in tqdm(range(1, cfg.steps + 1), desc=f"finetune {cfg.model}", disable=not progress):
+        if len(order) < cfg.batch_size:
+            order += rng.sample(range(len(train)), len(train))
+        batch = [train[i] for i in order[: cfg.batch_size]]
+        del order[: cfg.batch_size]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch])
+        labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch])
+        loss = response_loss(net, ids, labels, mask)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(round(loss.item(), 4))
+        if step in saves:
+            net.eval()
+            save_checkpoint(net, tokenizer, models.model_dir(models_dir, cfg.model, saves[step]))
+            rates[saves[step]] = refusal_rates(net, tokenizer, heldout, cfg.max_new_tokens)
+            log.info("step %d: loss %.3f, refusal %s", step, loss, rates[saves[step]])
+            net.train()
+    final = rates[cfg.to]
+    summary = {
+        "model": cfg.model, "from": cfg.base, "to": cfg.to, "steps": cfg.steps,
+        "checkpoints": [name for _, name in cfg.checkpoints()],
+        "harmful_refused": final["harmful_refused"], "benign_refused": final["benign_refused"],
+        "base_harmful_refused": rates[cfg.base]["harmful_refused"],
+        "base_benign_refused": rates[cfg.base]["benign_refused"],
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    report = {**summary, "config": asdict(cfg), "losses": losses, "refusal": rates,
+              ENVIRONMENT_KEY: environment("cpu", "float32")}  # as models.load above (issue 18, E14.1)
+    jsonio.write(models.model_dir(models_dir, cfg.model, cfg.to) / "finetune.json", report)
+    return summary
