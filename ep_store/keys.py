@@ -41,6 +41,16 @@ def format_percentile(p: float) -> str:
     return text
 
 
+def parse_numbers(text: str, cast: type, option: str) -> tuple:
+    """A comma-separated option value as a tuple of ``cast`` ("6,12" -> (6, 12)); a bad item is a
+    UsageError naming ``option``."""
+    try:
+        return tuple(cast(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        kind = "integers, e.g. 6,12" if cast is int else "numbers, e.g. 2,4,8"
+        raise UsageError(f"{option} {text!r} is not a comma-separated list of {kind}") from None
+
+
 def check_inside(root: Path, path: Path) -> Path:
     """Refuse any path that resolves outside ``root`` (``..``, absolute parts, links)."""
     root_r = root.resolve()

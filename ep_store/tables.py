@@ -49,6 +49,9 @@ def _rows(table: pa.Table) -> list[list]:
     return [list(row) for row in zip(*columns)] if columns else []
 
 
+FORMATS = ("table", "csv", "json")  # what render prints (ep sql/stats/search --format)
+
+
 def render(table: pa.Table, fmt: str) -> str:
     """The whole result as text: ``table`` (aligned), ``csv`` (header + rows, RFC 4180 quoting)
     or ``json`` (one strict-JSON object per line, NaN/inf as null). Nothing else is printed."""

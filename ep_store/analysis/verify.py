@@ -40,9 +40,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 
+from ep_store import jsonio
 from ep_store.analysis.match import vector_match
 from ep_store.errors import UsageError
-from ep_store.store.core import Store, arrow_to_vectors, logical_digest
+from ep_store.store import Store, arrow_to_vectors, logical_digest
 from ep_store.store.digest import digest, stable
 from ep_store.store.snapshot import assignments_version
 
@@ -107,6 +108,17 @@ def verify(cfg: VerifyConfig) -> list[Verdict]:
 def counts(rows: list[Verdict]) -> dict[str, int]:
     """``{verdict: number of outputs}`` for every verdict."""
     return {v: sum(r.verdict == v for r in rows) for v in VERDICTS}
+
+
+ROW_FORMATS = ("tsv", "jsonl")  # how ep store verify prints its rows
+
+
+def listing(cfg: VerifyConfig, fmt: str = "tsv") -> tuple[list[str], dict]:
+    """``ep store verify``: one line per output (path, verdict, detail as tsv or jsonl) and the
+    summary (outputs, and the number of each verdict)."""
+    rows = verify(cfg)
+    lines = [jsonio.dumps(row._asdict()) if fmt == "jsonl" else "\t".join(row) for row in rows]
+    return lines, {"outputs": len(rows), **counts(rows)}
 
 
 def _outputs(root: Path) -> dict[str, str]:

@@ -97,6 +97,15 @@ HEADLINE = ("ep_to_sae_share_f1_gt_05", "sae_to_ep_share_f1_gt_05", "hungarian_p
             "ep_mean_best_f1", "sae_mean_best_f1", "sql_matches_numpy", "heldout_tokens")
 
 
+SUMMARY = ("dictionary", "sae", "ep_to_sae_share_f1_gt_05", "sae_to_ep_share_f1_gt_05", "hungarian_pairs_f1_gt_05",
+           "sql_matches_numpy", "out")
+
+
+def summary_line(metrics: dict) -> dict:
+    """The one-line summary of ``ep sae compare``: a few figures of ``compare``'s metrics.json."""
+    return {k: metrics[k] for k in SUMMARY} | {"flops_ratio_sae_over_ep": metrics["compute"]["flops_ratio_sae_over_ep"]}
+
+
 def summarise_files(paths: list[Path], out: Path) -> dict:
     """One JSON of the headline figures of several comparisons (the pipeline's data/metrics/sae_compare.json)."""
     from ep_store.errors import UsageError

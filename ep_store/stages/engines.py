@@ -51,6 +51,9 @@ FAIL_BEFORE_COMMIT = "EP_FAULT_BEFORE_COMMIT"
 task has written its fragments and before the commit."""
 
 
+ENGINES = ("local", "ray")  # --engine: run in this process, or as Ray tasks with one commit
+
+
 @dataclass(kw_only=True)
 class RayConfig:
     address: str = "local"

@@ -109,6 +109,18 @@ def list_local(models_dir: Path) -> list[tuple[str, str, Path]]:
     return found
 
 
+def listing(models_dir: Path) -> tuple[list[str], dict]:
+    """``ep models ls``: one line per local checkpoint (model/checkpoint, tab, folder) and the
+    summary (local checkpoints; which offline models are installed)."""
+    local = list_local(models_dir)
+    lines = [f"{model}/{checkpoint}\t{folder}" for model, checkpoint, folder in local]
+    offline = {name: ("installed" if offline_available(name) else "not installed") for name in OFFLINE_MODELS}
+    return lines, {"local": [f"{a}/{b}" for a, b, _ in local], "offline": offline}
+
+
+DEVICES = ("auto", "cpu", "cuda")  # what --device accepts; auto picks CUDA when present
+
+
 def resolve_device(device: str) -> torch.device:
     """'auto' means CUDA when present, else CPU: the one place that picks a device."""
     if device == "auto":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ep_store import jsonio
 from ep_store.store.core import Store
 
 
@@ -26,3 +27,12 @@ def catalog(store_path: Path) -> list[dict]:
                          "width": info.width, "version": snap.exemplars_version, "versions": info.versions,
                          "tags": snap.meta["tags"]})
     return rows
+
+
+def listing(store_path: Path) -> tuple[list[str], dict]:
+    """``ep store ls``: one tab-separated line per dataset (kind, key, rows, width, version,
+    tags as JSON so the listing parses; a Python repr does not) and the summary."""
+    rows = catalog(store_path)
+    lines = ["\t".join(jsonio.dumps(row[k]) if k == "tags" else str(row[k])
+                       for k in ("kind", "key", "rows", "width", "version", "tags")) for row in rows]
+    return lines, {"datasets": len(rows)}

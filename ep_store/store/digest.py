@@ -106,3 +106,10 @@ def digests(paths: list[Path], metrics: Path | None = None) -> dict[str, dict]:
     if metrics is not None:
         jsonio.write(metrics, result, sort_keys=True)
     return result
+
+
+def listing(paths: list[Path], metrics: Path | None = None) -> tuple[list[str], dict]:
+    """``ep store digest``: one line per path (digest, rows, path; tab-separated) and the summary."""
+    found = digests(paths, metrics)
+    lines = [f"{d['digest']}\t{d.get('rows', '')}\t{path}" for path, d in found.items()]
+    return lines, {"paths": len(found), "metrics": str(metrics) if metrics else None}

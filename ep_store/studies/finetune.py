@@ -121,7 +121,9 @@ def save_checkpoint(net, tokenizer, folder: Path) -> None:
     tmp.rename(folder)
 
 
-def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True) -> dict:
+def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True, metrics: Path | None = None) -> dict:
+    """Fine-tune, write ``finetune.json`` beside the final checkpoint (and the summary to
+    ``metrics`` when given); return the summary."""
     start = time.perf_counter()
     net, tokenizer = models.load(cfg.model, cfg.base, models_dir, "cpu", "float32")
     torch.manual_seed(cfg.seed)
@@ -174,4 +176,6 @@ def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True) -> di
     report = {**summary, "config": asdict(cfg), "losses": losses, "refusal": rates,
               ENVIRONMENT_KEY: environment("cpu", "float32")}  # as models.load above (issue 18, E14.1)
     jsonio.write(models.model_dir(models_dir, cfg.model, cfg.to) / "finetune.json", report)
+    if metrics is not None:
+        jsonio.write(metrics, summary)
     return summary
