@@ -39,7 +39,9 @@ from ep_store import jsonio
 from ep_store.kernels.calibrate import unit_directions
 from ep_store.kernels.leader import LeaderBuilder, LeaderState, leader_reference
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.stages.dictionary import BuildConfig, assign_dataset, build, stream_vectors
+from ep_store.stages.build import BuildConfig, build
+from ep_store.stages.dictionary import assign_dataset
+from ep_store.stages.vectors import stream_vectors
 from ep_store.store.core import Store
 
 

@@ -25,7 +25,8 @@ from ep_store import jsonio
 from ep_store.analysis.report import dictionary_report
 from ep_store.keys import DictionaryKey
 from ep_store.sql.db import StoreDB, ask
-from ep_store.stages.dictionary import BuildConfig, assign_dataset, build
+from ep_store.stages.build import BuildConfig, build
+from ep_store.stages.dictionary import assign_dataset
 from ep_store.stages.harvest import HarvestConfig, harvest
 from ep_store.store.core import Store
 from pipelines.bench_build import PeakRSS

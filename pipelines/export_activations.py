@@ -19,7 +19,7 @@ import numpy as np
 from ep_store import jsonio
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey
-from ep_store.stages.dictionary import stream_vectors
+from ep_store.stages.vectors import stream_vectors
 from ep_store.store.core import Store
 
 

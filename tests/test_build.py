@@ -14,7 +14,9 @@ from ep_store.cli.main import main
 from ep_store.kernels.calibrate import unit_directions
 from ep_store.kernels.leader import leader_reference
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.stages.dictionary import BuildConfig, Dictionary, build, stream_vectors
+from ep_store.stages.build import BuildConfig, build
+from ep_store.stages.dictionary import Dictionary
+from ep_store.stages.vectors import stream_vectors
 from ep_store.store.core import Store, arrow_to_vectors, vectors_to_arrow
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused

@@ -17,8 +17,9 @@ from ep_store.evaluate.concepts import ConceptEvalConfig, run_concept_eval
 from ep_store.evaluate.features import TextRun
 from ep_store.evaluate.probe import ProbeConfig, ProbeEvalConfig, run_probe_eval
 from ep_store.keys import ActivationKey
+from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.corpus import iter_documents
-from ep_store.stages.dictionary import BuildConfig, Dictionary, build
+from ep_store.stages.dictionary import Dictionary
 from ep_store.store.core import Store, arrow_to_vectors
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused, run_cli

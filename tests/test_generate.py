@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from ep_store.cli.main import main
 from ep_store.stages import models
+from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.corpus import encode, special_prefix
-from ep_store.stages.dictionary import BuildConfig, build
 from ep_store.stages.refusal_classifier import is_refusal, planted_refusal
 from ep_store.store.core import Store
 from ep_store.studies.generate import greedy, prompt_ids, read_prompts

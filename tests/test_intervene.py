@@ -9,7 +9,8 @@ import torch
 
 from ep_store.errors import UsageError
 from ep_store.stages import models
-from ep_store.stages.dictionary import BuildConfig, Dictionary, build
+from ep_store.stages.build import BuildConfig, build
+from ep_store.stages.dictionary import Dictionary
 from ep_store.store.core import Store
 from ep_store.studies.intervene import (
     Edit,

@@ -85,7 +85,7 @@ def test_fast_equals_reference_near_threshold():
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_fast_equals_reference_on_model_activations(tiny_store, precision):
     from ep_store.keys import ActivationKey
-    from ep_store.stages.dictionary import stream_vectors
+    from ep_store.stages.vectors import stream_vectors
     from ep_store.store.core import Store
 
     store = Store(tiny_store)

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from ep_store.analysis.match import MatchConfig, best_flags, match, membership_scores, vector_match
 from ep_store.cli.main import main
 from ep_store.keys import DictionaryKey
-from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.harvest import HarvestConfig, harvest
 from ep_store.store.core import Store
 from ep_store.studies.finetune import FinetuneConfig, finetune

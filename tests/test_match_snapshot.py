@@ -16,7 +16,7 @@ from ep_store.cli.main import main
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey
 from ep_store.sql.db import StoreDB, ask, ask_pair
-from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.stages.build import BuildConfig, build
 from ep_store.store.catalog import catalog
 from ep_store.store.core import Store
 from tests.conftest import tree_snapshot

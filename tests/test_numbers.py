@@ -25,14 +25,10 @@ from ep_store.kernels.calibrate import (
 )
 from ep_store.kernels.leader import TIE_DISTANCE, LeaderBuilder, LeaderState, leader_reference
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.stages.dictionary import (
-    BuildConfig,
-    Dictionary,
-    assign_dataset,
-    build,
-    stream_vectors,
-)
+from ep_store.stages.build import BuildConfig, build
+from ep_store.stages.dictionary import Dictionary, assign_dataset
 from ep_store.stages.harvest import HarvestConfig, harvest
+from ep_store.stages.vectors import stream_vectors
 from ep_store.store.core import Store, arrow_to_vectors, vectors_to_arrow
 from tests.conftest import ROOT, make_tiny_model, tree_snapshot
 

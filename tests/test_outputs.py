@@ -24,7 +24,7 @@ from ep_store.analysis.match import MatchConfig, match
 from ep_store.cli.main import main
 from ep_store.sql.db import StoreDB, statement_parameters
 from ep_store.sql.questions import questions
-from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.stages.build import BuildConfig, build
 from ep_store.store.core import Store
 from tests.conftest import ROOT, tree_snapshot
 

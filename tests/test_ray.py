@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from ep_store.keys import ActivationKey
-from ep_store.stages.dictionary import BuildConfig, assign_dataset, build
+from ep_store.stages.build import BuildConfig, build
+from ep_store.stages.dictionary import assign_dataset
 from ep_store.stages.engines import (
     FAIL_BEFORE_COMMIT,
     RayConfig,

@@ -187,7 +187,7 @@ def test_eval_ood_text_field(tiny_store, models_dir, tmp_path):
     """ep eval ood --text-field (issue 18, B5): before, an OOD file's rows were read as 'text' only."""
     import shutil
 
-    from ep_store.stages.dictionary import BuildConfig, build
+    from ep_store.stages.build import BuildConfig, build
 
     root = tmp_path / "store"
     shutil.copytree(tiny_store, root)

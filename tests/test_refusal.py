@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ep_store.errors import UsageError
-from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.stages.build import BuildConfig, build
 from ep_store.store.core import Store
 from ep_store.studies.refusal import (
     RefusalConfig,

@@ -15,7 +15,8 @@ import pytest
 from ep_store.analysis.search import IndexConfig, SearchConfig, build_index, search
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey
-from ep_store.stages.dictionary import BuildConfig, Dictionary, build
+from ep_store.stages.build import BuildConfig, build
+from ep_store.stages.dictionary import Dictionary
 from ep_store.store.core import Store, arrow_to_vectors, vectors_to_arrow
 from tests.conftest import ROOT, tree_snapshot
 

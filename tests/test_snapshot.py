@@ -15,7 +15,8 @@ from ep_store.cli.main import main
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey
 from ep_store.sql.db import StoreDB, ask
-from ep_store.stages.dictionary import BuildConfig, Dictionary, build, resume_point
+from ep_store.stages.build import BuildConfig, build, resume_point
+from ep_store.stages.dictionary import Dictionary
 from ep_store.store.core import Store
 from ep_store.store.digest import digests
 from tests.test_cli_errors import assert_refused

@@ -18,7 +18,7 @@ from ep_store.analysis.report import dictionary_report
 from ep_store.cli.main import main
 from ep_store.keys import DictionaryKey
 from ep_store.sql.db import StoreDB, ask
-from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.stages.build import BuildConfig, build
 from ep_store.store.core import Store
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused

@@ -13,8 +13,8 @@ from ep_store.cli.main import main
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey, SAEKey
 from ep_store.sae.compare import check_trained_stream
+from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.corpus import Document, builtin_texts, iter_documents
-from ep_store.stages.dictionary import BuildConfig, build
 from ep_store.stages.harvest import HarvestConfig, harvest
 from ep_store.store.core import Store
 from ep_store.store.streams import (

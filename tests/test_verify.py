@@ -16,7 +16,7 @@ from ep_store.analysis.verify import VerifyConfig, compare_json, counts, verify
 from ep_store.cli.main import main
 from ep_store.environment import environment
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.stages.dictionary import BuildConfig, build
+from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.harvest import HarvestConfig, harvest
 from ep_store.store.core import META_KEY, Store, arrow_to_vectors, vectors_to_arrow
 from ep_store.store.digest import digest

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from ep_store.cli.main import main
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.sql.db import StoreDB
-from ep_store.stages.dictionary import BuildConfig, assignment_path, build
+from ep_store.stages.build import BuildConfig, build
+from ep_store.stages.dictionary import assignment_path
 from ep_store.store.core import Store
 
 KEY = "tiny/base/L1/p10"

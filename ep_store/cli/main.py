@@ -270,8 +270,8 @@ def build(model, checkpoint, layer, percentile, calibration_tokens, calibration_
           saturation_window, max_tokens, precision, skip_nonfinite, overwrite, assign, device, store_path,
           progress) -> None:
     """Calibrate and leader-cluster an activation dataset into an EP dictionary."""
-    from ep_store.stages.dictionary import BuildConfig
-    from ep_store.stages.dictionary import build as run
+    from ep_store.stages.build import BuildConfig
+    from ep_store.stages.build import build as run
     from ep_store.store.core import Store
 
     cfg = BuildConfig(model=model, checkpoint=checkpoint, layer=layer, percentile=percentile,

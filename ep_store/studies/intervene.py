@@ -160,7 +160,7 @@ def steering_scale(store, dictionary) -> float:
     """
     if dictionary.meta.get("scale") is not None:
         return float(dictionary.meta["scale"])
-    from ep_store.stages.dictionary import stream_vectors
+    from ep_store.stages.vectors import stream_vectors
 
     path = store.activation_path(dictionary.key.activations)
     if not store.exists(path):

@@ -45,8 +45,9 @@ from ep_store import jsonio
 from ep_store.errors import UsageError, check_output_file, check_output_folder
 from ep_store.keys import DictionaryKey
 from ep_store.stages import models, prompts
+from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.corpus import encode
-from ep_store.stages.dictionary import BuildConfig, Dictionary, build
+from ep_store.stages.dictionary import Dictionary
 from ep_store.stages.harvest import HarvestConfig, harvest
 from ep_store.stages.refusal_classifier import is_refusal
 from ep_store.store.core import Store

@@ -32,7 +32,8 @@ import torch
 from ep_store import jsonio
 from ep_store.analysis.search import IndexConfig, SearchConfig, build_index, search
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.stages.dictionary import BuildConfig, Dictionary, build
+from ep_store.stages.build import BuildConfig, build
+from ep_store.stages.dictionary import Dictionary
 from ep_store.store.core import Store, vectors_to_arrow
 
 log = logging.getLogger(__name__)
