@@ -6,5 +6,11 @@
 - ``questions``: the registry of canned questions, one ``queries/<name>.sql`` file each.
 
 Other layers import ``StoreDB``, ``ask`` and ``ask_pair`` from ``ep_store.sql.db``: this package
-re-exports nothing, so that ``ep --help`` (which reads the question registry) imports no duckdb.
+re-exports none of them, so that ``ep --help`` (which reads the question registry and ``VIEWS``)
+imports no duckdb.
 """
+
+# The views StoreDB registers (ep sql's help lists them); exemplar_vectors_d<width> holds FLOAT[width].
+VIEWS = ("dictionaries", "exemplars", "exemplar_vectors", "exemplar_vectors_d<width>", "assignments",
+         "foreign_assignments", "tokens", "saturation", "matches", "match_overlaps", "saes", "sae_activations",
+         "ep_projections", "sae_features", "searches")
