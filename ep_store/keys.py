@@ -41,11 +41,11 @@ def format_percentile(p: float) -> str:
     return text
 
 
-def parse_numbers(text: str, cast: type, option: str) -> tuple:
-    """A comma-separated option value as a tuple of ``cast`` ("6,12" -> (6, 12)); a bad item is a
+def parse_list(text: str, cast: type, option: str) -> tuple:
+    """A comma-separated option value as a tuple of ``cast`` ("6, 12" -> (6, 12)); a bad item is a
     UsageError naming ``option``."""
     try:
-        return tuple(cast(x) for x in text.split(",") if x.strip())
+        return tuple(cast(x.strip()) for x in text.split(",") if x.strip())
     except ValueError:
         kind = "integers, e.g. 6,12" if cast is int else "numbers, e.g. 2,4,8"
         raise UsageError(f"{option} {text!r} is not a comma-separated list of {kind}") from None

@@ -1,0 +1,114 @@
+"""``ep eval``: the field's evaluation protocols on dictionaries (ep_store.evaluate): SAEBench sparse
+probes, AxBench concept detection, nearest-exemplar distance as an OOD score."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ep_store.cli.base import DEVICE, MODELS, PROGRESS, STORE, Listed, emit, user_errors
+from ep_store.evaluate.tasks import BUILTIN_TASKS
+
+
+@click.group("eval")
+def eval_group() -> None:
+    """Evaluate dictionaries with the field's protocols: sparse probes, concept detection, OOD."""
+
+
+EVAL_DICTS = click.option("--dictionary", "dictionaries", type=Listed(str), multiple=True, required=True,
+                          help="<model>/<checkpoint>/L<layer>/p<p>, or <model>/<checkpoint>/all; repeat (or comma-separate) "
+                               "for several of one model: one forward.")
+EVAL_RUN = [
+    click.option("--model", default=None, help="Run the texts through this model (default: the dictionaries').",),
+    click.option("--checkpoint", default=None, help="Run the texts through this checkpoint (default: the dictionaries')."),
+    click.option("--max-tokens-per-text", type=int, default=64, show_default=True, help="First tokens kept per text."),
+    click.option("--batch-size", type=int, default=16, show_default=True, help="Texts per forward pass."),
+    click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for metrics.json and plots."),
+    click.option("--metrics", "metrics_path", type=click.Path(path_type=Path), default=None,
+                 help="Also write the headline metrics here (for dvc metrics show)."),
+    click.option("--plots", "plots_dir", type=click.Path(path_type=Path), default=None,
+                 help="Also copy the PNG plots, alone, into this folder (for dvc plots show)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the splits."),
+    DEVICE, STORE, MODELS, PROGRESS,
+]
+
+
+def eval_options(fn):
+    for option in reversed(EVAL_RUN):
+        fn = option(fn)
+    return EVAL_DICTS(fn)
+
+
+def _text_run(models_dir, max_tokens_per_text, batch_size, device, progress):
+    from ep_store.evaluate.features import TextRun
+
+    return TextRun(models_dir=models_dir, max_tokens_per_text=max_tokens_per_text, batch_size=batch_size, device=device,
+                   progress=progress)
+
+
+@eval_group.command("probe")
+@click.option("--data", default="builtin", show_default=True,
+              help=f"builtin, built-in task names ({','.join(BUILTIN_TASKS)}) or a .jsonl/.csv/.parquet file.")
+@click.option("--text-field", default="text", show_default=True, help="Field holding the text.")
+@click.option("--label-field", default="label", show_default=True, help="Field holding the class label.")
+@click.option("--ks", type=Listed(str), default="1,2,5,20,all", show_default=True,
+              help="Feature counts k of the sparse probes.")
+@eval_options
+@user_errors
+def eval_probe(dictionaries, data, text_field, label_field, ks, model, checkpoint, max_tokens_per_text, batch_size,
+               out, metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
+    """SAEBench sparse probing: raw residual vs EP one-hot vs EP signed projection, per task and k."""
+    from ep_store.evaluate.probe import ProbeConfig, ProbeEvalConfig, run_probe_eval
+    from ep_store.store.core import Store
+
+    cfg = ProbeEvalConfig(dictionaries=sum(dictionaries, ()), data=data, text_field=text_field,
+                          label_field=label_field, model=model, checkpoint=checkpoint,
+                          probe=ProbeConfig(ks=ks, seed=seed))
+    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
+    emit(run_probe_eval(cfg=cfg, store=Store(store_path), run=run, out=out, metrics_path=metrics_path,
+                        plots_dir=plots_dir))
+
+
+@eval_group.command("concepts")
+@click.option("--data", default="builtin", show_default=True,
+              help="builtin, or a .jsonl/.csv/.parquet file with concept/text/label "
+                   "(or AxBench's output_concept/output/category).")
+@click.option("--test-fraction", type=float, default=0.5, show_default=True, help="Held-out share per concept.")
+@eval_options
+@user_errors
+def eval_concepts(dictionaries, data, test_fraction, model, checkpoint, max_tokens_per_text, batch_size, out,
+                  metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
+    """AxBench latent concept detection: AUROC of the best region vs difference of means."""
+    from ep_store.evaluate.concepts import ConceptConfig, ConceptEvalConfig, run_concept_eval
+    from ep_store.store.core import Store
+
+    cfg = ConceptEvalConfig(dictionaries=sum(dictionaries, ()), data=data, model=model, checkpoint=checkpoint,
+                            concepts=ConceptConfig(test_fraction=test_fraction, seed=seed))
+    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
+    emit(run_concept_eval(cfg=cfg, store=Store(store_path), run=run, out=out, metrics_path=metrics_path,
+                        plots_dir=plots_dir))
+
+
+@eval_group.command("ood")
+@click.option("--in-corpus", default="builtin", show_default=True,
+              help="In-distribution corpus (as ep harvest --corpus); its last documents are used.")
+@click.option("--ood-corpus", type=Listed(str), default="",
+              help="Extra OOD sets: .txt/.jsonl/.csv/.parquet files, comma-separated "
+                   "(held-out, word-shuffled and random-token sets are always made).")
+@click.option("--text-field", default="text", show_default=True,
+              help="Field holding the text in .jsonl/.csv/.parquet rows of the OOD and in-corpus files.")
+@click.option("--documents", type=int, default=40, show_default=True, help="Documents per set.")
+@eval_options
+@user_errors
+def eval_ood(dictionaries, in_corpus, ood_corpus, text_field, documents, model, checkpoint, max_tokens_per_text,
+             batch_size, out, metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
+    """Nearest-exemplar distance as an OOD score: within-theta rate, quantiles, AUROC per set."""
+    from ep_store.evaluate.ood import OODConfig, run_ood_eval
+    from ep_store.store.core import Store
+
+    cfg = OODConfig(dictionaries=sum(dictionaries, ()), in_corpus=in_corpus, ood_corpus=ood_corpus,
+                    text_field=text_field, documents=documents, seed=seed, model=model, checkpoint=checkpoint)
+    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
+    emit(run_ood_eval(cfg=cfg, store=Store(store_path), run=run, out=out, metrics_path=metrics_path,
+                        plots_dir=plots_dir))
