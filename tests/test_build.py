@@ -17,7 +17,7 @@ from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.dictionary import Dictionary
 from ep_store.stages.vectors import stream_vectors
-from ep_store.store.core import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from ep_store.cli.main import main
 from ep_store.keys import ActivationKey
-from ep_store.store.core import Store, vectors_to_arrow
+from ep_store.store import Store, vectors_to_arrow
 from tests.conftest import tree_snapshot
 
 

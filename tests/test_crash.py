@@ -27,7 +27,7 @@ import pytest
 
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.stages.dictionary import Dictionary
-from ep_store.store.core import Store, arrow_to_vectors
+from ep_store.store import Store, arrow_to_vectors
 from tests.conftest import ROOT
 from tests.crash_child import run_ep
 

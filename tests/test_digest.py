@@ -14,7 +14,7 @@ from ep_store.cli.main import main
 from ep_store.keys import ActivationKey
 from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.harvest import HarvestConfig, harvest
-from ep_store.store.core import Store, logical_digest, vectors_to_arrow
+from ep_store.store import Store, logical_digest, vectors_to_arrow
 from ep_store.store.digest import digest
 
 

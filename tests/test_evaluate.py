@@ -20,7 +20,7 @@ from ep_store.keys import ActivationKey
 from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.corpus import iter_documents
 from ep_store.stages.dictionary import Dictionary
-from ep_store.store.core import Store, arrow_to_vectors
+from ep_store.store import Store, arrow_to_vectors
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused, run_cli
 

@@ -11,7 +11,7 @@ from ep_store.evaluate.features import dictionary_features, occupancy_per_text, 
 from ep_store.evaluate.probe import ProbeConfig, sparse_probe
 from ep_store.keys import DictionaryKey
 from ep_store.stages.dictionary import Dictionary
-from ep_store.store.core import vectors_to_arrow
+from ep_store.store import vectors_to_arrow
 
 D, K, PLANTED = 16, 12, 5
 

@@ -12,7 +12,7 @@ from ep_store.keys import ActivationKey
 from ep_store.stages import harvest as harvest_mod
 from ep_store.stages.corpus import iter_documents
 from ep_store.stages.harvest import HarvestConfig, harvest
-from ep_store.store.core import Store, arrow_to_vectors
+from ep_store.store import Store, arrow_to_vectors
 
 
 def read_all(store_root, key):

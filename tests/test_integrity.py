@@ -23,7 +23,7 @@ from ep_store.kernels.calibrate import calibrate
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.dictionary import Dictionary
-from ep_store.store.core import Store, arrow_to_vectors, rebatch
+from ep_store.store import Store, arrow_to_vectors, rebatch
 from tests.conftest import ROOT, make_tiny_model, train_tokenizer, tree_snapshot
 from tests.test_cli_errors import assert_refused, harvest_args
 

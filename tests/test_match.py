@@ -146,7 +146,7 @@ def narrow_dictionary(store) -> DictionaryKey:
         return narrow
     source = store.activation_path(DictionaryKey("tiny", "base", 1, 10.0).activations)
     table = store.read_table(source)
-    from ep_store.store.core import arrow_to_vectors, vectors_to_arrow
+    from ep_store.store import arrow_to_vectors, vectors_to_arrow
 
     x = arrow_to_vectors(table.column("vector"))[:, :32]
     same_stream = {k: v for k, v in store.info(source).meta.items() if k in ("corpus", "fingerprint")}

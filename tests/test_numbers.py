@@ -29,7 +29,7 @@ from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.dictionary import Dictionary, assign_dataset
 from ep_store.stages.harvest import HarvestConfig, harvest
 from ep_store.stages.vectors import stream_vectors
-from ep_store.store.core import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
 from tests.conftest import ROOT, make_tiny_model, tree_snapshot
 
 SENTENCE = "The quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat today."
@@ -307,7 +307,7 @@ def test_stored_vectors_decode_and_finiteness_by_dtype(dtype):
     numpy's cast, as a writable copy; finite_rows (float16: exponent bits) equals
     np.isfinite on the decoded rows, for NaN, +inf, -inf, the largest finite value and
     a subnormal, in a sliced (offset) Arrow array too."""
-    from ep_store.store.core import arrow_to_tensor, finite_rows
+    from ep_store.store import arrow_to_tensor, finite_rows
 
     x = np.random.default_rng(0).standard_normal((9, 5)).astype(dtype)
     x[1, 2], x[3, 0], x[4, 4] = np.nan, np.inf, -np.inf
@@ -422,7 +422,7 @@ def test_null_vectors_are_missing_rows_not_shifted_rows(tmp_path):
 def test_a_vector_column_of_variable_lists_is_refused_in_one_line(tmp_path):
     """Vectors must be fixed-size lists of floats: a list<float> column is refused where it
     is written (UsageError) and where a build reads it (exit 2, one line, no traceback)."""
-    from ep_store.store.core import META_KEY
+    from ep_store.store import META_KEY
 
     store = Store(tmp_path / "store")
     ragged = pa.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], pa.list_(pa.float32()))

@@ -25,7 +25,7 @@ from ep_store.stages.engines import (
     ray_harvest,
 )
 from ep_store.stages.harvest import HarvestConfig, harvest
-from ep_store.store.core import Store, fragment_ids
+from ep_store.store import Store, fragment_ids
 
 ray = pytest.importorskip("ray")
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ from ep_store.sae import binarise as B
 from ep_store.sql.db import StoreDB
 from ep_store.sql.questions import questions
 from ep_store.stages.build import BuildConfig, build
-from ep_store.store.core import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
 from ep_store.store.streams import DOCUMENTS_KEY, FINGERPRINT_KEY
 from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused

@@ -17,7 +17,7 @@ from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey
 from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.dictionary import Dictionary
-from ep_store.store.core import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
 from tests.conftest import ROOT, tree_snapshot
 
 TINY = "tiny/base/L1/p10"

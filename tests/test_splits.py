@@ -89,7 +89,7 @@ def write_stream(store, key, docs):
     import pyarrow as pa
 
     from ep_store.keys import ActivationKey
-    from ep_store.store.core import vectors_to_arrow
+    from ep_store.store import vectors_to_arrow
 
     doc_id = np.concatenate([np.full(len(d), i) for i, d in enumerate(docs)])
     pos = np.concatenate([np.arange(len(d)) for d in docs])

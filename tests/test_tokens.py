@@ -26,7 +26,7 @@ from ep_store.stages.corpus import (
     tiling_spans,
 )
 from ep_store.stages.harvest import HarvestConfig, harvest
-from ep_store.store.core import Store, arrow_to_vectors
+from ep_store.store import Store, arrow_to_vectors
 from tests.conftest import ROOT, tree_snapshot
 from tests.test_harvest import check_against_hidden_states
 

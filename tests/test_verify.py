@@ -18,7 +18,7 @@ from ep_store.environment import environment
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.harvest import HarvestConfig, harvest
-from ep_store.store.core import META_KEY, Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.store import META_KEY, Store, arrow_to_vectors, vectors_to_arrow
 from ep_store.store.digest import digest
 
 KEY = DictionaryKey("tiny", "base", 1, 10.0)

@@ -14,7 +14,7 @@ from ep_store.cli.main import main
 from ep_store.keys import ActivationKey
 from ep_store.stages.harvest import HarvestConfig, harvest
 from ep_store.stages.writer import BackgroundWriter
-from ep_store.store.core import Store, logical_digest
+from ep_store.store import Store, logical_digest
 
 
 def test_jobs_run_in_order_on_another_thread():

@@ -15,7 +15,7 @@ or a token of new text run through the dictionary's model (``--text``, ``--posit
 
 Two ways to find candidates, one way to rank them:
 - exact scan: stream the activations, float32 similarities, keep the best ``k + EXACT_MARGIN``;
-- index: a Lance vector index over the stored ``u`` (``ep index build``, ep_store.store.core section
+- index: a Lance vector index over the stored ``u`` (``ep index build``, ep_store.store.index
   "vector search indexes"), ``k * candidates`` approximate neighbours.
 Either way the candidates' activations are read back and re-scored in float64
 (``rescore``), so both paths give identical similarities for the same token and the indexed
@@ -25,7 +25,7 @@ The index records the activation dataset's version and row count, the dictionary
 the exemplars/assignments versions it saw; a search refuses a stale index (exit 2) and
 ``ep index build`` rebuilds it.
 
-This module is pure numpy/torch plus calls into ep_store.store.core (the only Lance code).
+This module is pure numpy/torch plus calls into ep_store.store (the only Lance code).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from ep_store.kernels.assign import nearest_exemplar
 from ep_store.kernels.calibrate import unit_directions
 from ep_store.keys import DictionaryKey, to_segment
 from ep_store.stages.dictionary import Dictionary
-from ep_store.store.core import Store, arrow_to_tensor, arrow_to_vectors, vectors_to_arrow
-from ep_store.store.core import core as st
+from ep_store.store import Store, arrow_to_tensor, arrow_to_vectors, vectors_to_arrow
+from ep_store.store import index as st
 
 log = logging.getLogger(__name__)
 

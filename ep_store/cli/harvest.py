@@ -21,7 +21,6 @@ from ep_store.cli.base import (
     ray_config,
     user_errors,
 )
-from ep_store.errors import UsageError
 
 
 @click.command("harvest")
@@ -103,11 +102,10 @@ def store_digest(paths, metrics) -> None:
 @user_errors
 def store_compact(keys, all_, store_path) -> None:
     """Merge small fragments of KEYS (m/c/L6 or m/c/L6/p1) into few; rows, order, versions and tags kept."""
-    from ep_store.store.core import Store
+    from ep_store.store import Store
+    from ep_store.store.fragments import compact_keys
 
-    if bool(keys) == all_:  # TODO(issue 19): into Store.compact_keys once store/core.py's split lands
-        raise UsageError("pass one or more keys (e.g. gemma-3-270m/base/L6) or --all, not both")
-    emit({"compacted": Store(store_path).compact_keys(None if all_ else list(keys))})
+    emit({"compacted": compact_keys(Store(store_path), list(keys), every=all_)})
 
 
 @store.command("verify")

@@ -54,7 +54,7 @@ from ep_store.stages import models
 from ep_store.stages.build import BuildConfig, calibrate_stream
 from ep_store.stages.models import resolve_device
 from ep_store.stages.vectors import stream_vectors
-from ep_store.store.core import Store, arrow_to_tensor, vectors_to_arrow
+from ep_store.store import Store, arrow_to_tensor, vectors_to_arrow
 from ep_store.store.streams import FINGERPRINT_KEY as CORPUS_FINGERPRINT
 from ep_store.store.streams import stream_identity
 

@@ -20,7 +20,7 @@ import torch
 
 from ep_store.keys import DictionaryKey
 from ep_store.stages.dictionary import Dictionary
-from ep_store.store.core import vectors_to_arrow
+from ep_store.store import vectors_to_arrow
 
 log = logging.getLogger(__name__)
 

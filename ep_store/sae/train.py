@@ -38,7 +38,7 @@ from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError, require
 from ep_store.keys import ActivationKey, SAEKey
 from ep_store.stages.models import resolve_device
-from ep_store.store.core import Store, arrow_to_tensor
+from ep_store.store import Store, arrow_to_tensor
 from ep_store.store.streams import stream_identity
 
 log = logging.getLogger(__name__)

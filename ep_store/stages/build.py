@@ -55,7 +55,7 @@ from ep_store.stages.dictionary import assign_dataset
 from ep_store.stages.models import resolve_device
 from ep_store.stages.prefetch import Prefetch
 from ep_store.stages.vectors import BuildInputs, stream_vectors
-from ep_store.store.core import Store, arrow_to_tensor, vectors_to_arrow
+from ep_store.store import Store, arrow_to_tensor, vectors_to_arrow
 from ep_store.store.snapshot import ASSIGNMENTS, EXEMPLARS, META
 
 log = logging.getLogger(__name__)

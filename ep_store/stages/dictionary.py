@@ -31,7 +31,7 @@ from ep_store.kernels.assign import Assignment, nearest_exemplar
 from ep_store.kernels.calibrate import unit_directions, unit_directions_
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.stages.models import resolve_device
-from ep_store.store.core import Store, arrow_to_tensor, commit_fragments
+from ep_store.store import Store, arrow_to_tensor, commit_fragments
 from ep_store.store.snapshot import ASSIGNMENTS, DictionarySnapshot
 
 log = logging.getLogger(__name__)

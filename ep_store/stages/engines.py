@@ -141,7 +141,7 @@ def harvest_shard(spec: dict) -> dict:
     import torch
 
     from ep_store.stages import harvest as h
-    from ep_store.store.core import core as s
+    from ep_store import store as s
 
     torch.set_num_threads(spec["threads"])
     cfg: h.HarvestConfig = spec["config"]
@@ -232,7 +232,7 @@ def assign_shard(spec: dict) -> list[dict]:
     import torch
 
     from ep_store.stages import dictionary as d
-    from ep_store.store.core import core as s
+    from ep_store import store as s
 
     torch.set_num_threads(spec["threads"])
     job = d.AssignJob.open(s.Store(spec["store"]), spec["dictionary"], spec["activations"], "cpu")
@@ -249,7 +249,7 @@ def assign_shard(spec: dict) -> list[dict]:
 def ray_assign(store, dictionary: str, activations: str | None, ray_cfg: RayConfig) -> dict:
     """Assign an activation dataset with Ray tasks, one per group of fragments; one commit."""
     from ep_store.stages import dictionary as d
-    from ep_store.store.core import core as s
+    from ep_store import store as s
 
     start = time.perf_counter()
     job = d.AssignJob.open(store, dictionary, activations, "cpu")

@@ -57,7 +57,8 @@ from ep_store.stages import models
 from ep_store.stages.corpus import Context, iter_contexts, iter_documents, special_prefix
 from ep_store.stages.hostcopy import HostBlock, to_host
 from ep_store.stages.writer import BackgroundWriter
-from ep_store.store.core import META_KEY, Store, commit_fragments, vectors_to_arrow
+from ep_store.store import META_KEY, Store, commit_fragments, vectors_to_arrow
+from ep_store.store.fragments import compact
 from ep_store.store.streams import FINGERPRINT_KEY as CORPUS_FINGERPRINT
 from ep_store.store.streams import corpus_fingerprint
 
@@ -485,7 +486,7 @@ def harvest(cfg: HarvestConfig, store: Store, models_dir: Path, progress: bool =
 def compact_written(cfg: HarvestConfig, store: Store) -> dict:
     """Compact every dataset of ``cfg`` that exists (a compaction version: same rows, same
     order); the caller holds their writer locks."""
-    return {str(k): store.compact(store.activation_path(k)) for k in cfg.keys.values()
+    return {str(k): compact(store, store.activation_path(k)) for k in cfg.keys.values()
             if store.exists(store.activation_path(k))}
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ep_store.errors import UsageError
 from ep_store.kernels.calibrate import degenerate, unit_directions_
-from ep_store.store.core import Store, arrow_to_tensor, finite_rows
+from ep_store.store import Store, arrow_to_tensor, finite_rows
 
 
 def stream_vectors(store: Store, path: Path, batch_rows: int, limit: int | None = None,

@@ -5,7 +5,7 @@ random names and timestamps. Each pipeline stage therefore also records, as a DV
 a digest of what it wrote that depends only on content:
 
 - a Lance dataset: rows and values in stored order, schema without metadata
-  (ep_store.store.core.logical_digest; fragment layout, file names, timestamps do not count);
+  (``logical_digest``; fragment layout, file names, timestamps do not count);
 - a JSON file: its parsed content without run-time measurements (any key naming
   ``seconds``, e.g. ``cpu_seconds``, ``seconds_ratio_sae_over_ep``; keys
   ``*_seconds``, ``*_per_s``, ``*_wait_share``, ``*_idle_share``, ``write_share``,
@@ -25,10 +25,83 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from ep_store import jsonio
 from ep_store.environment import ENVIRONMENT_KEY
 from ep_store.errors import UsageError, check_output_file
-from ep_store.store.core import Store, logical_digest
+from ep_store.store.core import Store
+
+DIGEST_BATCH = 65_536  # rows per scanned batch; any size gives the same digest
+
+
+def logical_digest(path: Path, version: int | str | None = None) -> dict:
+    """A digest of a Lance dataset's logical content: its schema (names and types, not the
+    metadata) and every row's values in stored order.
+
+    Independent of file names, fragment layout, batch boundaries, Lance version numbers and
+    timestamps: the same rows written as one fragment or many, today or tomorrow, give the
+    same digest; any changed, added, dropped or reordered value changes it. Each column
+    feeds its own SHA-256 streams (validity, fixed-width bytes, or lengths + bytes for
+    strings and lists), so batch boundaries cannot move bytes between values.
+
+    Returns ``{"rows": int, "digest": "<sha256 hex>"}``. Raises UsageError if ``path`` is not
+    a Lance dataset.
+    """
+    if not Store.exists(Path(path)):
+        raise UsageError(f"{path} is not a Lance dataset")
+    ds = Store.dataset(Path(path), version)
+    schema = pa.schema([pa.field(f.name, f.type) for f in ds.schema])
+    streams: dict = {}
+    rows = 0
+    for batch in ds.scanner(batch_size=DIGEST_BATCH).to_batches():
+        rows += batch.num_rows
+        for name, column in zip(batch.schema.names, batch.columns):
+            _feed_digest(streams, name, column)
+    total = hashlib.sha256(str(schema).encode() + b"\0" + str(rows).encode())
+    for name in sorted(streams):
+        total.update(name.encode() + b"\0" + streams[name].digest())
+    return {"rows": rows, "digest": total.hexdigest()}
+
+
+def _feed_digest(streams: dict, name: str, array: pa.Array) -> None:
+    """Add one chunk of a column to its digest streams (see logical_digest)."""
+
+    def feed(stream: str, data: bytes) -> None:
+        streams.setdefault(stream, hashlib.sha256()).update(data)
+
+    kind = array.type
+    if pa.types.is_dictionary(kind):
+        array, kind = array.dictionary_decode(), kind.value_type
+    feed(f"{name}.valid", np.asarray(array.is_valid(), dtype=np.bool_).tobytes())
+    if pa.types.is_fixed_size_list(kind):
+        _feed_digest(streams, f"{name}.values", array.flatten())
+    elif pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        lengths = pc.fill_null(pc.list_value_length(array), 0).cast(pa.int64())
+        feed(f"{name}.lengths", lengths.to_numpy(zero_copy_only=False).tobytes())
+        _feed_digest(streams, f"{name}.values", array.flatten())
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_binary(kind) \
+            or pa.types.is_large_binary(kind):
+        values = pc.fill_null(array.cast(pa.large_binary()), b"")
+        lengths = pc.binary_length(values).cast(pa.int64()).to_numpy(zero_copy_only=False)
+        feed(f"{name}.lengths", lengths.tobytes())
+        offsets = np.frombuffer(values.buffers()[1], dtype=np.int64)[values.offset: values.offset + len(values) + 1]
+        if len(values):
+            feed(f"{name}.bytes", values.buffers()[2].to_pybytes()[offsets[0]: offsets[-1]])
+    elif pa.types.is_struct(kind):
+        for i in range(kind.num_fields):
+            _feed_digest(streams, f"{name}.{kind.field(i).name}", array.field(i))
+    elif pa.types.is_boolean(kind):
+        feed(f"{name}.values", np.asarray(pc.fill_null(array, False), dtype=np.bool_).tobytes())
+    elif pa.types.is_primitive(kind):
+        filled = pc.fill_null(array, pa.scalar(0, kind)) if array.null_count else array
+        feed(f"{name}.values", np.ascontiguousarray(filled.to_numpy(zero_copy_only=False)).tobytes())
+    else:  # anything else: a canonical text per value
+        feed(f"{name}.text", "\0".join(repr(v) for v in array.to_pylist()).encode() + b"\0")
+
+
 
 VOLATILE_KEYS = frozenset({"seconds", "write_share", "peak_mib", ENVIRONMENT_KEY})
 VOLATILE_SUFFIXES = ("_seconds", "_per_s", "_wait_share", "_idle_share")

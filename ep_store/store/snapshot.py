@@ -26,13 +26,11 @@ from typing import TYPE_CHECKING
 
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey
+from ep_store.store.layout import ASSIGNMENTS, EXEMPLARS, META
 
 if TYPE_CHECKING:
     from ep_store.store.core import Store
 
-EXEMPLARS = "exemplars.lance"
-ASSIGNMENTS = "assignments.lance"
-META = "meta.json"
 SNAPSHOT_FIELDS = ("tokens", "regions", "stop_reason")  # history entry fields that override the top level
 
 

@@ -36,7 +36,7 @@ import torch
 from ep_store.errors import UsageError
 from ep_store.kernels.calibrate import centered_norms, median_norm
 from ep_store.stages.models import decoder_layers
-from ep_store.store.core import arrow_to_tensor
+from ep_store.store import arrow_to_tensor
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from ep_store.analysis.search import IndexConfig, SearchConfig, build_index, sea
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.dictionary import Dictionary
-from ep_store.store.core import Store, vectors_to_arrow
+from ep_store.store import Store, vectors_to_arrow
 
 log = logging.getLogger(__name__)
 

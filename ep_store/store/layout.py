@@ -1,0 +1,128 @@
+"""Where everything lives in a store: the folder of every key and the file name of every artifact.
+
+This is the one place that knows the store's file names (issue 19, item 3). Other modules ask
+``Store`` for a key's files (``Store.dictionary_files``, ``match_files``, ``sae_files``,
+``sae_compare_files``, ``search_path``) and never spell a ``.lance`` or ``meta.json`` name::
+
+    <store>/
+      activations/<model>/<checkpoint>/L<layer>.lance
+      dictionaries/<model>/<checkpoint>/L<layer>/p<percentile>/
+          meta.json  exemplars.lance  assignments.lance  foreign/<model>/<checkpoint>/L<layer>.lance
+      matches/<a slug>__<b slug>/       meta.json  pairs.lance  overlaps.lance
+      saes/<model>/<checkpoint>/L<layer>/<name>/          meta.json + the SAE library's own files
+      sae_compare/<model>/<checkpoint>/L<layer>/p<percentile>/<sae name>/
+          meta.json  sae_activations.lance  ep_projections.lance  ep_exemplars.lance
+      indexes/<model>/<checkpoint>/L<layer>/p<percentile>.lance
+      searches/<name>.lance
+      .locks/                            writer locks while a command writes (ep_store.store.locks)
+
+A folder's ``meta.json`` is written last: a folder without one is unfinished and readers skip it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ep_store.keys import ActivationKey, DictionaryKey, from_segment
+
+META_KEY = b"ep_store"  # schema-metadata entry holding the JSON that produced a dataset
+
+# top-level folders
+ACTIVATIONS_DIR = "activations"
+DICTIONARIES_DIR = "dictionaries"
+MATCHES_DIR = "matches"
+SAES_DIR = "saes"
+SAE_COMPARE_DIR = "sae_compare"
+INDEXES_DIR = "indexes"
+SEARCHES_DIR = "searches"
+LOCKS_DIR = ".locks"
+
+# files inside a key's folder
+META = "meta.json"
+EXEMPLARS = "exemplars.lance"
+ASSIGNMENTS = "assignments.lance"
+FOREIGN = "foreign"
+PAIRS = "pairs.lance"
+OVERLAPS = "overlaps.lance"
+SAE_ACTIVATIONS = "sae_activations.lance"
+EP_PROJECTIONS = "ep_projections.lance"
+EP_EXEMPLARS = "ep_exemplars.lance"
+LANCE = ".lance"
+
+
+@dataclass(frozen=True)
+class Files:
+    """The folder of one artifact; ``meta`` is its meta.json, written last."""
+
+    folder: Path
+
+    @property
+    def meta(self) -> Path:
+        return self.folder / META
+
+    @property
+    def finished(self) -> bool:
+        """Whether the folder's meta.json exists (a folder without one is unfinished)."""
+        return self.meta.is_file()
+
+
+@dataclass(frozen=True)
+class DictionaryFiles(Files):
+    """A dictionary's folder: meta.json, exemplars, assignments and foreign assignments."""
+
+    @property
+    def exemplars(self) -> Path:
+        return self.folder / EXEMPLARS
+
+    @property
+    def assignments(self) -> Path:
+        return self.folder / ASSIGNMENTS
+
+    def foreign(self, activations: ActivationKey) -> Path:
+        """The dictionary's assignments over another activation dataset."""
+        return self.folder / FOREIGN / activations.relpath()
+
+    def foreign_paths(self) -> list[tuple[ActivationKey, Path]]:
+        """(activations, path) of every foreign assignments dataset folder, sorted by path."""
+        found = []
+        for path in sorted((self.folder / FOREIGN).glob(f"*/*/L*{LANCE}")):
+            key = ActivationKey(from_segment(path.parent.parent.name), from_segment(path.parent.name),
+                                int(path.stem[1:]))
+            found.append((key, path))
+        return found
+
+
+@dataclass(frozen=True)
+class MatchFiles(Files):
+    """A match's folder: meta.json, the region pairs and (membership matches) the overlaps."""
+
+    @property
+    def pairs(self) -> Path:
+        return self.folder / PAIRS
+
+    @property
+    def overlaps(self) -> Path:
+        return self.folder / OVERLAPS
+
+
+@dataclass(frozen=True)
+class SAECompareFiles(Files):
+    """The tables of one ``ep sae compare`` run."""
+
+    @property
+    def sae_activations(self) -> Path:
+        return self.folder / SAE_ACTIVATIONS
+
+    @property
+    def ep_projections(self) -> Path:
+        return self.folder / EP_PROJECTIONS
+
+    @property
+    def ep_exemplars(self) -> Path:
+        return self.folder / EP_EXEMPLARS
+
+
+def match_name(a: DictionaryKey, b: DictionaryKey | None) -> str:
+    """The folder name of the match of ``a`` against ``b`` (``b`` None: a glob of every match of ``a``)."""
+    return f"{a.slug()}__{'*' if b is None else b.slug()}"
