@@ -8,20 +8,12 @@ import pytest
 import torch
 
 from ep_store.errors import UsageError
+from ep_store.kernels.edits import ablate, orthonormal_basis, steer
 from ep_store.stages import models
 from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.dictionary import Dictionary
 from ep_store.store.core import Store
-from ep_store.studies.intervene import (
-    Edit,
-    ablate,
-    ablation,
-    intervene,
-    orthonormal_basis,
-    steer,
-    steering,
-    steering_scale,
-)
+from ep_store.studies.intervene import Edit, ablation, intervene, steering, steering_scale
 
 LAYER = 1
 
@@ -94,6 +86,18 @@ def test_steer_adds_alpha_scale_d():
     x = torch.randn(2, 4, 8, dtype=torch.float64)
     d = torch.nn.functional.normalize(torch.randn(8, dtype=torch.float64), dim=0)
     torch.testing.assert_close(steer(x, d, 2.5, 3.0) - x, (7.5 * d).expand_as(x))
+
+
+def test_edits_refuse_bad_arguments_with_value_error():
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="Q_DK has width 6"):
+        ablate(x, torch.zeros(6, 1), torch.zeros(8))
+    with pytest.raises(ValueError, match="c_D has width 6"):
+        ablate(x, torch.zeros(8, 1), torch.zeros(6))
+    with pytest.raises(ValueError, match="d_D has width 4"):
+        steer(x, torch.ones(4), 1.0, 1.0)
+    with pytest.raises(ValueError, match="2-D"):
+        orthonormal_basis(torch.ones(8))
 
 
 # -- hooks on a model -----------------------------------------------------------------------------

@@ -64,6 +64,11 @@ class Dictionary:
     def width(self) -> int:
         return self.exemplars.shape[1]
 
+    @property
+    def mean_directions(self) -> torch.Tensor:
+        """M_KD: each region's mean-member direction (float32), in region order like ``exemplars``."""
+        return arrow_to_tensor(self.table.column("mean_direction"))
+
     def __len__(self) -> int:
         return self.exemplars.shape[0]
 

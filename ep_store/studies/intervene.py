@@ -1,12 +1,14 @@
 """Interventions along EP regions: ablation and steering at the output of decoder block L
 (issue 9; DESIGN.md "Intervention"; paper section on refusal).
 
-The arithmetic is pure torch (shapes: B batch, T positions, D width, K directions):
+An intervention is a pure edit plus a hook. The edit is pure torch arithmetic in
+ep_store.kernels.edits (shapes: B batch, T positions, D width, K directions):
 
     ablate(x_BTD, Q_DK, c_D) = (x - c) - ((x - c) Q) Q^T + c       Q: orthonormal columns (QR)
     steer(x_BTD, d_D, alpha, scale) = x + alpha * scale * d         d: unit direction
 
-and ``intervene(net, edits)`` is a context manager that registers one forward hook per edit
+This module binds edits to a dictionary's regions and a layer (``ablation``, ``steering``), and
+``intervene(net, edits)`` is a context manager that registers one forward hook per edit
 on decoder block ``edit.layer`` (the point harvest reads: TransformerLens
 ``blocks.L.hook_resid_post``), so the edit applies at every position and every generation
 step, and removes every handle in ``finally``. Edits compose: several dictionaries and
@@ -35,41 +37,13 @@ import torch
 
 from ep_store.errors import UsageError
 from ep_store.kernels.calibrate import centered_norms, median_norm
+from ep_store.kernels.edits import ablate, orthonormal_basis, steer
 from ep_store.stages.models import decoder_layers
-from ep_store.store import arrow_to_tensor
 
 log = logging.getLogger(__name__)
 
 BASES = ("exemplar", "mean")
 """Region directions: the exemplar (default) or the region's mean-member direction."""
-
-
-# -- the pure edits -------------------------------------------------------------------------------
-def ablate(x_BTD: torch.Tensor, Q_DK: torch.Tensor, c_D: torch.Tensor) -> torch.Tensor:
-    """Remove the span of ``Q``'s orthonormal columns from ``x - c``: (x-c) - ((x-c)Q)Q^T + c.
-
-    Works for any leading shape (``x_...D``); computes in ``x``'s dtype. The component of
-    ``x`` along ``Q`` becomes the center's component; the orthogonal part is unchanged.
-    """
-    centered = x_BTD - c_D
-    return centered - (centered @ Q_DK) @ Q_DK.T + c_D
-
-
-def steer(x_BTD: torch.Tensor, d_D: torch.Tensor, alpha: float, scale: float) -> torch.Tensor:
-    """Add ``alpha * scale * d``: ``alpha`` in units of the layer's typical ``|a - c|`` (``scale``)."""
-    return x_BTD + (alpha * scale) * d_D
-
-
-def orthonormal_basis(V_KD: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
-    """Q_DK' with orthonormal columns spanning the rows of ``V`` (reduced QR in float64).
-
-    Directions that lie in the span of earlier ones are dropped (K' <= K).
-    """
-    if V_KD.shape[0] == 0:
-        return torch.zeros(V_KD.shape[1], 0, dtype=torch.float32)
-    Q, R = torch.linalg.qr(V_KD.to(torch.float64).T)
-    keep = R.diagonal().abs() > tol * R.diagonal().abs().max().clamp_min(1e-300)
-    return Q[:, keep].to(torch.float32)
 
 
 # -- edits bound to a layer -----------------------------------------------------------------------
@@ -120,10 +94,7 @@ def region_directions(dictionary, regions: Sequence[int], basis: str = "exemplar
     bad = [r for r in regions if not 0 <= int(r) < n]
     if bad:
         raise UsageError(f"region {bad[0]} is out of range: {dictionary.key} has regions 0..{n - 1}")
-    if basis == "exemplar":
-        vectors = dictionary.exemplars
-    else:
-        vectors = arrow_to_tensor(dictionary.table.column("mean_direction"))
+    vectors = dictionary.exemplars if basis == "exemplar" else dictionary.mean_directions
     # The exemplar table is written in region order (region_id = row), which Dictionary keeps.
     return vectors[torch.as_tensor([int(r) for r in regions], dtype=torch.long)]
 
