@@ -19,8 +19,10 @@ import torch
 
 from ep_store import jsonio
 from ep_store.stages import models
+from ep_store.stages.capture import batch_inputs, batched
 from ep_store.stages.corpus import iter_contexts, iter_documents
-from ep_store.stages.harvest import HarvestConfig, batch_inputs, batched, harvest, take_tokens
+from ep_store.stages.harvest import HarvestConfig, harvest
+from ep_store.stages.plan import take_tokens
 from ep_store.store.core import Store
 
 

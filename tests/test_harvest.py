@@ -9,7 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ep_store.keys import ActivationKey
-from ep_store.stages import harvest as harvest_mod
+from ep_store.stages import models
+from ep_store.stages.capture import LayerCapture
 from ep_store.stages.corpus import iter_documents
 from ep_store.stages.harvest import HarvestConfig, harvest
 from ep_store.store import Store, arrow_to_vectors
@@ -115,12 +116,12 @@ def test_interrupted_harvest_resumes_exactly(models_dir, tmp_path, monkeypatch):
 
 def test_forward_stops_after_deepest_layer(models_dir):
     net = AutoModelForCausalLM.from_pretrained(models_dir / "tiny" / "base").eval()
-    blocks = harvest_mod.models.decoder_layers(net)
+    blocks = models.decoder_layers(net)
     ran = []
     handles = [b.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
     head_calls = []
     handles.append(net.lm_head.register_forward_hook(lambda *a: head_calls.append(1)))
-    capture = harvest_mod.LayerCapture(blocks, [0, 1])
+    capture = LayerCapture(blocks, [0, 1])
     out = capture.run(net, torch.tensor([[1, 5, 6, 7]]), torch.ones(1, 4, dtype=torch.long))
     capture.remove()
     for h in handles:

@@ -25,7 +25,7 @@ from ep_store.stages.corpus import (
     iter_documents,
     piece_bounds,
 )
-from ep_store.stages.harvest import HarvestConfig, take_tokens
+from ep_store.stages.plan import HarvestConfig, take_tokens
 from ep_store.store.core import Store
 from ep_store.studies.generate import read_prompts
 from tests.conftest import tree_snapshot

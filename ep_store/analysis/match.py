@@ -33,7 +33,7 @@ from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey
 from ep_store.sql.db import StoreDB, ask_pair
 from ep_store.stages.dictionary import Dictionary
-from ep_store.store.core import Store
+from ep_store.store import MatchFiles, Store
 from ep_store.store.snapshot import match_record
 from ep_store.store.streams import require_same_stream
 
@@ -133,12 +133,13 @@ def match(cfg: MatchConfig, store: Store) -> dict:
     killed run never leaves a meta.json that describes tables it did not finish.
     """
     a, b = DictionaryKey.parse(cfg.a), DictionaryKey.parse(cfg.b)
-    folder = store.matches_dir(f"{a.slug()}__{b.slug()}")
-    with store.lock(folder, f"match {a} -> {b}"):
-        return _match_locked(cfg, store, a, b, folder)
+    files = store.match_files(a, b)
+    with store.lock(files.folder, f"match {a} -> {b}"):
+        return _match_locked(cfg, store, a, b, files)
 
 
-def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: DictionaryKey, folder) -> dict:
+def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: DictionaryKey,
+                  files: MatchFiles) -> dict:
     start = time.perf_counter()
     da, db_ = Dictionary.load(store, a), Dictionary.load(store, b)
     if cfg.method == "vector" and da.width != db_.width:
@@ -183,12 +184,12 @@ def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: Dictionar
     for s in range(len(db_)):
         if s not in kept_b:
             rows.append(_row(a, b, None, s, None, da.theta, None, "introduced"))
-    store.remove(folder / "meta.json")
-    versions = {"pairs_version": store.write_table(folder / "pairs.lance", pa.Table.from_pylist(rows, schema=PAIR_SCHEMA))}
+    store.remove(files.meta)
+    versions = {"pairs_version": store.write_table(files.pairs, pa.Table.from_pylist(rows, schema=PAIR_SCHEMA))}
     if overlaps is None:
-        store.remove(folder / "overlaps.lance")  # a stale table of an earlier membership match
+        store.remove(files.overlaps)  # a stale table of an earlier membership match
     else:
-        versions["overlaps_version"] = store.write_table(folder / "overlaps.lance", pa.table({
+        versions["overlaps_version"] = store.write_table(files.overlaps, pa.table({
             "a": [str(a)] * len(overlaps.region_a), "b": [str(b)] * len(overlaps.region_a),
             "region_a": overlaps.region_a.astype(np.int32), "region_b": overlaps.region_b.astype(np.int32),
             "overlap": overlaps.overlap, "precision": overlaps.precision, "recall": overlaps.recall,
@@ -206,9 +207,9 @@ def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: Dictionar
                "matched_cosines": [round(c, 4) for _, _, c in pairs if c is not None],
                "seconds": round(time.perf_counter() - start, 3), "config": asdict(cfg), **versions,
                ENVIRONMENT_KEY: environment()}  # issue 18, E14.1; digests skip it
-    store.write_json(folder / "meta.json", summary)
+    store.write_json(files.meta, summary)
     return {k: v for k, v in summary.items() if k not in ("matched_cosines", "config", ENVIRONMENT_KEY)} \
-        | {"out": str(folder)}
+        | {"out": str(files.folder)}
 
 
 def _read_together(sql: StoreDB, *dictionaries: Dictionary) -> None:

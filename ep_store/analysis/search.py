@@ -174,6 +174,7 @@ def parse_token(text: str) -> tuple[int, int]:
     m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", text)
     if not m:
         raise UsageError(f"--token {text!r} must look like DOC_ID:POS with non-negative integers, e.g. 12:40")
+    from ep_store.stages.plan import HarvestConfig
     doc_id, pos = int(m.group(1)), int(m.group(2))
     # doc_id is an int64 column, pos an int32 one: larger numbers fail inside Lance (issue 18, C7)
     check_range(doc_id, f"--token {text.strip()}: DOC_ID", 0, INT64_MAX)
@@ -281,17 +282,18 @@ def text_activation(cfg: SearchConfig, store: Store, d: Dictionary) -> tuple[np.
     """(x_1D, token text): the dictionary's model run on ``cfg.text`` through harvest's code path.
 
     Contexts of the dataset's ``ctx`` (ep_store.stages.corpus.iter_contexts), its BOS prefix, compute
-    and storage dtypes, and harvest's own BatchRunner (hook, storage rounding), so the text of
-    a stored document gives exactly its stored rows.
+    and storage dtypes, and the harvest's own BatchRunner (ep_store.stages.capture: hook, storage
+    rounding), so the text of a stored document gives exactly its stored rows.
     """
-    from ep_store.stages import harvest, models
+    from ep_store.stages import models
+    from ep_store.stages.capture import BatchRunner
     from ep_store.stages.corpus import Document, iter_contexts
 
     meta = Store.info(store.activation_path(d.key.activations)).meta
     key = d.key
-    hcfg = harvest.HarvestConfig(key.model, key.checkpoint, (key.layer,), ctx=int(meta.get("ctx", 128)),
-                                 device="cpu", dtype=meta.get("dtype", "float32"),
-                                 storage_dtype=meta.get("storage_dtype", "float32"), bos=meta.get("bos", "auto"))
+    hcfg = HarvestConfig(key.model, key.checkpoint, (key.layer,), ctx=int(meta.get("ctx", 128)),
+                         device="cpu", dtype=meta.get("dtype", "float32"),
+                         storage_dtype=meta.get("storage_dtype", "float32"), bos=meta.get("bos", "auto"))
     tokenizer = models.load_tokenizer(key.model, key.checkpoint, cfg.models_dir)
     contexts = list(iter_contexts([Document(0, "query", cfg.text)], tokenizer, hcfg.ctx))
     n = sum(len(c.token_ids) for c in contexts)
@@ -302,7 +304,7 @@ def text_activation(cfg: SearchConfig, store: Store, d: Dictionary) -> tuple[np.
     index = cfg.position % n
     context = contexts[index // hcfg.ctx]
     prefix = meta["prefix_ids"] if "prefix_ids" in meta else hcfg.prefix_ids(tokenizer)
-    runner = harvest.BatchRunner(hcfg, cfg.models_dir, prefix)
+    runner = BatchRunner(hcfg, cfg.models_dir, prefix)
     try:
         table = runner.tables([context], [key.layer])[key.layer]
     finally:
@@ -407,9 +409,7 @@ def build_index(cfg: IndexConfig, store: Store) -> dict:
     Raises UsageError for an unknown dictionary or missing activations.
     """
     d = Dictionary.load(store, cfg.key)
-    source = store.activation_path(d.key.activations)
-    if not store.exists(source):
-        raise UsageError(f"no activations {d.key.activations} in {store.root}; run ep harvest first")
+    source = store.require_activations(d.key.activations)
     state = index_state(store, d)
     path = st.index_path(store, d.key)
     params, nprobes = index_params(cfg, state["activations_rows"], state["width"])

@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 from ep_store.errors import UsageError
 from ep_store.stages import models
+from ep_store.stages.capture import LayerCapture, batch_inputs, batched
 from ep_store.stages.corpus import Context, Document, iter_contexts
-from ep_store.stages.harvest import LayerCapture, batch_inputs, batched
 
 log = logging.getLogger(__name__)
 

@@ -215,10 +215,7 @@ def sae_training_flops(d_in: int, width: int, tokens: int) -> float:
 def train_sae(cfg: SAETrainConfig, store: Store, progress: bool = True, curves_path: Path | None = None) -> dict:
     """Train, save and describe one SAE; returns the run summary. Raises UsageError on bad input."""
     key = cfg.key
-    source = store.activation_path(key.activations)
-    if not store.exists(source):
-        known = ", ".join(str(k) for k in store.list_activations()) or "none"
-        raise UsageError(f"no activations {key.activations} in {store.root} (known: {known}); run ep harvest first")
+    source = store.require_activations(key.activations)
     folder = store.sae_dir(key)
     if folder.exists() and not cfg.overwrite:
         raise UsageError(f"SAE {key} exists at {folder}; pass --overwrite to replace it")

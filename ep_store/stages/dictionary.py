@@ -131,9 +131,7 @@ class AssignJob:
         dictionary = Dictionary.load(store, key)
         target = key.activations if activations is None else (
             activations if isinstance(activations, ActivationKey) else ActivationKey.parse(activations))
-        source = store.activation_path(target)
-        if not store.exists(source):
-            raise UsageError(f"no activations {target} in {store.root}; run ep harvest first")
+        source = store.require_activations(target)
         info = store.info(source)
         if info.width != dictionary.width:
             raise UsageError(f"{target} has width {info.width} but {key} has width {dictionary.width}; "

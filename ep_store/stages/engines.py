@@ -6,11 +6,13 @@ shard in a Ray task that writes uncommitted Lance fragments, and commits every d
 fragments in **one** commit, in stream order, from the driver:
 
 - harvest: the stream of contexts is planned on the driver exactly as the local path plans
-  it (same corpus, tokenizer, batches, resume offsets), split into contiguous runs of
-  batches, and each task loads the model once and runs `harvest.forward_tables` on its
-  batches: the computation per batch is the local one, so rows and vectors are equal.
-- assign: one task per group of activation fragments runs `dictionary.assign_batch` on
-  every record batch of its fragments; the assignments dataset is created in one commit.
+  it (`ep_store.stages.plan.plan`: same corpus, tokenizer, batches, resume offsets), split
+  into contiguous runs of batches, and each task loads the model once and runs
+  `ep_store.stages.capture.BatchRunner.tables` on its batches: the computation per batch is
+  the local one, so rows and vectors are equal. After the commit every dataset is compacted,
+  as the local path does (`ep_store.stages.harvest.compact_written`).
+- assign: one task per group of activation fragments runs `dictionary.AssignJob.assign_batch`
+  on every record batch of its fragments; the assignments dataset is created in one commit.
 
 Why Lance's fragment API inside Ray tasks rather than lance-ray's `LanceDatasink`: one
 forward pass of a harvest shard yields rows for several datasets (one per layer), which a
@@ -140,12 +142,12 @@ def harvest_shard(spec: dict) -> dict:
     """
     import torch
 
-    from ep_store.stages import harvest as h
-    from ep_store import store as s
+    from ep_store.stages.capture import BatchRunner
+    from ep_store.store import write_fragments
 
     torch.set_num_threads(spec["threads"])
-    cfg: h.HarvestConfig = spec["config"]
-    runner = h.BatchRunner(cfg, spec["models_dir"], spec["prefix_ids"])
+    cfg = spec["config"]
+    runner = BatchRunner(cfg, spec["models_dir"], spec["prefix_ids"])
     fragments = {layer: [] for layer in cfg.layers}
     pending: dict[int, list[pa.Table]] = {layer: [] for layer in cfg.layers}
     forward_s = write_s = 0.0
@@ -153,7 +155,7 @@ def harvest_shard(spec: dict) -> dict:
 
     def flush(layer: int) -> None:
         if pending[layer]:
-            fragments[layer] += s.write_fragments(Path(spec["paths"][layer]), pa.concat_tables(pending[layer]))
+            fragments[layer] += write_fragments(Path(spec["paths"][layer]), pa.concat_tables(pending[layer]))
             pending[layer] = []
 
     try:
@@ -181,19 +183,22 @@ def harvest_shard(spec: dict) -> dict:
 def ray_harvest(cfg, store, models_dir: Path, ray_cfg: RayConfig, progress: bool = True) -> dict:
     """Harvest ``cfg`` with Ray tasks; one commit per layer. Same rows as the local path.
 
-    Holds every key's writer lock for the whole job, like the local path; raises
+    Holds every key's writer lock for the whole job, like the local path, and compacts each
+    dataset after its commit as the local path does (summary ``compaction``); raises
     UsageError for bad input (before any task starts) or a resume of another stream."""
-    from ep_store.stages.harvest import writer_locks
+    from ep_store.stages.harvest import compact_written, writer_locks
 
     with writer_locks(cfg, store):
-        return _ray_harvest_locked(cfg, store, models_dir, ray_cfg)
+        summary = _ray_harvest_locked(cfg, store, models_dir, ray_cfg)
+        summary["compaction"] = compact_written(cfg, store)
+    return summary
 
 
 def _ray_harvest_locked(cfg, store, models_dir: Path, ray_cfg: RayConfig) -> dict:
-    from ep_store.stages import harvest as h
+    from ep_store.stages.plan import plan as make_plan
 
     start = time.perf_counter()
-    plan = h.plan(cfg, store, models_dir)
+    plan = make_plan(cfg, store, models_dir)
     work = plan.todo()
     if not work:
         return plan.summary(new_tokens=0, seconds=time.perf_counter() - start)
@@ -232,28 +237,28 @@ def assign_shard(spec: dict) -> list[dict]:
     import torch
 
     from ep_store.stages import dictionary as d
-    from ep_store import store as s
+    from ep_store.store import Store, scan_fragment, write_fragments
 
     torch.set_num_threads(spec["threads"])
-    job = d.AssignJob.open(s.Store(spec["store"]), spec["dictionary"], spec["activations"], "cpu")
+    job = d.AssignJob.open(Store(spec["store"]), spec["dictionary"], spec["activations"], "cpu")
     out = Path(spec["out"])
     written = []
     for fragment_id in spec["fragment_ids"]:
-        batches = [job.assign_batch(b) for b in s.scan_fragment(job.source, fragment_id, d.ASSIGN_COLUMNS,
-                                                                 version=job.source_version)]
+        batches = [job.assign_batch(b) for b in scan_fragment(job.source, fragment_id, d.ASSIGN_COLUMNS,
+                                                               version=job.source_version)]
         if batches:
-            written += s.write_fragments(out, pa.Table.from_batches(batches, schema=job.schema))
+            written += write_fragments(out, pa.Table.from_batches(batches, schema=job.schema))
     return written
 
 
 def ray_assign(store, dictionary: str, activations: str | None, ray_cfg: RayConfig) -> dict:
     """Assign an activation dataset with Ray tasks, one per group of fragments; one commit."""
     from ep_store.stages import dictionary as d
-    from ep_store import store as s
+    from ep_store.store import fragment_ids
 
     start = time.perf_counter()
     job = d.AssignJob.open(store, dictionary, activations, "cpu")
-    ids = s.fragment_ids(job.source, job.source_version)
+    ids = fragment_ids(job.source, job.source_version)
     shards = contiguous_shards(ids, [1] * len(ids), ray_cfg.workers)
     with ray_session(ray_cfg) as ray:
         task = ray.remote(assign_shard).options(num_cpus=1, max_retries=ray_cfg.max_retries)

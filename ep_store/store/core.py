@@ -250,6 +250,16 @@ class Store:
             keys.append(ActivationKey(from_segment(model), from_segment(checkpoint), int(path.stem[1:])))
         return sorted(keys)
 
+    def require_activations(self, key: ActivationKey) -> Path:
+        """The path of activation dataset ``key``; UsageError (exit 2) naming the datasets the
+        store holds when it has no such dataset (every command that reads activations says so
+        the same way; issue 19)."""
+        path = self.activation_path(key)
+        if not self.exists(path):
+            known = ", ".join(str(k) for k in self.list_activations()) or "none"
+            raise UsageError(f"no activations {key} in {self.root} (known: {known}); run ep harvest first")
+        return path
+
     # -- dictionaries --------------------------------------------------------------------------
     def dictionary_snapshot(self, key: DictionaryKey, as_of: int | str | None = None, missing_ok: bool = False):
         """The ``DictionarySnapshot`` of ``key`` at a tag or version (None: the published build):

@@ -19,7 +19,7 @@ the length of that list. Hence:
   one's rows, a prefix of the same document list) pair up;
 - any change to any document's text (or to the list) changes it, even in documents the
   budget never reached; a resume whose corpus changed that way is refused at harvest
-  (``harvest.check_fingerprints``), because the dataset's rows would then come from two
+  (``ep_store.stages.plan.check_fingerprints``), because the dataset's rows would then come from two
   document lists under one fingerprint;
 - texts, not tokens: two models with different tokenizers over one corpus are the same
   stream (membership matching then joins on character spans).
@@ -66,10 +66,7 @@ def stream_identity(store: Store, key: ActivationKey) -> dict:
     """The corpus identity an activation dataset recorded at harvest: ``corpus`` (the spec),
     ``corpus_fingerprint`` and ``corpus_documents`` (the last two None when it predates them).
     Raises UsageError when there is no such dataset."""
-    path = store.activation_path(key)
-    if not store.exists(path):
-        known = ", ".join(str(k) for k in store.list_activations()) or "none"
-        raise UsageError(f"no activations {key} in {store.root} (known: {known}); run ep harvest first")
+    path = store.require_activations(key)
     meta = store.info(path).meta
     recorded = meta.get("fingerprint") or {}
     return {"corpus": meta.get("corpus"), FINGERPRINT_KEY: recorded.get(FINGERPRINT_KEY),
