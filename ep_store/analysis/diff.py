@@ -37,8 +37,8 @@ def step_series(db: StoreDB, a: DictionaryKey, b: DictionaryKey, models_dir: Pat
     store, series = db.store, []
     final = models_dir / b.model / b.checkpoint / "finetune.json"
     final_step = json.loads(final.read_text())["steps"] if final.is_file() else None
-    for meta_path in sorted((store.root / "matches").glob(f"{a.slug()}__*/meta.json")):
-        meta = store.read_json(meta_path)
+    for files in store.list_matches(a):
+        meta = store.read_json(files.meta)
         other = DictionaryKey.parse(meta["b"])
         if (other.model, other.layer, other.percentile) != (b.model, b.layer, b.percentile) \
                 or other not in db.snapshots:
@@ -90,10 +90,10 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
     check_options({"context": context, "top": top})
     store = Store(store_path)
     ka, kb = DictionaryKey.parse(a), DictionaryKey.parse(b)
-    folder = store.matches_dir(f"{ka.slug()}__{kb.slug()}")
-    if not (folder / "meta.json").is_file():
+    files = store.match_files(ka, kb)
+    if not files.finished:
         match(MatchConfig(a, b, cutoff=cutoff), store)
-    meta = store.read_json(folder / "meta.json")
+    meta = store.read_json(files.meta)
     if meta.get("membership_by") is not None:  # token flows pair both streams (issue 18, A3)
         require_same_stream(store, ka.activations, kb.activations, f"diff of {ka} and {kb} (its token flows)",
                             f"or rematch by vector only: ep match {ka} {kb} --method vector")
