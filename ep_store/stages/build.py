@@ -219,10 +219,7 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
     unpublished version that readers ignore and the rerun supersedes (issue 8, A3 and G).
     """
     key = cfg.key
-    source = store.activation_path(key.activations)
-    if not store.exists(source):
-        known = ", ".join(str(k) for k in store.list_activations()) or "none"
-        raise UsageError(f"no activations {key.activations} in {store.root} (known: {known}); run ep harvest first")
+    source = store.require_activations(key.activations)
     folder = store.dictionary_dir(key)
     with store.lock(folder, f"dictionary {key}"):
         return _build_locked(cfg, store, source, folder, assign, progress)
