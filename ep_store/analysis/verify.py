@@ -43,12 +43,12 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 from ep_store import jsonio
 from ep_store.analysis.match import vector_match
 from ep_store.errors import UsageError
-from ep_store.store import Store, arrow_to_vectors, logical_digest
+from ep_store.store import DictionaryFiles, Store, arrow_to_vectors, logical_digest
 from ep_store.store.digest import digest, stable
+from ep_store.store.layout import ASSIGNMENTS, EXEMPLARS, FOREIGN, META
 from ep_store.store.snapshot import assignments_version
 
 VERDICTS = ("identical", "equivalent", "different")
-EXEMPLARS, META, ASSIGNMENTS = "exemplars.lance", "meta.json", "assignments.lance"
 SCAN_ROWS = 65_536  # rows compared at a time (bounded memory)
 
 
@@ -140,14 +140,15 @@ def _outputs(root: Path) -> dict[str, str]:
 
 
 def _is_dictionary(path: Path) -> bool:
-    return path.is_dir() and Store.exists(path / EXEMPLARS) and (path / META).is_file()
+    files = DictionaryFiles(path)
+    return path.is_dir() and Store.exists(files.exemplars) and files.finished
 
 
 def _kind(path: Path) -> str:
     if _is_dictionary(path):
         return "dictionary"
     if Store.exists(path):
-        return "assignments" if path.name == ASSIGNMENTS or "foreign" in path.parts else "lance"
+        return "assignments" if path.name == ASSIGNMENTS or FOREIGN in path.parts else "lance"
     return "json" if path.suffix == ".json" else "file"
 
 
@@ -177,10 +178,10 @@ def _same_digests(a: Path, b: Path, kind: str) -> bool:
             logical_digest(a, va)["digest"] == logical_digest(b, vb)["digest"]
     if kind != "dictionary":
         return digest(a)["digest"] == digest(b)["digest"]
-    published = [logical_digest(p / EXEMPLARS, json.loads((p / META).read_text()).get("exemplars_version"))
-                 for p in (a, b)]
+    fa, fb = DictionaryFiles(a), DictionaryFiles(b)
+    published = [logical_digest(f.exemplars, Store.read_json(f.meta).get("exemplars_version")) for f in (fa, fb)]
     return published[0]["digest"] == published[1]["digest"] and \
-        digest(a / META)["digest"] == digest(b / META)["digest"]
+        digest(fa.meta)["digest"] == digest(fb.meta)["digest"]
 
 
 # -- Lance datasets ---------------------------------------------------------------------------------
@@ -255,8 +256,9 @@ class RegionMatch(NamedTuple):
 
 def _exemplars(folder: Path) -> tuple[dict, np.ndarray]:
     """(meta, E_KD float64) of a dictionary folder, at the version its meta.json publishes."""
-    meta = json.loads((folder / META).read_text())
-    table = Store.read_table(folder / EXEMPLARS, ["exemplar"], version=meta.get("exemplars_version"))
+    files = DictionaryFiles(folder)
+    meta = Store.read_json(files.meta)
+    table = Store.read_table(files.exemplars, ["exemplar"], version=meta.get("exemplars_version"))
     return meta, arrow_to_vectors(table.column("exemplar"), np.float64)
 
 
@@ -362,5 +364,5 @@ def published_assignments(folder: Path, path: Path) -> tuple[int | None, str]:
     the dictionary ``folder``, read outside a store's layout (``ep store verify``): the version
     written from the exemplars the folder's meta.json publishes, or (None, why not in one line)
     (issue 18, A1)."""
-    meta = Store.read_json(folder / META)
+    meta = Store.read_json(DictionaryFiles(folder).meta)
     return assignments_version(Store(folder), meta.get("key", folder), path, meta["exemplars_version"], "latest")
