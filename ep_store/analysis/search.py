@@ -559,6 +559,6 @@ def save_result(store: Store, cfg: SearchConfig, key: DictionaryKey, query: Quer
         "query": pa.array([query.label] * n, pa.string()), "query_region": pa.array([query.region] * n, pa.int32()),
         **{name: table.column(name) for name in table.column_names},
     })
-    path = st.searches_dir(store) / f"{to_segment(cfg.save)}.lance"
+    path = st.search_path(store, cfg.save)
     store.write_table(path, keyed)
     return str(path)
