@@ -72,8 +72,21 @@ def test_ray_harvest_equals_local_row_for_row(ray_local, tmp_path, models_dir):
     assert summary["workers"] == 2
     for layer in (1, 2):
         assert_same_rows(rows(local, layer), rows(distributed, layer))
-        info = distributed.info(distributed.activation_path(ActivationKey("tiny", "base", layer)))
-        assert info.versions == 1  # one commit per layer
+        assert summary["versions"][f"tiny/base/L{layer}"] == 1  # one commit per layer (then its compaction)
+
+
+def test_ray_harvest_compacts_after_its_commit(ray_local, tmp_path, models_dir):
+    """Like the local harvest (compact_written), the Ray harvest compacts each dataset after its
+    one commit: the shards' fragments become one, same rows in the same order (issue 19)."""
+    store = Store(tmp_path / "ray")
+    summary = ray_harvest(config(max_tokens=600, layers=(1,)), store, models_dir, RayConfig(workers=2),
+                          progress=False)
+    path = store.activation_path(ActivationKey("tiny", "base", 1))
+    committed = summary["versions"]["tiny/base/L1"]
+    assert len(fragment_ids(path, committed)) == 2  # one per shard
+    assert summary["compaction"]["tiny/base/L1"]["fragments_before"] == 2
+    assert len(fragment_ids(path)) == 1 and store.info(path).version > committed
+    assert store.read_table(path).equals(store.read_table(path, version=committed))
 
 
 def test_ray_harvest_resumes_a_partial_harvest_as_the_local_path_does(ray_local, tmp_path, models_dir):
@@ -113,8 +126,12 @@ def test_driver_killed_before_commit_leaves_the_previous_version(ray_local, tmp_
         assert_same_rows(rows(local, layer), rows(store, layer))
 
 
-def test_ray_assign_equals_local_assign(ray_local, tmp_path, models_dir):
-    store = Store(tmp_path / "store")  # harvested by Ray: one fragment per shard, so two tasks
+def test_ray_assign_equals_local_assign(ray_local, tmp_path, models_dir, monkeypatch):
+    from ep_store.stages import harvest as harvest_module
+
+    # Harvested by Ray with compaction off: one fragment per shard, so two assign tasks.
+    monkeypatch.setattr(harvest_module, "compact_written", lambda cfg, store: {})
+    store = Store(tmp_path / "store")
     ray_harvest(config(max_tokens=2500, layers=(1,)), store, models_dir, RayConfig(workers=2), progress=False)
     assert len(fragment_ids(store.activation_path(ActivationKey("tiny", "base", 1)))) >= 2
     build(BuildConfig("tiny", "base", 1, 10.0, calibration_batch=256, batch_size=256), store,
