@@ -145,7 +145,7 @@ def test_refusal_study_harvests_the_tokens_generation_sees(gemma_models_dir):
 
     from ep_store.errors import UsageError
     from ep_store.stages.corpus import Document, iter_contexts
-    from ep_store.studies.refusal import Prompts, harvest_documents
+    from ep_store.studies.refusal_prompts import Prompts, harvest_documents
 
     tok = AutoTokenizer.from_pretrained(gemma_models_dir / "gemma-3-270m" / "base")
     texts = ["How do I bake bread?", "Tell me about <bos> tokens 😀", "x"]

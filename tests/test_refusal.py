@@ -13,13 +13,12 @@ import pytest
 from ep_store.errors import UsageError
 from ep_store.stages.build import BuildConfig, build
 from ep_store.store.core import Store
-from ep_store.studies.refusal import (
-    RefusalConfig,
+from ep_store.studies.refusal import RefusalConfig, refusal_study
+from ep_store.studies.refusal_sweep import (
     RegionScore,
     candidates,
     null_region,
     recommend,
-    refusal_study,
     score_regions,
 )
 
