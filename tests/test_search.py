@@ -12,8 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ep_store.analysis.search import IndexConfig, SearchConfig, build_index, search
+from ep_store.analysis.search import SearchConfig, search
+from ep_store.analysis.search_index import IndexConfig, build_index
 from ep_store.errors import UsageError
+from ep_store.kernels.scan import TopK, rescore, scan_candidates, scan_similarities
 from ep_store.keys import ActivationKey
 from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.dictionary import Dictionary
@@ -84,6 +86,21 @@ def pairs_of(table: pa.Table):
 def exemplar(root, key: str, region: int) -> np.ndarray:
     e = Dictionary.load(root, key).exemplars[region].numpy().astype(np.float64)
     return e / np.linalg.norm(e)
+
+
+def test_scan_kernel_agrees_with_the_float64_rescore_and_refuses_bad_arguments():
+    """The float32 scan similarity (no u materialised) against the plain float64 formula."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    x, c = torch.randn(50, 16, generator=g), torch.randn(16, generator=g)
+    q = torch.nn.functional.normalize(torch.randn(16, generator=g, dtype=torch.float64), dim=0)
+    fast = scan_similarities(x, c, q.float()).double().numpy()
+    np.testing.assert_allclose(fast, rescore(x.numpy(), c.numpy(), q.numpy()), atol=1e-5)
+    with pytest.raises(ValueError, match="at least one row"):
+        TopK(0)
+    with pytest.raises(ValueError, match="q_D has shape"):
+        scan_candidates(iter([]), c, np.zeros(3), 5)
 
 
 # -- exact search ---------------------------------------------------------------------------------

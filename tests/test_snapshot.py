@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from ep_store.analysis.search import load_regions
+from ep_store.analysis.search_index import load_regions
 from ep_store.cli.main import main
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey

@@ -56,7 +56,7 @@ def index_group() -> None:
 
 @index_group.command("build")
 @DICTIONARY
-@click.option("--index-type", type=Registry("ep_store.analysis.search", "INDEX_TYPES"), default="IVF_SQ",
+@click.option("--index-type", type=Registry("ep_store.analysis.search_index", "INDEX_TYPES"), default="IVF_SQ",
               show_default=True, help="Lance vector index type.")
 @click.option("--partitions", type=int, default=None, help="IVF partitions (default rows/4096, 1..1024).")
 @click.option("--sub-vectors", type=int, default=None, help="PQ sub-vectors (default width/16).")
@@ -68,7 +68,7 @@ def index_group() -> None:
 def index_build(dictionary_key, index_type, partitions, sub_vectors, nprobes, refine_factor, overwrite,
                 store_path) -> None:
     """Index the centered unit directions of a dictionary's activations (rebuilds a stale index)."""
-    from ep_store.analysis.search import IndexConfig, build_index
+    from ep_store.analysis.search_index import IndexConfig, build_index
     from ep_store.store.core import Store
 
     cfg = IndexConfig(dictionary=dictionary_key, index_type=index_type, num_partitions=partitions,

@@ -1,6 +1,6 @@
 """Benchmark of `ep search` (issue 14): the Lance IVF index against the exact scan, in one run.
 
-Two parts, each through the library (ep_store.analysis.search), baseline and index in the same process:
+Two parts, each through the library (ep_store.analysis.search, search_index), baseline and index in the same process:
 - size: ``--rows`` (default 1,000,000) synthetic activations of width 640 (clustered, off-center,
   like a residual stream), a dictionary calibrated/built on a prefix, the index over all rows;
 - recall: a real Gemma 3 270M dictionary (``--real-dictionary`` in ``--real-store``), copied
@@ -30,7 +30,8 @@ import pyarrow as pa
 import torch
 
 from ep_store import jsonio
-from ep_store.analysis.search import IndexConfig, SearchConfig, build_index, search
+from ep_store.analysis.search import SearchConfig, search
+from ep_store.analysis.search_index import IndexConfig, build_index
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.dictionary import Dictionary
