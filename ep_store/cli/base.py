@@ -67,6 +67,8 @@ class HelpFrom(click.Command):
 
 STORE = click.option("--store", "store_path", type=click.Path(path_type=Path), default=Path("data/store"),
                      show_default=True, help="Root folder of the store.")
+MODEL = click.option("--model", required=True, help="Model name (local folder or hub id).")
+CHECKPOINT = click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
 MODELS = click.option("--models-dir", type=click.Path(path_type=Path), default=Path("data/models"),
                       show_default=True, help="Folder of local model checkpoints.")
 DEVICE = click.option("--device", type=Registry("ep_store.stages.models", "DEVICES"), default="auto",

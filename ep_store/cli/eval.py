@@ -40,11 +40,15 @@ def eval_options(fn):
     return EVAL_DICTS(fn)
 
 
-def _text_run(models_dir, max_tokens_per_text, batch_size, device, progress):
+def _evaluate(run_eval, cfg, store_path, models_dir, max_tokens_per_text, batch_size, device, progress, out,
+              metrics_path, plots_dir) -> None:
+    """Run one protocol's ``run_eval`` over texts run through the model (TextRun) and emit its summary."""
     from ep_store.evaluate.features import TextRun
+    from ep_store.store.core import Store
 
-    return TextRun(models_dir=models_dir, max_tokens_per_text=max_tokens_per_text, batch_size=batch_size, device=device,
-                   progress=progress)
+    run = TextRun(models_dir=models_dir, max_tokens_per_text=max_tokens_per_text, batch_size=batch_size, device=device,
+                  progress=progress)
+    emit(run_eval(cfg=cfg, store=Store(store_path), run=run, out=out, metrics_path=metrics_path, plots_dir=plots_dir))
 
 
 @eval_group.command("probe")
@@ -56,18 +60,14 @@ def _text_run(models_dir, max_tokens_per_text, batch_size, device, progress):
               help="Feature counts k of the sparse probes.")
 @eval_options
 @user_errors
-def eval_probe(dictionaries, data, text_field, label_field, ks, model, checkpoint, max_tokens_per_text, batch_size,
-               out, metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
+def eval_probe(dictionaries, data, text_field, label_field, ks, model, checkpoint, seed, **run) -> None:
     """SAEBench sparse probing: raw residual vs EP one-hot vs EP signed projection, per task and k."""
     from ep_store.evaluate.probe import ProbeConfig, ProbeEvalConfig, run_probe_eval
-    from ep_store.store.core import Store
 
     cfg = ProbeEvalConfig(dictionaries=sum(dictionaries, ()), data=data, text_field=text_field,
                           label_field=label_field, model=model, checkpoint=checkpoint,
                           probe=ProbeConfig(ks=ks, seed=seed))
-    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
-    emit(run_probe_eval(cfg=cfg, store=Store(store_path), run=run, out=out, metrics_path=metrics_path,
-                        plots_dir=plots_dir))
+    _evaluate(run_probe_eval, cfg, **run)
 
 
 @eval_group.command("concepts")
@@ -77,17 +77,13 @@ def eval_probe(dictionaries, data, text_field, label_field, ks, model, checkpoin
 @click.option("--test-fraction", type=float, default=0.5, show_default=True, help="Held-out share per concept.")
 @eval_options
 @user_errors
-def eval_concepts(dictionaries, data, test_fraction, model, checkpoint, max_tokens_per_text, batch_size, out,
-                  metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
+def eval_concepts(dictionaries, data, test_fraction, model, checkpoint, seed, **run) -> None:
     """AxBench latent concept detection: AUROC of the best region vs difference of means."""
     from ep_store.evaluate.concepts import ConceptConfig, ConceptEvalConfig, run_concept_eval
-    from ep_store.store.core import Store
 
     cfg = ConceptEvalConfig(dictionaries=sum(dictionaries, ()), data=data, model=model, checkpoint=checkpoint,
                             concepts=ConceptConfig(test_fraction=test_fraction, seed=seed))
-    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
-    emit(run_concept_eval(cfg=cfg, store=Store(store_path), run=run, out=out, metrics_path=metrics_path,
-                        plots_dir=plots_dir))
+    _evaluate(run_concept_eval, cfg, **run)
 
 
 @eval_group.command("ood")
@@ -101,14 +97,10 @@ def eval_concepts(dictionaries, data, test_fraction, model, checkpoint, max_toke
 @click.option("--documents", type=int, default=40, show_default=True, help="Documents per set.")
 @eval_options
 @user_errors
-def eval_ood(dictionaries, in_corpus, ood_corpus, text_field, documents, model, checkpoint, max_tokens_per_text,
-             batch_size, out, metrics_path, plots_dir, seed, device, store_path, models_dir, progress) -> None:
+def eval_ood(dictionaries, in_corpus, ood_corpus, text_field, documents, model, checkpoint, seed, **run) -> None:
     """Nearest-exemplar distance as an OOD score: within-theta rate, quantiles, AUROC per set."""
     from ep_store.evaluate.ood import OODConfig, run_ood_eval
-    from ep_store.store.core import Store
 
     cfg = OODConfig(dictionaries=sum(dictionaries, ()), in_corpus=in_corpus, ood_corpus=ood_corpus,
                     text_field=text_field, documents=documents, seed=seed, model=model, checkpoint=checkpoint)
-    run = _text_run(models_dir, max_tokens_per_text, batch_size, device, progress)
-    emit(run_ood_eval(cfg=cfg, store=Store(store_path), run=run, out=out, metrics_path=metrics_path,
-                        plots_dir=plots_dir))
+    _evaluate(run_ood_eval, cfg, **run)

@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 
 from ep_store.cli.base import (
+    CHECKPOINT,
     DEVICE,
     DTYPE,
+    MODEL,
     MODELS,
     PROGRESS,
     STORE,
@@ -24,8 +26,8 @@ from ep_store.cli.base import (
 
 
 @click.command("harvest")
-@click.option("--model", required=True, help="Model name (local folder or hub id).")
-@click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
+@MODEL
+@CHECKPOINT
 @click.option("--layers", type=Listed(int), required=True, multiple=True,
               help="0-based blocks, comma-separated and/or repeated: 6,12 or --layers 6 --layers 12.")
 @click.option("--corpus", default="builtin", show_default=True, help="Comma-separated sources: builtin, chat (the held-out chat prompts), .txt/.jsonl/.csv/.parquet files, "

@@ -8,8 +8,10 @@ from pathlib import Path
 import click
 
 from ep_store.cli.base import (
+    CHECKPOINT,
     DEVICE,
     DTYPE,
+    MODEL,
     MODELS,
     PROGRESS,
     STORE,
@@ -21,8 +23,8 @@ from ep_store.cli.base import (
 
 
 @click.command("generate")
-@click.option("--model", required=True, help="Model name (local folder or hub id).")
-@click.option("--checkpoint", required=True, help="Checkpoint (local sub-folder or hub revision).")
+@MODEL
+@CHECKPOINT
 @click.option("--prompts", "prompts_path", type=click.Path(path_type=Path), required=True,
               help=".txt (one prompt per line) or .jsonl/.csv/.parquet (a prompt or instruction field).")
 @click.option("--text-field", default=None, help="Field holding the prompt in .jsonl/.csv/.parquet rows "
