@@ -54,7 +54,7 @@ from ep_store.stages import models
 from ep_store.stages.build import BuildConfig, calibrate_stream
 from ep_store.stages.models import resolve_device
 from ep_store.stages.vectors import stream_vectors
-from ep_store.store import Store, arrow_to_tensor, vectors_to_arrow
+from ep_store.store import SAECompareFiles, Store, arrow_to_tensor, vectors_to_arrow
 from ep_store.store.streams import FINGERPRINT_KEY as CORPUS_FINGERPRINT
 from ep_store.store.streams import stream_identity
 
@@ -118,12 +118,13 @@ def check_inputs(cfg: SAECompareConfig, store: Store) -> tuple[dict, dict, int, 
     UsageError on any mismatch (an unknown dictionary included)."""
     key, skey = cfg.key, cfg.sae_key
     dmeta = store.dictionary_snapshot(key).meta  # the published build's meta (issue 18, A1)
-    if not (store.sae_dir(skey) / "meta.json").is_file():
+    sae_files = store.sae_files(skey)
+    if not sae_files.finished:
         others = [str(k) for k in store.list_saes() if k.name == cfg.sae]
         hint = f"; an SAE of that name exists for {', '.join(others)}: compare it with a dictionary of the " \
                "same model, checkpoint and layer" if others else "; run ep sae train first"
         raise UsageError(f"no SAE {skey} in {store.root}{hint}")
-    smeta = store.read_json(store.sae_dir(skey) / "meta.json")
+    smeta = store.read_json(sae_files.meta)
     source = store.activation_path(key.activations)
     info = store.info(source)
     if smeta["d_in"] != info.width or dmeta["width"] != info.width:
@@ -256,16 +257,16 @@ def heldout_pass(store: Store, key: DictionaryKey, sae, ep: dict, start: int, ke
             "ep": B.Sparse(col, doc[erow], pos[erow], evalue), "ep_positives": top.positives_K.numpy()}
 
 
-def write_tables(store: Store, folder: Path, held: dict, ep: dict) -> None:
+def write_tables(store: Store, files: SAECompareFiles, held: dict, ep: dict) -> None:
     sae, epr = held["sae"], held["ep"]
-    store.write_table(folder / "sae_activations.lance", pa.table({
+    store.write_table(files.sae_activations, pa.table({
         "doc_id": pa.array(sae.doc_id, pa.int64()), "pos": pa.array(sae.pos, pa.int32()),
         "feature_id": pa.array(sae.feature, pa.int32()), "activation": pa.array(sae.value, pa.float32())}))
-    store.write_table(folder / "ep_projections.lance", pa.table({
+    store.write_table(files.ep_projections, pa.table({
         "doc_id": pa.array(epr.doc_id, pa.int64()), "pos": pa.array(epr.pos, pa.int32()),
         "region_id": pa.array(epr.feature, pa.int32()), "projection": pa.array(epr.value, pa.float32())}))
     state = ep["state"]
-    store.write_table(folder / "ep_exemplars.lance", pa.table({
+    store.write_table(files.ep_exemplars, pa.table({
         "region_id": pa.array(np.arange(state.regions), pa.int32()),
         "exemplar": vectors_to_arrow(state.exemplars_KD.numpy(), np.float32),
         "member_count": pa.array(state.member_count_K.numpy(), pa.int64()),
@@ -325,12 +326,12 @@ def compare(cfg: SAECompareConfig, store: Store, progress: bool = True) -> dict:
     sae, _ = load_sae(store, skey, device=str(device))
     ep = build_on_prefix(store, key, dmeta, start, device)
     held = heldout_pass(store, key, sae, ep, start, selected.keep_M, cfg, device, progress)
-    folder = store.sae_compare_dir(key, cfg.sae)
-    store.remove(folder / "meta.json")  # not listed (no SQL views) until complete again
-    write_tables(store, folder, held, ep)
-    store.write_json(folder / "meta.json", {"dictionary": str(key), "sae": str(skey), "heldout_rows": [start, rows],
-                                             "config": asdict(cfg), "ep_store_version": ep_store.__version__,
-                                             ENVIRONMENT_KEY: environment(device)})  # issue 18, E14.1
+    files = store.sae_compare_files(key, cfg.sae)
+    store.remove(files.meta)  # not listed (no SQL views) until complete again
+    write_tables(store, files, held, ep)
+    store.write_json(files.meta, {"dictionary": str(key), "sae": str(skey), "heldout_rows": [start, rows],
+                                  "config": asdict(cfg), "ep_store_version": ep_store.__version__,
+                                  ENVIRONMENT_KEY: environment(device)})  # issue 18, E14.1
     ep_sets = B.binarise(held["ep"], cfg.top_n, cfg.min_positives)
     sae_sets = B.binarise(held["sae"], cfg.top_n, cfg.min_positives)
     reference = B.overlaps(ep_sets, sae_sets)
