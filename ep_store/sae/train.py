@@ -38,13 +38,12 @@ from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError, require
 from ep_store.keys import ActivationKey, SAEKey
 from ep_store.stages.models import resolve_device
-from ep_store.store import Store, arrow_to_tensor
+from ep_store.store import Files, Store, arrow_to_tensor
 from ep_store.store.streams import stream_identity
 
 log = logging.getLogger(__name__)
 
 READ_ROWS = 8192  # rows per Lance read
-META = "meta.json"
 
 
 @dataclass
@@ -289,7 +288,7 @@ def _save_atomically(store: Store, folder: Path, sae, meta: dict) -> None:
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     store.remove(tmp)
     sae.save_inference_model(str(tmp))
-    store.write_json(tmp / META, meta)
+    store.write_json(Files(tmp).meta, meta)  # ep_store's meta beside SAELens's files
     if folder.exists():
         store.remove(folder)
     tmp.replace(folder)
@@ -322,14 +321,14 @@ def _quiet_tqdm(quiet: bool):
 # -- loading --------------------------------------------------------------------------------------
 def load_sae(store: Store, key: SAEKey, device: str = "cpu"):
     """(SAELens SAE, ep_store meta) of a saved SAE; the SAE comes from SAELens's own loader."""
-    folder = store.sae_dir(key)
-    if not (folder / META).is_file():
+    files = store.sae_files(key)
+    if not files.finished:
         known = ", ".join(str(k) for k in store.list_saes()) or "none"
         raise UsageError(f"no SAE {key} in {store.root} (known: {known}); run ep sae train first")
     require("sae_lens", "sae", f"reading SAE {key}")
     from sae_lens import SAE
 
-    return SAE.load_from_disk(str(folder), device=device), store.read_json(folder / META)
+    return SAE.load_from_disk(str(files.folder), device=device), store.read_json(files.meta)
 
 
 def encode(sae, x_ND: torch.Tensor) -> torch.Tensor:
