@@ -18,8 +18,9 @@ import duckdb
 import pyarrow as pa
 
 from ep_store.errors import UsageError
-from ep_store.keys import DictionaryKey, from_segment
+from ep_store.keys import DictionaryKey
 from ep_store.store.core import Store
+from ep_store.store.index import list_searches
 from ep_store.store.snapshot import DictionarySnapshot, assignments_version, stale_match
 
 log = logging.getLogger(__name__)
@@ -168,10 +169,9 @@ class Views:
         parts = []
         for key in keys:
             snap = self.snapshots[key]
-            for path in sorted((self.store.dictionary_dir(key) / "foreign").glob("*/*/L*.lance")):
-                model, checkpoint = from_segment(path.parent.parent.name), from_segment(path.parent.name)
-                cols = (f"{_dict_cols(key)}, '{_q(model)}' AS activations_model, '{_q(checkpoint)}' "
-                        f"AS activations_checkpoint, {int(path.stem[1:])} AS activations_layer")
+            for over, path in self.store.dictionary_files(key).foreign_paths():
+                cols = (f"{_dict_cols(key)}, '{_q(over.model)}' AS activations_model, '{_q(over.checkpoint)}' "
+                        f"AS activations_checkpoint, {over.layer} AS activations_layer")
                 version, why = assignments_version(self.store, key, path, snap.exemplars_version, snap.label)
                 if version is None:
                     fail = f"error('{_q(f'{why} (over {path.parent.parent.name}/{path.parent.name}/{path.stem})')}')"
@@ -191,8 +191,8 @@ class Views:
         ``--as-of``) fails in one line when a query reads it; one of a dictionary left out by
         ``--as-of`` is left out too (issue 18, A1)."""
         pairs, overlaps = [], []
-        for meta_path in sorted((self.store.root / "matches").glob("*/meta.json")):
-            folder, meta = meta_path.parent, self.store.read_json(meta_path)
+        for files in self.store.list_matches():
+            meta = self.store.read_json(files.meta)
             if any(DictionaryKey.parse(meta[side]) not in self.snapshots for side in ("a", "b")):
                 continue
             stale = stale_match(meta, self.snapshots)
@@ -201,10 +201,10 @@ class Views:
                 if meta.get("overlaps_version") is not None:
                     overlaps.append(_failing_part(meta, stale, OVERLAP_COLUMNS))
                 continue
-            pairs.append(f"SELECT * FROM {self._relation(self.store.dataset(folder / 'pairs.lance', meta['pairs_version']))}")
+            pairs.append(f"SELECT * FROM {self._relation(self.store.dataset(files.pairs, meta['pairs_version']))}")
             if meta.get("overlaps_version") is not None:
                 overlaps.append("SELECT * FROM " + self._relation(
-                    self.store.dataset(folder / "overlaps.lance", meta["overlaps_version"])))
+                    self.store.dataset(files.overlaps, meta["overlaps_version"])))
         self.con.execute("CREATE VIEW matches AS " + _union(pairs, MATCHES_EMPTY))
         self.con.execute("CREATE VIEW match_overlaps AS " + _union(overlaps, OVERLAPS_EMPTY))
 
@@ -212,7 +212,7 @@ class Views:
         """SAE views (issue 11): trained SAEs and the held-out tables of ep sae compare."""
         rows = []
         for key in self.store.list_saes():
-            meta = self.store.read_json(self.store.sae_dir(key) / "meta.json")
+            meta = self.store.read_json(self.store.sae_files(key).meta)
             rows.append({"model": key.model, "checkpoint": key.checkpoint, "layer": key.layer, "name": key.name,
                          "library": meta["library"], "library_version": meta["library_version"],
                          "architecture": meta["architecture"], "width": meta["width"], "k": meta["k"],
@@ -220,12 +220,12 @@ class Views:
         self.con.register("_saes", pa.Table.from_pylist(rows, schema=SAES_SCHEMA))
         self.con.execute("CREATE VIEW saes AS SELECT * FROM _saes")
         acts, projections = [], []
-        for key, name, folder in self.store.list_sae_comparisons():
+        for key, name, files in self.store.list_sae_comparisons():
             cols = f"{_dict_cols(key)}, '{_q(name)}' AS sae"
             acts.append(f"SELECT {cols}, doc_id, pos, feature_id, activation FROM "
-                        f"{self._relation(self.store.dataset(folder / 'sae_activations.lance'))}")
+                        f"{self._relation(self.store.dataset(files.sae_activations))}")
             projections.append(f"SELECT {cols}, doc_id, pos, region_id, projection FROM "
-                               f"{self._relation(self.store.dataset(folder / 'ep_projections.lance'))}")
+                               f"{self._relation(self.store.dataset(files.ep_projections))}")
         key_empty = f"{KEY_EMPTY}, NULL::VARCHAR AS sae, NULL::BIGINT AS doc_id, NULL::INTEGER AS pos"
         self.con.execute("CREATE VIEW sae_activations AS " + _union(
             acts, f"{key_empty}, NULL::INTEGER AS feature_id, NULL::FLOAT AS activation LIMIT 0"))
@@ -235,7 +235,7 @@ class Views:
 
     def _register_searches(self):
         parts = [f"SELECT * FROM {self._relation(self.store.dataset(path))}"
-                 for path in sorted((self.store.root / "searches").glob("*.lance")) if self.store.exists(path)]
+                 for path in list_searches(self.store)]
         self.con.execute("CREATE VIEW searches AS " + _union(parts, SEARCHES_EMPTY))
 
 

@@ -106,15 +106,15 @@ class Store:
                                int(folder.parent.name[1:]), from_segment(folder.name)))
         return sorted(keys)
 
-    def list_sae_comparisons(self) -> list[tuple[DictionaryKey, str, Path]]:
-        """(dictionary, SAE name, folder) of every finished ``ep sae compare``."""
+    def list_sae_comparisons(self) -> list[tuple[DictionaryKey, str, SAECompareFiles]]:
+        """(dictionary, SAE name, its files) of every finished ``ep sae compare``."""
         found = []
         for meta in sorted((self.root / layout.SAE_COMPARE_DIR).glob(f"*/*/L*/p*/*/{layout.META}")):
             folder = meta.parent
             pdir = folder.parent
             key = DictionaryKey(from_segment(pdir.parent.parent.parent.name), from_segment(pdir.parent.parent.name),
                                 int(pdir.parent.name[1:]), float(pdir.name[1:]))
-            found.append((key, from_segment(folder.name), folder))
+            found.append((key, from_segment(folder.name), SAECompareFiles(folder)))
         return found
 
     # -- generic dataset access ----------------------------------------------------------------
