@@ -206,9 +206,9 @@ def ask_pair(db: StoreDB, a: DictionaryKey, b: DictionaryKey, name: str, **param
         from ep_store.store.streams import require_same_stream
 
         require_same_stream(db.store, a.activations, b.activations, f"{name} of {a} and {b}")
-    match_meta = db.store.matches_dir(f"{a.slug()}__{b.slug()}") / "meta.json"
-    if "match" in question.needs and match_meta.is_file():  # not one of other builds (issue 18, A1)
-        db.require_current_match(db.store.read_json(match_meta))
+    match_files = db.store.match_files(a, b)
+    if "match" in question.needs and match_files.finished:  # not one of other builds (issue 18, A1)
+        db.require_current_match(db.store.read_json(match_files.meta))
     if "span_labels" in question.needs and "span_labels" not in db.registered:
         if db.span_labels is None:
             raise UsageError(f"{name} needs the span labels of {b}'s corpus: open the StoreDB with span_labels= "
