@@ -134,7 +134,7 @@ def match_status(cfg: RefusalConfig, main: Store, work: Store, best: dict) -> di
 
     study = Dictionary.load(work, best["dictionary"])
     key = DictionaryKey(cfg.model, cfg.checkpoint, study.key.layer, cfg.match_percentile)
-    if not (main.dictionary_dir(key) / "meta.json").is_file():
+    if not main.dictionary_files(key).finished:
         return {"dictionary": str(key), "available": False, "regions": []}
     pipeline = Dictionary.load(main, key)
     if pipeline.width != study.width:
