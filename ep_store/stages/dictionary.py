@@ -32,7 +32,7 @@ from ep_store.kernels.calibrate import unit_directions, unit_directions_
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.stages.models import resolve_device
 from ep_store.store import Store, arrow_to_tensor, commit_fragments
-from ep_store.store.snapshot import ASSIGNMENTS, DictionarySnapshot
+from ep_store.store.snapshot import DictionarySnapshot
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,10 @@ ASSIGNMENT_SCHEMA = pa.schema([("doc_id", pa.int64()), ("pos", pa.int32()),
 
 def assignment_path(store: Store, key: DictionaryKey, activations: ActivationKey | None = None) -> Path:
     """Own stream: assignments.lance; another dataset: foreign/<model>/<checkpoint>/L<layer>.lance."""
-    folder = store.dictionary_dir(key)
+    files = store.dictionary_files(key)
     if activations is None or activations == key.activations:
-        return folder / ASSIGNMENTS
-    return folder / "foreign" / activations.relpath()
+        return files.assignments
+    return files.foreign(activations)
 
 
 ASSIGN_COLUMNS = ["doc_id", "pos", "vector"]
