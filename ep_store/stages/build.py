@@ -55,8 +55,7 @@ from ep_store.stages.dictionary import assign_dataset
 from ep_store.stages.models import resolve_device
 from ep_store.stages.prefetch import Prefetch
 from ep_store.stages.vectors import BuildInputs, stream_vectors
-from ep_store.store import Store, arrow_to_tensor, vectors_to_arrow
-from ep_store.store.snapshot import ASSIGNMENTS, EXEMPLARS, META
+from ep_store.store import DictionaryFiles, Store, arrow_to_tensor, vectors_to_arrow
 
 log = logging.getLogger(__name__)
 
@@ -220,15 +219,15 @@ def build(cfg: BuildConfig, store: Store, assign: bool = True, progress: bool = 
     """
     key = cfg.key
     source = store.require_activations(key.activations)
-    folder = store.dictionary_dir(key)
-    with store.lock(folder, f"dictionary {key}"):
-        return _build_locked(cfg, store, source, folder, assign, progress)
+    files = store.dictionary_files(key)
+    with store.lock(files.folder, f"dictionary {key}"):
+        return _build_locked(cfg, store, source, files, assign, progress)
 
 
-def _build_locked(cfg: BuildConfig, store: Store, source: Path, folder: Path, assign: bool, progress: bool) -> dict:
+def _build_locked(cfg: BuildConfig, store: Store, source: Path, files: DictionaryFiles, assign: bool,
+                  progress: bool) -> dict:
     key = cfg.key
-    meta_path = folder / META
-    previous = store.read_json(meta_path) if meta_path.is_file() and not cfg.overwrite else None
+    previous = store.read_json(files.meta) if files.finished and not cfg.overwrite else None
     if previous is not None and previous["build"] != cfg.defining():
         raise options_changed(str(key), previous["build"], cfg.defining())
     device = resolve_device(cfg.device)
@@ -242,14 +241,14 @@ def _build_locked(cfg: BuildConfig, store: Store, source: Path, folder: Path, as
         calibration = Calibration(torch.tensor(previous["center"]), previous["theta"], cfg.percentile,
                                   previous["calibration"]["tokens"], previous["calibration"]["batches"],
                                   previous.get("scale"))
-        table = store.read_table(folder / EXEMPLARS, version=previous["exemplars_version"])
+        table = store.read_table(files.exemplars, version=previous["exemplars_version"])
         state = state_from_store(table, previous)  # stopped only if saturated
     calibrated = time.perf_counter()
     builder = LeaderBuilder(calibration.theta, cfg.batch_size, cfg.saturation_window, state, device, cfg.precision)
     consumed_before = state.tokens
     state, wait_share = _cluster(cfg, store, source, source_info.version, builder, calibration, budget, progress)
     clustered = time.perf_counter()
-    version, tag, published = _publish(cfg, store, folder, state, calibration, previous, source_info)
+    version, tag, published = _publish(cfg, store, files, state, calibration, previous, source_info)
     summary = {
         "dictionary": str(key), "regions": state.regions, "tokens": state.tokens, "theta": round(calibration.theta, 6),
         "seconds": round(clustered - start, 3),
@@ -259,7 +258,7 @@ def _build_locked(cfg: BuildConfig, store: Store, source: Path, folder: Path, as
         "screen_gflop": round(builder.screen_flops / 1e9, 3), "rechecked_rows": builder.rechecked,
         "input_wait_share": round(wait_share, 4), "unchanged": not published,
     }
-    if assign and (published or not _assignments_current(store, folder, version, source_info.version)):
+    if assign and (published or not _assignments_current(store, files, version, source_info.version)):
         summary["assign"] = assign_dataset(store, key, progress=progress, device=cfg.device)
     return summary
 
@@ -301,7 +300,7 @@ def published_curve(state: LeaderState, batch_size: int) -> list[int]:
     return state.new_per_batch + ([state.new_in_open_batch] if state.tokens % batch_size else [])
 
 
-def _publish(cfg: BuildConfig, store: Store, folder: Path, state: LeaderState, calibration: Calibration,
+def _publish(cfg: BuildConfig, store: Store, files: DictionaryFiles, state: LeaderState, calibration: Calibration,
              previous: dict | None, source_info) -> tuple[int, str, bool]:
     """Write the exemplars (one commit), tag it, then meta.json; (version, tag, whether written).
 
@@ -315,14 +314,14 @@ def _publish(cfg: BuildConfig, store: Store, folder: Path, state: LeaderState, c
             previous[k] == getattr(state, k) for k in ("tokens", "regions", "stop_reason")):
         return previous["exemplars_version"], tag, False  # a rerun with nothing new writes nothing
     tokens = _source_tokens(store, store.activation_path(key.activations), state.source_row_K, source_info.version)
-    folder.mkdir(parents=True, exist_ok=True)
+    files.folder.mkdir(parents=True, exist_ok=True)
     if cfg.overwrite:  # unpublish first: a crash below leaves no meta.json naming removed data
-        for name in (META, EXEMPLARS, ASSIGNMENTS):
-            store.remove(folder / name)
+        for path in (files.meta, files.exemplars, files.assignments):
+            store.remove(path)
     # A whole-table overwrite (not a merge): rows a crashed, unpublished write left can never survive.
-    store.write_table(folder / EXEMPLARS, exemplar_table(state, tokens))
-    version = store.tag(folder / EXEMPLARS, tag)
-    info = store.info(folder / EXEMPLARS)
+    store.write_table(files.exemplars, exemplar_table(state, tokens))
+    version = store.tag(files.exemplars, tag)
+    info = store.info(files.exemplars)
     # The machine, libraries and screening precision of this build (issue 18, E14.1); digests skip it.
     env = environment(resolve_device(cfg.device), cfg.precision)
     meta = {
@@ -346,13 +345,14 @@ def _publish(cfg: BuildConfig, store: Store, folder: Path, state: LeaderState, c
             "stop_reason": state.stop_reason, "batches": len(curve), "open_batch": state.new_in_open_batch,
             "activations": {"key": str(key.activations), "version": source_info.version}, ENVIRONMENT_KEY: env}],
     }
-    store.write_json(folder / META, meta)
+    store.write_json(files.meta, meta)
     return version, tag, True
 
 
-def _assignments_current(store: Store, folder: Path, exemplars_version: int, activations_version: int) -> bool:
+def _assignments_current(store: Store, files: DictionaryFiles, exemplars_version: int,
+                         activations_version: int) -> bool:
     """Whether assignments.lance was written from this exemplars version and activations version."""
-    path = folder / ASSIGNMENTS
+    path = files.assignments
     if not store.exists(path):
         return False
     meta = store.info(path).meta
