@@ -147,19 +147,9 @@ def run_concept_eval(cfg: ConceptEvalConfig, store, run, out, metrics_path=None,
 
     from ep_store import plots
     from ep_store.evaluate import features, tasks
-    from ep_store.evaluate.output import (
-        check_outputs,
-        copy_images,
-        dumps,
-        output_folder,
-        run_environment,
-        write_index,
-        write_metrics,
-    )
+    from ep_store.evaluate.run import evaluation_output, open_evaluation, write_record
 
-    check_outputs(out, metrics_path, plots_dir)
-
-    dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
+    dicts, model, checkpoint = open_evaluation(cfg, store, out, metrics_path, plots_dir)
     rows = tasks.concept_rows(cfg.data)
     concept_texts(rows, cfg.concepts.min_per_class)  # validate before the forward
     texts = list(dict.fromkeys(r.text for r in rows))
@@ -176,17 +166,13 @@ def run_concept_eval(cfg: ConceptEvalConfig, store, run, out, metrics_path=None,
         results[str(d.key)] = res
         metrics[str(d.key)] = {"mean_auroc": round(res.mean_auroc, 4),
                                "mean_auroc_diffmean": round(res.mean_auroc_diffmean, 4)}
-    with output_folder(out) as tmp:
+    with evaluation_output(out, metrics_path, plots_dir, metrics) as tmp:
         image = plots.lines(list(metrics), {"EP best region": [m["mean_auroc"] for m in metrics.values()],
                                             "difference of means": [m["mean_auroc_diffmean"] for m in metrics.values()]},
                             tmp / "mean_auroc.png", f"{model}/{checkpoint}: concept detection", "dictionary",
                             "mean AUROC")
-        (tmp / "metrics.json").write_text(dumps({
+        write_record(tmp, f"Concept detection: {model}/{checkpoint}", {
             "metrics": metrics, "concepts": {k: r.concepts for k, r in results.items()}, "model": model,
-            "checkpoint": checkpoint, "texts": len(texts), "tokens": int(len(acts.text_N)),
-            "config": asdict(cfg), "plots": [image], "environment": run_environment(run)}))
-        write_index(tmp, f"Concept detection: {model}/{checkpoint}", metrics, [image])
-    write_metrics(metrics_path, metrics)
-    copy_images(out, plots_dir)
+            "checkpoint": checkpoint, "texts": len(texts), "tokens": int(len(acts.text_N))}, cfg, run, [image])
     return {"dictionaries": list(metrics), "model": f"{model}/{checkpoint}", "concepts": len(results[str(dicts[0].key)].concepts),
             "texts": len(texts), "out": str(out), "metrics": metrics}

@@ -174,19 +174,9 @@ def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None, plots_dir=N
     """``ep eval ood``: writes ``out``/metrics.json (per dictionary and set) and one overlaid
     histogram per dictionary; returns the one-line summary."""
     from ep_store.evaluate import features
-    from ep_store.evaluate.output import (
-        check_outputs,
-        copy_images,
-        dumps,
-        output_folder,
-        run_environment,
-        write_index,
-        write_metrics,
-    )
+    from ep_store.evaluate.run import evaluation_output, open_evaluation, write_record
 
-    check_outputs(out, metrics_path, plots_dir)
-
-    dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
+    dicts, model, checkpoint = open_evaluation(cfg, store, out, metrics_path, plots_dir)
     reference, heldout = in_distribution(cfg.in_corpus, cfg.documents, text_field=cfg.text_field)
     extra = ood_files(cfg.ood_corpus, cfg.documents, reference + heldout, text_field=cfg.text_field)
     rng = np.random.default_rng(cfg.seed)
@@ -200,7 +190,7 @@ def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None, plots_dir=N
         bounds[name] = (start, start + len(v))
         start += len(v)
     results, metrics = {}, {}
-    with output_folder(out) as tmp:
+    with evaluation_output(out, metrics_path, plots_dir, metrics) as tmp:
         images = []
         for d in dicts:
             key = str(d.key)
@@ -219,13 +209,10 @@ def run_ood_eval(cfg: OODConfig, store, run, out, metrics_path=None, plots_dir=N
                                    if k in v} for name, v in per.items()}
             images.append(_histograms({n: v[0] for n, v in dist.items()}, d.theta,
                                       tmp / f"distances~{key.replace('/', '~')}.png", f"{key}: OOD distances"))
-        (tmp / "metrics.json").write_text(dumps({
+        write_record(tmp, f"OOD distance: {model}/{checkpoint}", {
             "metrics": metrics, "sets": {k: r.sets for k, r in results.items()},
-            "theta": {k: r.theta for k, r in results.items()}, "model": model, "checkpoint": checkpoint,
-            "config": asdict(cfg), "plots": images, "environment": run_environment(run)}))
-        write_index(tmp, f"OOD distance: {model}/{checkpoint}", metrics, images)
-    write_metrics(metrics_path, metrics)
-    copy_images(out, plots_dir)
+            "theta": {k: r.theta for k, r in results.items()}, "model": model, "checkpoint": checkpoint},
+            cfg, run, images)
     return {"dictionaries": list(metrics), "model": f"{model}/{checkpoint}", "sets": list(dist), "out": str(out),
             "auroc_tokens": {k: {n: v.get("auroc_tokens") for n, v in m.items() if n != "reference"}
                              for k, m in metrics.items()}}

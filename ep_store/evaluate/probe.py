@@ -255,67 +255,66 @@ def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None, plo
     the one-line summary. All input checks run before the model is loaded or anything written.
     """
     from ep_store.evaluate import features, tasks
-    from ep_store.evaluate.output import (
-        check_outputs,
-        copy_images,
-        dumps,
-        output_folder,
-        run_environment,
-        write_index,
-        write_metrics,
-    )
+    from ep_store.evaluate.output import dumps
+    from ep_store.evaluate.run import evaluation_output, open_evaluation, write_record
 
-    check_outputs(out, metrics_path, plots_dir)
-
-    dicts, model, checkpoint = features.load_dictionaries(store, cfg.dictionaries, cfg.model, cfg.checkpoint)
+    dicts, model, checkpoint = open_evaluation(cfg, store, out, metrics_path, plots_dir)
     task_list = tasks.probe_tasks(cfg.data, cfg.text_field, cfg.label_field)
-    for t in task_list:
-        try:
-            check_labels([t.labels[i] for i in first_by_content(t.texts)], cfg.probe.min_per_class)  # as probed
-        except UsageError as err:
-            raise UsageError(f"task {t.name}: {err}") from None
+    check_tasks(task_list, cfg.probe.min_per_class)
     texts = list(dict.fromkeys(text for t in task_list for text in t.texts))
     index = {text: i for i, text in enumerate(texts)}
     acts = features.run_texts(dicts, model, checkpoint, texts, run)
     records, means, chosen, metrics = {}, {}, {}, {}
     for d in dicts:
         key = str(d.key)
-        x = acts.x_ND[d.key.layer]
-        pooled = features.dictionary_features(x, acts.text_N, acts.n_texts, d)
-        region_N, _ = d.assign(x)
-        records[key], metrics[key], chosen[key] = [], {}, {}
-        results = []
-        for t in task_list:
-            rows = np.array([index[text] for text in t.texts])
-            result = sparse_probe({n: X[rows] for n, X in pooled.items()}, t.labels, cfg.probe, task=t.name,
-                                  texts=t.texts)
-            results.append(result)
-            records[key] += result.records()
-            metrics[key][t.name] = {f"k{m['k']}": _headline(m) for m in result.mean_by_k()}
-            for r in result.rows:
-                if r.k == cfg.top_tokens_k:
-                    chosen[key][r.task] = {name: [{"region_id": k, "top_tokens": features.top_tokens(
-                        region_N, acts.token_id_N, acts.token_text, k)} for k in r.chosen[name]]
-                        for name in ("ep_onehot", "ep_signed")}
-        means[key] = ProbeResult([r for res in results for r in res.rows], results[0].names, cfg.probe.baseline).mean_by_k()
-        metrics[key]["all_tasks"] = {f"k{m['k']}": _headline(m) for m in means[key]}
-    with output_folder(out) as tmp:
+        records[key], metrics[key], chosen[key], means[key] = probe_dictionary(d, acts, task_list, index, cfg)
+    with evaluation_output(out, metrics_path, plots_dir, metrics) as tmp:
         images = _plot_by_k(means, tmp)
-        (tmp / "metrics.json").write_text(dumps({"records": records, "mean_by_k": means, "metrics": metrics,
-                                                 "model": model, "checkpoint": checkpoint,
-                                                 "texts": len(texts), "tokens": int(len(acts.text_N)),
-                                                 "tasks": {t.name: len(t.texts) for t in task_list},
-                                                 "config": asdict(cfg), "plots": images,
-                                                 "environment": run_environment(run)}))
+        write_record(tmp, f"Sparse probing: {model}/{checkpoint}", {
+            "records": records, "mean_by_k": means, "metrics": metrics, "model": model, "checkpoint": checkpoint,
+            "texts": len(texts), "tokens": int(len(acts.text_N)), "tasks": {t.name: len(t.texts) for t in task_list}},
+            cfg, run, images, headline={k: v["all_tasks"] for k, v in metrics.items()})
         (tmp / "chosen_regions.json").write_text(dumps(chosen))
-        write_index(tmp, f"Sparse probing: {model}/{checkpoint}", {k: v["all_tasks"] for k, v in metrics.items()},
-                    list(images.values()))
-    write_metrics(metrics_path, metrics)
-    copy_images(out, plots_dir)
     return {"dictionaries": [str(d.key) for d in dicts], "model": f"{model}/{checkpoint}", "texts": len(texts),
             "tokens": int(len(acts.text_N)), "tasks": len(records[str(dicts[0].key)]) // len(cfg.probe.ks),
             "out": str(out),
             "retention_onehot_k1": {k: v["all_tasks"].get("k1", {}).get("retention_onehot") for k, v in metrics.items()}}
+
+
+def check_tasks(task_list: list, min_per_class: int) -> None:
+    """Refuse (UsageError naming the task) a task whose labels, as probed (first text of each
+    content), have fewer than ``min_per_class`` texts in a class."""
+    for t in task_list:
+        try:
+            check_labels([t.labels[i] for i in first_by_content(t.texts)], min_per_class)  # as probed
+        except UsageError as err:
+            raise UsageError(f"task {t.name}: {err}") from None
+
+
+def probe_dictionary(d, acts, task_list: list, index: dict[str, int], cfg: ProbeEvalConfig):
+    """Every task probed on one dictionary's pooled features: (records, metrics per task and
+    all tasks, regions chosen at ``top_tokens_k`` with their top tokens, means per k)."""
+    from ep_store.evaluate import features
+
+    x = acts.x_ND[d.key.layer]
+    pooled = features.dictionary_features(x, acts.text_N, acts.n_texts, d)
+    region_N, _ = d.assign(x)
+    records, metrics, chosen, results = [], {}, {}, []
+    for t in task_list:
+        rows = np.array([index[text] for text in t.texts])
+        result = sparse_probe({n: X[rows] for n, X in pooled.items()}, t.labels, cfg.probe, task=t.name,
+                              texts=t.texts)
+        results.append(result)
+        records += result.records()
+        metrics[t.name] = {f"k{m['k']}": _headline(m) for m in result.mean_by_k()}
+        for r in result.rows:
+            if r.k == cfg.top_tokens_k:
+                chosen[r.task] = {name: [{"region_id": k, "top_tokens": features.top_tokens(
+                    region_N, acts.token_id_N, acts.token_text, k)} for k in r.chosen[name]]
+                    for name in ("ep_onehot", "ep_signed")}
+    means = ProbeResult([r for res in results for r in res.rows], results[0].names, cfg.probe.baseline).mean_by_k()
+    metrics["all_tasks"] = {f"k{m['k']}": _headline(m) for m in means}
+    return records, metrics, chosen, means
 
 
 HEADLINE = ("raw_accuracy", "raw_topk_accuracy", "ep_onehot_accuracy", "ep_signed_accuracy",
