@@ -51,15 +51,17 @@ EP_EXEMPLARS = "ep_exemplars.lance"
 LANCE = ".lance"
 
 
+def _file(name: str, doc: str) -> property:
+    """A read-only attribute: the path of file ``name`` in the artifact's folder."""
+    return property(lambda self: self.folder / name, doc=doc)
+
+
 @dataclass(frozen=True)
 class Files:
     """The folder of one artifact; ``meta`` is its meta.json, written last."""
 
     folder: Path
-
-    @property
-    def meta(self) -> Path:
-        return self.folder / META
+    meta = _file(META, "The artifact's meta.json (written last: without it the folder is unfinished).")
 
     @property
     def finished(self) -> bool:
@@ -71,13 +73,8 @@ class Files:
 class DictionaryFiles(Files):
     """A dictionary's folder: meta.json, exemplars, assignments and foreign assignments."""
 
-    @property
-    def exemplars(self) -> Path:
-        return self.folder / EXEMPLARS
-
-    @property
-    def assignments(self) -> Path:
-        return self.folder / ASSIGNMENTS
+    exemplars = _file(EXEMPLARS, "The exemplars dataset (one row per region).")
+    assignments = _file(ASSIGNMENTS, "The assignments of the dictionary's own activation dataset.")
 
     def foreign(self, activations: ActivationKey) -> Path:
         """The dictionary's assignments over another activation dataset."""
@@ -97,30 +94,17 @@ class DictionaryFiles(Files):
 class MatchFiles(Files):
     """A match's folder: meta.json, the region pairs and (membership matches) the overlaps."""
 
-    @property
-    def pairs(self) -> Path:
-        return self.folder / PAIRS
-
-    @property
-    def overlaps(self) -> Path:
-        return self.folder / OVERLAPS
+    pairs = _file(PAIRS, "One row per region of either side: its partner, cosine and status.")
+    overlaps = _file(OVERLAPS, "Membership overlaps of region pairs (membership matches only).")
 
 
 @dataclass(frozen=True)
 class SAECompareFiles(Files):
     """The tables of one ``ep sae compare`` run."""
 
-    @property
-    def sae_activations(self) -> Path:
-        return self.folder / SAE_ACTIVATIONS
-
-    @property
-    def ep_projections(self) -> Path:
-        return self.folder / EP_PROJECTIONS
-
-    @property
-    def ep_exemplars(self) -> Path:
-        return self.folder / EP_EXEMPLARS
+    sae_activations = _file(SAE_ACTIVATIONS, "The SAE's feature activations on the held-out rows.")
+    ep_projections = _file(EP_PROJECTIONS, "The EP regions' projections on the held-out rows.")
+    ep_exemplars = _file(EP_EXEMPLARS, "The exemplars EP built on the training prefix.")
 
 
 def match_name(a: DictionaryKey, b: DictionaryKey | None) -> str:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey
-from ep_store.store.layout import ASSIGNMENTS, EXEMPLARS, META
+from ep_store.store.layout import DictionaryFiles
 
 if TYPE_CHECKING:
     from ep_store.store.core import Store
@@ -58,12 +58,16 @@ class DictionarySnapshot:
     """How the snapshot was asked for: 'latest', a tag or a version number."""
 
     @property
+    def files(self) -> DictionaryFiles:
+        return DictionaryFiles(self.folder)
+
+    @property
     def exemplars_path(self) -> Path:
-        return self.folder / EXEMPLARS
+        return self.files.exemplars
 
     @property
     def assignments_path(self) -> Path:
-        return self.folder / ASSIGNMENTS
+        return self.files.assignments
 
     def require_assignments(self) -> int:
         """The assignments version of this snapshot; UsageError (exit 2) naming the fix when none exists."""
@@ -80,11 +84,11 @@ def dictionary_snapshot(store: Store, key: DictionaryKey, as_of: int | str | Non
     Raises UsageError for an unknown dictionary, or for a tag or version no build of ``key``
     published (returns None then instead when ``missing_ok``).
     """
-    folder = store.dictionary_dir(key)
-    if not (folder / META).is_file():
+    files = store.dictionary_files(key)
+    if not files.finished:
         known = ", ".join(str(k) for k in store.list_dictionaries()) or "none"
         raise UsageError(f"unknown dictionary {key} (known: {known})")
-    meta = store.read_json(folder / META)
+    meta = store.read_json(files.meta)
     entry = history_entry(meta, as_of)
     if entry is None:
         if missing_ok:
@@ -94,10 +98,10 @@ def dictionary_snapshot(store: Store, key: DictionaryKey, as_of: int | str | Non
                          "see: ep store ls")
     at = meta_at(meta, entry)
     version = at["exemplars_version"]
-    assignments, missing = assignments_version(store, key, folder / ASSIGNMENTS, version,
+    assignments, missing = assignments_version(store, key, files.assignments, version,
                                                "latest" if as_of is None else str(as_of))
     source = at.get("activations") or {}
-    return DictionarySnapshot(key=key, folder=folder, meta=at, exemplars_version=version,
+    return DictionarySnapshot(key=key, folder=files.folder, meta=at, exemplars_version=version,
                               assignments_version=assignments, assignments_missing=missing,
                               activations=key.activations, activations_version=source.get("version"),
                               label="latest" if as_of is None else str(as_of))
