@@ -85,10 +85,36 @@ def _drift_order(pair: dict) -> tuple:
 
 def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("data/models"), top: int = 15,
                 context: int = 8, cutoff: float = 0.7) -> dict:
+    """``ep diff A B``: write ``out``/index.html, README.md and summary.json (matching A and B
+    first when no finished match exists); return the one-line summary."""
     start = time.perf_counter()
     check_output_folder(out, "--out")
     check_options({"context": context, "top": top})
     store = Store(store_path)
+    ka, kb = DictionaryKey.parse(a), DictionaryKey.parse(b)
+    meta, db = current_match(store, a, b, cutoff)
+    steps = step_series(db, ka, kb, models_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    changes = region_changes(db, meta, ka, kb, top, context)
+    finding = _finding(changes["enrichment"])
+    context_data = {"a": str(ka), "b": str(kb), "meta": meta, "images": _plots(meta, steps, ka, cutoff, out),
+                    "cutoff": cutoff, **changes, "steps": steps, "finding": finding,
+                    "evals": eval_links(out, [ka, kb])}
+    html = environment().get_template("diff.html.j2").render(**context_data)
+    (out / "index.html").write_text(html, encoding="utf-8")
+    markdown = environment(html=False).get_template("diff.md.j2").render(**context_data)
+    (out / "README.md").write_text(markdown, encoding="utf-8")
+    summary = {"a": str(ka), "b": str(kb), "preserved": meta["preserved"], "introduced": meta["introduced"],
+               "dropped": meta["dropped"], "finding": finding, "out": str(out / "index.html"),
+               "seconds": round(time.perf_counter() - start, 3)}
+    jsonio.write(out / "summary.json", {**summary, "enrichment": changes["enrichment"], "steps": steps})
+    return summary
+
+
+def current_match(store: Store, a: str, b: str, cutoff: float) -> tuple[dict, StoreDB]:
+    """The meta of the finished match of A and B (run now when there is none) and a StoreDB in
+    which it is current. UsageError when its token flows pair other documents (issue 18, A3),
+    or it was computed from other builds than the published ones (issue 18, A1)."""
     ka, kb = DictionaryKey.parse(a), DictionaryKey.parse(b)
     files = store.match_files(ka, kb)
     if not files.finished:
@@ -101,9 +127,12 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
     db.require(ka)
     db.require(kb)
     db.require_current_match(meta)  # never pair a match with other builds (issue 18, A1)
-    steps = step_series(db, ka, kb, models_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    return meta, db
 
+
+def region_changes(db: StoreDB, meta: dict, ka: DictionaryKey, kb: DictionaryKey, top: int, context: int) -> dict:
+    """The report's sections from the match: introduced and dropped regions (largest first, with
+    contexts), the most drifted preserved pairs, token flows and label enrichment by status."""
     pairs = db.query("SELECT * FROM matches WHERE a = $a AND b = $b ORDER BY status, region_a, region_b", {"a": str(ka), "b": str(kb)}).to_pylist()
     sizes_a, sizes_b = region_sizes(db, ka), region_sizes(db, kb)
     introduced = sorted((p["region_b"] for p in pairs if p["status"] == "introduced"), key=lambda r: (-sizes_b.get(r, 0), r))
@@ -119,11 +148,16 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
     for f in flows:
         f["token_a"], f["token_b"] = ex_a.get(f["region_a"]), ex_b.get(f["region_b"])
 
-    meta_b = store.info(store.activation_path(kb.activations)).meta
+    meta_b = db.store.info(db.store.activation_path(kb.activations)).meta
     db.register_table("span_labels", dataset_span_labels(meta_b))
     enrichment = {r["status"]: r for r in ask_pair(db, ka, kb, "label_enrichment").to_pylist()}
-    finding = _finding(enrichment)
+    return {"introduced": region_entries(db, kb, introduced[:top], sizes_b, context), "n_introduced": len(introduced),
+            "dropped": region_entries(db, ka, dropped[:top], sizes_a, context), "n_dropped": len(dropped),
+            "drifted": drifted, "transitions": transitions, "flows": flows, "enrichment": enrichment}
 
+
+def _plots(meta: dict, steps: list[dict], ka: DictionaryKey, cutoff: float, out: Path) -> dict[str, str]:
+    """The histogram of matched cosines and the counts against training step, where there are any."""
     images = {}
     cosines = meta.get("matched_cosines", [])
     if cosines:
@@ -137,22 +171,7 @@ def diff_report(store_path, a: str, b: str, out: Path, models_dir: Path = Path("
                                       {"preserved": [s["preserved"] for s in steps],
                                        "introduced": [s["introduced"] for s in steps]},
                                       out / "steps.png", f"{ka} vs fine-tuning steps", "training step", "regions")
-    context_data = {
-        "a": str(ka), "b": str(kb), "meta": meta, "images": images, "cutoff": cutoff,
-        "introduced": region_entries(db, kb, introduced[:top], sizes_b, context), "n_introduced": len(introduced),
-        "dropped": region_entries(db, ka, dropped[:top], sizes_a, context), "n_dropped": len(dropped),
-        "drifted": drifted, "transitions": transitions, "flows": flows, "steps": steps,
-        "enrichment": enrichment, "finding": finding, "evals": eval_links(out, [ka, kb]),
-    }
-    html = environment().get_template("diff.html.j2").render(**context_data)
-    (out / "index.html").write_text(html, encoding="utf-8")
-    markdown = environment(html=False).get_template("diff.md.j2").render(**context_data)
-    (out / "README.md").write_text(markdown, encoding="utf-8")
-    summary = {"a": str(ka), "b": str(kb), "preserved": meta["preserved"], "introduced": meta["introduced"],
-               "dropped": meta["dropped"], "finding": finding, "out": str(out / "index.html"),
-               "seconds": round(time.perf_counter() - start, 3)}
-    jsonio.write(out / "summary.json", {**summary, "enrichment": enrichment, "steps": steps})
-    return summary
+    return images
 
 
 def _finding(enrichment: dict) -> dict:

@@ -149,53 +149,12 @@ def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: Dictionar
     # --method both across widths runs membership alone: say so (issue 18, D12)
     skipped = {} if use_vector or cfg.method == "membership" else {
         "vector_skipped": f"widths differ ({da.width} vs {db_.width})"}
-    overlaps, by = None, None
-    if cfg.method in ("membership", "both"):  # pairs the tokens of both streams (issue 18, A3)
-        require_same_stream(store, a.activations, b.activations, f"membership match of {a} and {b}",
-                            f"or match by vector only: ep match {a} {b} --method vector" if da.width == db_.width else "")
-        sql = StoreDB(store)
-        sql.require(a)
-        sql.require(b)
-        overlaps, by = overlaps_in_sql(sql, a, b)
-        _read_together(sql, da, db_)
-
-    scores = {}
-    if overlaps is not None:
-        scores = {(int(r), int(s)): (p, q, f) for r, s, p, q, f in
-                  zip(overlaps.region_a, overlaps.region_b, overlaps.precision, overlaps.recall, overlaps.f1)}
-    if use_vector:
-        m = vector_match(da.exemplars.numpy(), db_.exemplars.numpy())
-        pairs = [(int(r), int(s), float(c)) for r, s, c in zip(m.rows_a, m.rows_b, m.cosine)]
-        preserved = [(r, s, c) for r, s, c in pairs if c >= cfg.cutoff]
-    else:
-        ra, rb = _f1_assignment(overlaps, len(da), len(db_))
-        pairs = [(int(r), int(s), None) for r, s in zip(ra, rb)]
-        preserved = [(r, s, c) for r, s, c in pairs if scores.get((r, s), (0, 0, 0))[2] >= cfg.f1_cutoff]
-    kept_a = {r for r, _, _ in preserved}
-    kept_b = {s for _, s, _ in preserved}
-    partner_cos = {r: c for r, _, c in pairs}
-
-    rows = []
-    for r, s, c in preserved:
-        rows.append(_row(a, b, r, s, c, da.theta, scores.get((r, s)), "preserved"))
-    for r in range(len(da)):
-        if r not in kept_a:
-            rows.append(_row(a, b, r, None, partner_cos.get(r), da.theta, None, "dropped"))
-    for s in range(len(db_)):
-        if s not in kept_b:
-            rows.append(_row(a, b, None, s, None, da.theta, None, "introduced"))
-    store.remove(files.meta)
-    versions = {"pairs_version": store.write_table(files.pairs, pa.Table.from_pylist(rows, schema=PAIR_SCHEMA))}
-    if overlaps is None:
-        store.remove(files.overlaps)  # a stale table of an earlier membership match
-    else:
-        versions["overlaps_version"] = store.write_table(files.overlaps, pa.table({
-            "a": [str(a)] * len(overlaps.region_a), "b": [str(b)] * len(overlaps.region_a),
-            "region_a": overlaps.region_a.astype(np.int32), "region_b": overlaps.region_b.astype(np.int32),
-            "overlap": overlaps.overlap, "precision": overlaps.precision, "recall": overlaps.recall,
-            "f1": overlaps.f1, "best_for_a": best_flags(overlaps.region_a, overlaps.f1),
-            "best_for_b": best_flags(overlaps.region_b, overlaps.f1),
-        }))
+    overlaps, by, sql = None, None, None
+    if cfg.method in ("membership", "both"):
+        overlaps, by, sql = _membership(store, a, b, da, db_)
+    scores, pairs, preserved = _pair_regions(cfg, da, db_, use_vector, overlaps)
+    rows = _status_rows(a, b, da, db_, pairs, preserved, scores)
+    versions = _write_tables(store, files, a, b, rows, overlaps)
     # What the match was computed from, so readers can tell it from a match of other builds (issue 18, A1).
     snaps = (sql.snapshots[a], sql.snapshots[b]) if overlaps is not None else (da.snapshot, db_.snapshot)
     versions["snapshots"] = match_record(*snaps, membership=overlaps is not None)
@@ -210,6 +169,75 @@ def _match_locked(cfg: MatchConfig, store: Store, a: DictionaryKey, b: Dictionar
     store.write_json(files.meta, summary)
     return {k: v for k, v in summary.items() if k not in ("matched_cosines", "config", ENVIRONMENT_KEY)} \
         | {"out": str(files.folder)}
+
+
+def _membership(store: Store, a: DictionaryKey, b: DictionaryKey, da: Dictionary, db_: Dictionary):
+    """(overlaps, what they were counted by, the StoreDB they came from) of A's and B's
+    assignments over the same tokens; UsageError when the streams differ (issue 18, A3) or a
+    build was published meanwhile (issue 18, A1)."""
+    require_same_stream(store, a.activations, b.activations, f"membership match of {a} and {b}",
+                        f"or match by vector only: ep match {a} {b} --method vector" if da.width == db_.width else "")
+    sql = StoreDB(store)
+    sql.require(a)
+    sql.require(b)
+    overlaps, by = overlaps_in_sql(sql, a, b)
+    _read_together(sql, da, db_)
+    return overlaps, by, sql
+
+
+def _pair_regions(cfg: MatchConfig, da: Dictionary, db_: Dictionary, use_vector: bool, overlaps):
+    """(membership scores by region pair, every paired (region_a, region_b, cosine), the pairs
+    preserved): by exemplar cosine when ``use_vector``, else by F1 of the overlaps."""
+    scores = {}
+    if overlaps is not None:
+        scores = {(int(r), int(s)): (p, q, f) for r, s, p, q, f in
+                  zip(overlaps.region_a, overlaps.region_b, overlaps.precision, overlaps.recall, overlaps.f1)}
+    if use_vector:
+        m = vector_match(da.exemplars.numpy(), db_.exemplars.numpy())
+        pairs = [(int(r), int(s), float(c)) for r, s, c in zip(m.rows_a, m.rows_b, m.cosine)]
+        preserved = [(r, s, c) for r, s, c in pairs if c >= cfg.cutoff]
+    else:
+        ra, rb = _f1_assignment(overlaps, len(da), len(db_))
+        pairs = [(int(r), int(s), None) for r, s in zip(ra, rb)]
+        preserved = [(r, s, c) for r, s, c in pairs if scores.get((r, s), (0, 0, 0))[2] >= cfg.f1_cutoff]
+    return scores, pairs, preserved
+
+
+def _status_rows(a: DictionaryKey, b: DictionaryKey, da: Dictionary, db_: Dictionary, pairs: list, preserved: list,
+                 scores: dict) -> list[dict]:
+    """One row per preserved pair, then per dropped region of A, then per introduced region of B."""
+    kept_a = {r for r, _, _ in preserved}
+    kept_b = {s for _, s, _ in preserved}
+    partner_cos = {r: c for r, _, c in pairs}
+    rows = []
+    for r, s, c in preserved:
+        rows.append(_row(a, b, r, s, c, da.theta, scores.get((r, s)), "preserved"))
+    for r in range(len(da)):
+        if r not in kept_a:
+            rows.append(_row(a, b, r, None, partner_cos.get(r), da.theta, None, "dropped"))
+    for s in range(len(db_)):
+        if s not in kept_b:
+            rows.append(_row(a, b, None, s, None, da.theta, None, "introduced"))
+    return rows
+
+
+def _write_tables(store: Store, files: MatchFiles, a: DictionaryKey, b: DictionaryKey, rows: list[dict],
+                  overlaps) -> dict:
+    """Unpublish the old match (its meta.json goes first), write the pairs and overlaps tables;
+    return their versions."""
+    store.remove(files.meta)
+    versions = {"pairs_version": store.write_table(files.pairs, pa.Table.from_pylist(rows, schema=PAIR_SCHEMA))}
+    if overlaps is None:
+        store.remove(files.overlaps)  # a stale table of an earlier membership match
+    else:
+        versions["overlaps_version"] = store.write_table(files.overlaps, pa.table({
+            "a": [str(a)] * len(overlaps.region_a), "b": [str(b)] * len(overlaps.region_a),
+            "region_a": overlaps.region_a.astype(np.int32), "region_b": overlaps.region_b.astype(np.int32),
+            "overlap": overlaps.overlap, "precision": overlaps.precision, "recall": overlaps.recall,
+            "f1": overlaps.f1, "best_for_a": best_flags(overlaps.region_a, overlaps.f1),
+            "best_for_b": best_flags(overlaps.region_b, overlaps.f1),
+        }))
+    return versions
 
 
 def _read_together(sql: StoreDB, *dictionaries: Dictionary) -> None:
