@@ -214,45 +214,15 @@ def sae_training_flops(d_in: int, width: int, tokens: int) -> float:
 def train_sae(cfg: SAETrainConfig, store: Store, progress: bool = True, curves_path: Path | None = None) -> dict:
     """Train, save and describe one SAE; returns the run summary. Raises UsageError on bad input."""
     key = cfg.key
-    source = store.require_activations(key.activations)
+    source, info, train_rows = _check_inputs(cfg, store)
     folder = store.sae_dir(key)
-    if folder.exists() and not cfg.overwrite:
-        raise UsageError(f"SAE {key} exists at {folder}; pass --overwrite to replace it")
-    info = store.info(source)
-    train_rows = info.rows - cfg.heldout_tokens
-    if train_rows < cfg.batch_size:
-        raise UsageError(f"{key.activations} has {info.rows} rows: after the {cfg.heldout_tokens} held-out rows "
-                         f"fewer than one batch ({cfg.batch_size}) is left to train on")
     width = cfg.width or 8 * info.width
     device = resolve_device(cfg.device)
 
     require("sae_lens", "sae", "ep sae train")  # EnvError (exit 1) with the install hint (issue 18, C7)
-    from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig, __version__
-    from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.saes.sae import SAEMetadata
+    from sae_lens import __version__
 
-    torch.manual_seed(cfg.seed)
-    sae_cfg = TopKTrainingSAEConfig(
-        d_in=info.width, d_sae=width, k=cfg.k, device=str(device), normalize_activations="expected_average_only_in",
-        metadata=SAEMetadata(model_name=key.model, hook_name=f"blocks.{key.layer}.hook_resid_post"))
-    sae = TopKTrainingSAE(sae_cfg)
-    window = max(1, cfg.dead_window_tokens // cfg.batch_size)
-    steps = math.ceil(cfg.tokens / cfg.batch_size)
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size, lr=cfg.lr,
-        lr_end=cfg.lr, lr_warm_up_steps=min(cfg.lr_warm_up_steps, steps), device=str(device),
-        dead_feature_window=window, feature_sampling_window=window, logger=LoggingConfig(log_to_wandb=False))
-    mean_D, mean_norm = training_stats(store, source, train_rows)
-    trainer_scale = info.width ** 0.5 / mean_norm
-    with torch.no_grad():
-        sae.b_dec.copy_((mean_D * trainer_scale).to(sae.b_dec.device))
-    monitor = next(training_batches(store, source, min(train_rows, cfg.monitor_tokens), cfg.monitor_tokens,
-                                    cfg.monitor_tokens, cfg.seed))
-    recorder = CurveRecorder(training_batches(store, source, train_rows, cfg.batch_size, cfg.shuffle_rows, cfg.seed),
-                             monitor, cfg.log_every)
-    trainer = SAETrainer(trainer_cfg, sae, recorder)
-    trainer.activation_scaler.scaling_factor = trainer_scale  # fit() then skips its sampled estimate
-    recorder.trainer = trainer
+    trainer, recorder = _trainer(cfg, store, source, info, train_rows, width, device)
     start, cpu_start = time.perf_counter(), time.process_time()
     with _quiet_tqdm(not progress):
         trained = trainer.fit()
@@ -281,6 +251,55 @@ def train_sae(cfg: SAETrainConfig, store: Store, progress: bool = True, curves_p
     return {"sae": str(key), "path": str(folder), "tokens": meta["tokens"], "steps": meta["steps"],
             "seconds": meta["seconds"], "gflop": round(meta["flops"] / 1e9, 1),
             "explained_variance": round(final["explained_variance"], 4), "dead_fraction": round(final["dead_fraction"], 4)}
+
+
+def _check_inputs(cfg: SAETrainConfig, store: Store):
+    """(the activations' path, their info, rows to train on); UsageError when there are no
+    activations, the SAE exists without --overwrite, or the held-out rows leave no batch."""
+    key = cfg.key
+    source = store.require_activations(key.activations)
+    folder = store.sae_dir(key)
+    if folder.exists() and not cfg.overwrite:
+        raise UsageError(f"SAE {key} exists at {folder}; pass --overwrite to replace it")
+    info = store.info(source)
+    train_rows = info.rows - cfg.heldout_tokens
+    if train_rows < cfg.batch_size:
+        raise UsageError(f"{key.activations} has {info.rows} rows: after the {cfg.heldout_tokens} held-out rows "
+                         f"fewer than one batch ({cfg.batch_size}) is left to train on")
+    return source, info, train_rows
+
+
+def _trainer(cfg: SAETrainConfig, store: Store, source: Path, info, train_rows: int, width: int, device):
+    """A seeded SAELens TopK SAE (decoder bias at the training rows' mean) and its trainer, fed
+    by a ``CurveRecorder`` over the shuffled training rows: (trainer, recorder)."""
+    from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    key = cfg.key
+    torch.manual_seed(cfg.seed)
+    sae_cfg = TopKTrainingSAEConfig(
+        d_in=info.width, d_sae=width, k=cfg.k, device=str(device), normalize_activations="expected_average_only_in",
+        metadata=SAEMetadata(model_name=key.model, hook_name=f"blocks.{key.layer}.hook_resid_post"))
+    sae = TopKTrainingSAE(sae_cfg)
+    window = max(1, cfg.dead_window_tokens // cfg.batch_size)
+    steps = math.ceil(cfg.tokens / cfg.batch_size)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size, lr=cfg.lr,
+        lr_end=cfg.lr, lr_warm_up_steps=min(cfg.lr_warm_up_steps, steps), device=str(device),
+        dead_feature_window=window, feature_sampling_window=window, logger=LoggingConfig(log_to_wandb=False))
+    mean_D, mean_norm = training_stats(store, source, train_rows)
+    trainer_scale = info.width ** 0.5 / mean_norm
+    with torch.no_grad():
+        sae.b_dec.copy_((mean_D * trainer_scale).to(sae.b_dec.device))
+    monitor = next(training_batches(store, source, min(train_rows, cfg.monitor_tokens), cfg.monitor_tokens,
+                                    cfg.monitor_tokens, cfg.seed))
+    recorder = CurveRecorder(training_batches(store, source, train_rows, cfg.batch_size, cfg.shuffle_rows, cfg.seed),
+                             monitor, cfg.log_every)
+    trainer = SAETrainer(trainer_cfg, sae, recorder)
+    trainer.activation_scaler.scaling_factor = trainer_scale  # fit() then skips its sampled estimate
+    recorder.trainer = trainer
+    return trainer, recorder
 
 
 def _save_atomically(store: Store, folder: Path, sae, meta: dict) -> None:
