@@ -45,10 +45,6 @@ from ep_store.studies.intervene import (
 
 log = logging.getLogger(__name__)
 
-STOP_TOKENS = ("<end_of_turn>", "<|im_end|>", "<|eot_id|>", "<|endoftext|>")
-"""End-of-turn tokens that end a completion besides the model's EOS, where the vocabulary has them."""
-
-
 @dataclass
 class GenerateConfig:
     model: str
@@ -159,31 +155,6 @@ def read_prompts(path: Path, text_field: str | None = None) -> list[str]:
     return found
 
 
-def has_gemma_turns(tokenizer) -> bool:
-    vocab = tokenizer.get_vocab()
-    return "<start_of_turn>" in vocab and "<end_of_turn>" in vocab
-
-
-PLACEHOLDER = "\ue000"  # a private-use character: no chat template rewrites it
-
-
-def chat_frame(tokenizer) -> tuple[str, str]:
-    """(text before, text after) the user's prompt in the model's chat format with the
-    generation prompt: the tokenizer's template, else Gemma's turn format. UsageError if
-    neither exists or the template does not put the prompt in verbatim."""
-    if tokenizer.chat_template:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": PLACEHOLDER}], tokenize=False,
-                                                 add_generation_prompt=True)
-    elif has_gemma_turns(tokenizer):
-        rendered = (tokenizer.bos_token or "") + prompts.prompt_text(PLACEHOLDER)
-    else:
-        raise UsageError("--chat: this tokenizer has no chat template and no Gemma turn tokens; drop --chat")
-    before, found, after = rendered.partition(PLACEHOLDER)
-    if not found or PLACEHOLDER in after:
-        raise UsageError("--chat: the model's chat template does not put the prompt in verbatim; drop --chat")
-    return before, after
-
-
 def prompt_ids(tokenizer, texts: list[str], chat: bool) -> list[list[int]]:
     """Model input ids of each prompt: the tokenizer's BOS convention and the text, or with
     ``chat`` the chat format around it. The prompt is text either way: special-token strings
@@ -192,7 +163,7 @@ def prompt_ids(tokenizer, texts: list[str], chat: bool) -> list[list[int]]:
     if not chat:
         prefix = special_prefix(tokenizer)
         return [prefix + encode(tokenizer, t)[0] for t in texts]
-    before, after = chat_frame(tokenizer)
+    before, after = prompts.chat_frame(tokenizer)
     return [encode_turn(tokenizer, before, t, after) for t in texts]
 
 
@@ -201,7 +172,7 @@ def stop_ids(tokenizer, net) -> list[int]:
     ids = net.generation_config.eos_token_id
     ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
     vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in STOP_TOKENS if t in vocab]
+    ids += [vocab[t] for t in prompts.STOP_TOKENS if t in vocab]
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return sorted(set(ids))

@@ -70,10 +70,8 @@ def harvest_documents(tokenizer, train: Prompts) -> StudyCorpus:
     starts from (checked prompt by prompt), the template's BOS left to the harvester. A
     Gemma-format tokenizer's documents are a ``chat:`` corpus; another template's must encode
     as plain text. UsageError if a prompt would be harvested otherwise than generated."""
-    from ep_store.studies.generate import chat_frame, has_gemma_turns
-
-    before, after = chat_frame(tokenizer)
-    chat = has_gemma_turns(tokenizer)
+    before, after = prompts.chat_frame(tokenizer)
+    chat = prompts.has_gemma_turns(tokenizer)
     bos = tokenizer.bos_token
     policy, prefix = "never", []
     if bos and before.startswith(bos):
