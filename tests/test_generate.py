@@ -205,10 +205,11 @@ def test_generate_refuses_empty_prompts_and_other_width(models_dir, store, tmp_p
     from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
 
     out = tmp_path / "gen.jsonl"
-    for name, text in (("empty.txt", "\n  \n"), ("empty.jsonl", ""), ("p.csv", "a,b\n")):
+    # .csv and .parquet prompts are read since issue 18 (B5: one reader); other formats are refused.
+    for name, text in (("empty.txt", "\n  \n"), ("empty.jsonl", ""), ("empty.csv", "prompt\n"), ("p.xml", "<p/>\n")):
         (tmp_path / name).write_text(text)
         assert_refused(cli(store, models_dir, tmp_path / name, out), "holds no prompts" if "empty" in name
-                       else "not .txt or .jsonl")
+                       else "is not a .txt/.jsonl/.csv/.parquet file")
     assert_refused(cli(store, models_dir, tmp_path / "missing.txt", out), "does not exist")
     # a model of another width: the dictionary cannot be applied to it
     wide = tmp_path / "models"

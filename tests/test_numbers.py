@@ -30,6 +30,7 @@ from ep_store.stages.dictionary import Dictionary, assign_dataset
 from ep_store.stages.harvest import HarvestConfig, harvest
 from ep_store.stages.vectors import stream_vectors
 from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
+from ep_store.streams import DOCUMENTS_KEY, FINGERPRINT_KEY
 from tests.conftest import ROOT, make_tiny_model, tree_snapshot
 
 SENTENCE = "The quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat today."
@@ -43,7 +44,9 @@ def write_activations(store: Store, key: ActivationKey, x_ND: np.ndarray, dtype=
         "char_start": pa.array(np.arange(n), pa.int32()), "char_end": pa.array(np.arange(n) + 1, pa.int32()),
         "vector": vectors_to_arrow(x_ND, dtype),
     })
-    store.append_activations(key, table, {"synthetic": True})
+    # One synthetic stream: every dataset written here claims the same documents (issue 18, A3).
+    store.append_activations(key, table, {"synthetic": True, "corpus": "synthetic",
+                                          "fingerprint": {FINGERPRINT_KEY: "synthetic", DOCUMENTS_KEY: 1}})
 
 
 def repeated_rows(distinct=20, times=40, width=32, seed=0):
