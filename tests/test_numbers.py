@@ -30,7 +30,7 @@ from ep_store.stages.dictionary import Dictionary, assign_dataset
 from ep_store.stages.harvest import HarvestConfig, harvest
 from ep_store.stages.vectors import stream_vectors
 from ep_store.store import Store, arrow_to_vectors, vectors_to_arrow
-from ep_store.streams import DOCUMENTS_KEY, FINGERPRINT_KEY
+from ep_store.store.streams import DOCUMENTS_KEY, FINGERPRINT_KEY
 from tests.conftest import ROOT, make_tiny_model, tree_snapshot
 
 SENTENCE = "The quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat today."
