@@ -77,7 +77,8 @@ class ActivationKey:
         return cls(model, checkpoint, _parse_layer(layer, text))
 
     def relpath(self) -> Path:
-        return Path(to_segment(self.model), to_segment(self.checkpoint), f"L{self.layer}.lance")
+        """<model>/<checkpoint>/L<layer> as safe path segments (the store adds the file suffix)."""
+        return Path(to_segment(self.model), to_segment(self.checkpoint), f"L{self.layer}")
 
 
 @dataclass(frozen=True, order=True)

@@ -60,7 +60,7 @@ class Store:
 
     # -- paths -------------------------------------------------------------------------------
     def activation_path(self, key: ActivationKey) -> Path:
-        return check_inside(self.root, self.root / layout.ACTIVATIONS_DIR / key.relpath())
+        return check_inside(self.root, self.root / layout.ACTIVATIONS_DIR / layout.lance_file(key.relpath()))
 
     def dictionary_dir(self, key: DictionaryKey) -> Path:
         return check_inside(self.root, self.root / layout.DICTIONARIES_DIR / key.relpath())

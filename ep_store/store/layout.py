@@ -51,6 +51,11 @@ EP_EXEMPLARS = "ep_exemplars.lance"
 LANCE = ".lance"
 
 
+def lance_file(relpath: Path) -> Path:
+    """``relpath`` (a key's path, e.g. <model>/<checkpoint>/L6) as the Lance dataset folder it names."""
+    return relpath.with_name(relpath.name + LANCE)
+
+
 def _file(name: str, doc: str) -> property:
     """A read-only attribute: the path of file ``name`` in the artifact's folder."""
     return property(lambda self: self.folder / name, doc=doc)
@@ -78,7 +83,7 @@ class DictionaryFiles(Files):
 
     def foreign(self, activations: ActivationKey) -> Path:
         """The dictionary's assignments over another activation dataset."""
-        return self.folder / FOREIGN / activations.relpath()
+        return self.folder / FOREIGN / lance_file(activations.relpath())
 
     def foreign_paths(self) -> list[tuple[ActivationKey, Path]]:
         """(activations, path) of every foreign assignments dataset folder, sorted by path."""
