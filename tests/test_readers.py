@@ -263,7 +263,7 @@ def test_text_without_spaces_is_cut_at_the_limit_with_exact_offsets(tiny_tokeniz
 
 
 def test_span_labels_read_the_corpus_with_its_text_field(tmp_path):
-    from ep_store.analysis.diff import span_labels
+    from ep_store.stages.corpus import span_labels
     from ep_store.stages.prompts import chat_text
 
     corpus = tmp_path / "chat.parquet"
