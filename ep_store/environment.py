@@ -44,9 +44,19 @@ def cpu_capability() -> str | None:
         return None
 
 
+def cpu_native_bf16() -> bool | None:
+    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX tiles), which
+    ``get_cpu_capability`` does not say; None where torch has no probe. Decides ``ep build
+    --precision auto`` (ep_store.kernels.screen.native_bf16 asks the same probes)."""
+    import torch
+
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes) if all(probes) else None
+
+
 def environment(device=None, dtype=None) -> dict:
     """``{"python", "torch", "transformers", "numpy", "pyarrow", "pylance", "duckdb", "scipy",
-    "ep_store", "cpu_capability", "machine", "system", "device"?, "dtype"?, "cuda"?, "gpu"?}``:
+    "ep_store", "cpu_capability", "cpu_native_bf16", "machine", "system", "device"?, "dtype"?, "cuda"?, "gpu"?}``:
     versions are strings (None when a package is not installed); ``device`` (a torch.device or
     str) and ``dtype`` (a torch.dtype or str) are recorded when given, and on a CUDA device the
     CUDA release and card name. No side effects.
@@ -54,7 +64,8 @@ def environment(device=None, dtype=None) -> dict:
     env = {"python": platform.python_version(), **{k: _version(d) for k, d in PACKAGES.items()}}
     if "lance" in sys.modules:  # the imported module is the truth where a source build differs
         env["pylance"] = getattr(sys.modules["lance"], "__version__", env["pylance"])
-    env |= {"cpu_capability": cpu_capability(), "machine": platform.machine(), "system": platform.system()}
+    env |= {"cpu_capability": cpu_capability(), "cpu_native_bf16": cpu_native_bf16(), "machine": platform.machine(),
+            "system": platform.system()}
     if device is not None:
         env["device"] = str(device)
         if str(device).startswith("cuda"):  # GPU kernels differ by card and CUDA release

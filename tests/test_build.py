@@ -69,6 +69,30 @@ def test_build_matches_reference_and_writes_layout(store):
     np.testing.assert_array_equal(regions[rows], np.arange(len(rows)))
 
 
+def test_precisions_give_one_exemplar_table_to_the_bit(store, tmp_path):
+    """bf16 and fp32 screening, and auto, store the same table (statistics included: the
+    nearest exemplar at arrival is decided in float64, issue 20); the summary and meta.json
+    record the precision used and the CPU."""
+    tables, summaries = {}, {}
+    for precision in ("float32", "bfloat16", "auto"):
+        summaries[precision] = build(cfg(precision=precision, overwrite=True), store, progress=False)
+        key = DictionaryKey("tiny", "base", 2, 5.0)
+        tables[precision] = store.read_table(store.dictionary_dir(key) / "exemplars.lance")
+        meta = json.loads((store.dictionary_dir(key) / "meta.json").read_text())
+        assert meta["environment"]["dtype"] == summaries[precision]["precision"]
+        assert "cpu_native_bf16" in meta["environment"] and summaries[precision]["cpu_capability"]
+    assert tables["float32"].equals(tables["bfloat16"]) and tables["float32"].equals(tables["auto"])
+    assert summaries["bfloat16"]["precision"] == "bfloat16" and summaries["float32"]["precision"] == "float32"
+    assert summaries["auto"]["precision"] in ("float32", "bfloat16") and summaries["auto"]["precision_requested"] == "auto"
+    # The statistics are the float64 nearest-at-arrival of the sequential rule.
+    meta = json.loads((store.dictionary_dir(DictionaryKey("tiny", "base", 2, 5.0)) / "meta.json").read_text())
+    x = torch.cat([b for b, _ in stream_vectors(store, store.activation_path(ActivationKey("tiny", "base", 2)), 999)])
+    ref = leader_reference(unit_directions(x, torch.tensor(meta["center"])), meta["theta"], 256, 3)
+    assert tables["auto"].column("member_count").to_pylist() == ref.member_count_K.tolist()
+    np.testing.assert_array_equal(arrow_to_vectors(tables["auto"].column("direction_sum"), np.float64),
+                                  ref.direction_sum_KD.numpy())
+
+
 def test_growth_equals_one_build(store, tmp_path):
     key = DictionaryKey("tiny", "base", 2, 5.0)
     big = cfg(max_tokens=2000, saturation_window=50)

@@ -58,6 +58,9 @@ def test_fast_equals_reference_random(precision, batch_size, p):
     ref = leader_reference(u, theta, batch_size, saturation_window=2)
     state, _ = fast_build(u, theta, batch_size, window=2, precision=precision)
     assert state.source_row_K.tolist() == ref.exemplar_rows
+    # Statistics: nearest exemplar at arrival, exact, whatever the screening dtype (issue 20).
+    assert torch.equal(state.member_count_K, ref.member_count_K)
+    assert torch.equal(state.direction_sum_KD, ref.direction_sum_KD)
     assert state.new_per_batch == ref.new_per_batch
     assert state.stop_reason == ref.stop_reason
     torch.testing.assert_close(state.exemplars_KD, u[ref.exemplar_rows], rtol=0, atol=0)
@@ -78,7 +81,10 @@ def test_fast_equals_reference_near_threshold():
     u = torch.nn.functional.normalize(torch.cat([anchors, torch.stack(rows)]), dim=1)
     for precision in ("float32", "bfloat16"):
         state, builder = fast_build(u, theta, 50, window=100, precision=precision)
-        assert state.source_row_K.tolist() == leader_reference(u, theta, 50, 100).exemplar_rows
+        ref = leader_reference(u, theta, 50, 100)
+        assert state.source_row_K.tolist() == ref.exemplar_rows
+        assert torch.equal(state.member_count_K, ref.member_count_K)
+        assert torch.equal(state.direction_sum_KD, ref.direction_sum_KD)
         assert builder.rechecked > 0  # the exact path was exercised
 
 
@@ -97,6 +103,49 @@ def test_fast_equals_reference_on_model_activations(tiny_store, precision):
         state, _ = fast_build(u, theta, batch_size, 1, precision)
         assert state.source_row_K.tolist() == ref.exemplar_rows
         assert state.stop_reason == ref.stop_reason
+        assert torch.equal(state.member_count_K, ref.member_count_K)
+        assert torch.equal(state.direction_sum_KD, ref.direction_sum_KD)
+
+
+def near_tie_stream(gap: float) -> torch.Tensor:
+    """Two exemplars, then tokens whose similarities to them differ by ``gap`` (0: exactly
+    equal; both far above 1 - theta), in either order, then a token nearer a new exemplar."""
+    a, b, c = torch.eye(32)[:3]  # axes: at gap 0 a token's two similarities are one float, exactly
+    rows = [a, b]
+    for i in range(40):
+        w = 1.0 + (gap if i % 2 else -gap)
+        rows.append(torch.nn.functional.normalize(w * a + b + 0.1 * (i % 5) * c, dim=0))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("gap", [0.0, 1e-7, 1e-5, 1e-3, 5e-3])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("batch_size", [1, 5, 64])
+def test_statistics_exact_at_near_ties(gap, precision, batch_size):
+    """Tokens almost equidistant from two exemplars (closer than either screening dtype
+    resolves): every token joins the float64-nearest, ties to the lower region id, in both
+    dtypes (issue 20, item 2: the same activations give the same exemplar table)."""
+    u = near_tie_stream(gap)
+    theta = 0.7  # loose: the first two rows are exemplars, every other row is covered by both
+    ref = leader_reference(u, theta, batch_size, 100)
+    state, _ = fast_build(u, theta, batch_size, window=100, precision=precision)
+    assert state.source_row_K.tolist() == ref.exemplar_rows == [0, 1]
+    assert torch.equal(state.member_count_K, ref.member_count_K)
+    assert torch.equal(state.direction_sum_KD, ref.direction_sum_KD)
+    if gap == 0.0:
+        assert state.member_count_K.tolist()[1] == 1  # exact ties go to region 0; region 1 holds itself
+
+
+def test_precision_auto_follows_the_hardware():
+    from ep_store.kernels.screen import choose_precision, native_bf16
+
+    cpu = torch.device("cpu")
+    assert choose_precision("auto", cpu) == ("bfloat16" if native_bf16(cpu) else "float32")
+    assert choose_precision("auto", "cuda") == "bfloat16"
+    assert choose_precision("float32", "cuda") == "float32" and choose_precision("bfloat16", cpu) == "bfloat16"
+    with pytest.raises(ValueError, match="unknown precision"):
+        choose_precision("float16", cpu)
+    assert LeaderBuilder(0.1, 8, 1, LeaderState(width=4), "cpu", "auto").precision == choose_precision("auto", cpu)
 
 
 def test_budget_split_mid_batch_equals_one_build():
@@ -313,8 +362,8 @@ def test_screen_masks_padding_rows(precision, k):
     u[:, 1] = torch.linspace(-0.5, 0.5, 5)
     u = torch.nn.functional.normalize(u, dim=1)
     assert (u.double() @ E.double().T).max() < 0
-    best_sim, best = builder.screen(u)
-    assert (best < k).all()
+    best_sim, second_sim, best = builder.screen(u)
+    assert (best < k).all() and (second_sim <= best_sim).all()
     true_best = (u.double() @ E.double().T).max(dim=1).values
     assert (best_sim.double() - true_best).abs().max() < SCREEN_MARGIN[PRECISIONS[precision]]
 

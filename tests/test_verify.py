@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from ep_store.analysis.verify import VerifyConfig, compare_json, counts, verify
 from ep_store.cli.main import main
 from ep_store.environment import environment
+from ep_store.kernels.screen import choose_precision
 from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.harvest import HarvestConfig, harvest
@@ -117,7 +118,8 @@ def test_stages_record_the_environment_and_digests_ignore_it(reference, tmp_path
         assert {k: recorded[k] for k in ("torch", "numpy", "pylance", "duckdb", "cpu_capability")} == \
             {k: here[k] for k in ("torch", "numpy", "pylance", "duckdb", "cpu_capability")}
         assert recorded["device"] == "cpu"
-    assert meta["environment"]["dtype"] == "bfloat16"  # the build's screening precision
+    # The build's screening precision: --precision auto, resolved by the hardware (issue 20).
+    assert meta["environment"]["dtype"] == choose_precision("auto", "cpu")
     # Another machine: other versions and CPU in the JSON, the same digest and an identical verdict.
     copy = tmp_path / "copy"
     shutil.copytree(reference, copy)

@@ -28,8 +28,9 @@ from ep_store.cli.base import (
 @click.option("--batch-size", type=int, default=2048, show_default=True, help="Build batch size (saturation unit).")
 @click.option("--saturation-window", type=int, default=1, show_default=True, help="Quiet batches before stopping.")
 @click.option("--max-tokens", type=int, default=None, help="Token budget (default: whole dataset).")
-@click.option("--precision", type=Registry("ep_store.kernels.leader", "PRECISIONS"), default="bfloat16",
-              show_default=True, help="Screening precision (exact re-check near theta either way).")
+@click.option("--precision", type=Registry("ep_store.kernels.screen", "PRECISION_CHOICES"), default="auto",
+              show_default=True, help="Screening precision: auto is bfloat16 on CUDA or a CPU with native bf16 "
+              "(AVX512_BF16, AMX), else float32. Same dictionary to the bit either way (float64 re-checks).")
 @click.option("--skip-nonfinite", is_flag=True, help="Drop NaN/inf rows instead of refusing.")
 @click.option("--overwrite", is_flag=True, help="Rebuild even if built with other parameters.")
 @click.option("--assign/--no-assign", default=True, show_default=True, help="Also assign the dictionary's own tokens.")

@@ -21,13 +21,23 @@ from typing import NamedTuple
 
 import torch
 
-# Bounds on |screened - exact| similarity of two unit vectors. bfloat16 rounds each
-# input to 8 significant bits (relative error 2^-8), so by Cauchy-Schwarz the dot product
-# moves by at most (2 * 2^-8 + 2^-16) |u||e| ~ 0.0079, and rounding the result to bfloat16
-# adds 2^-9 * |sim| <= 0.002; float32 accumulation over D <= 16k terms adds < 1e-3.
-# Decisions inside the margin are re-checked in float64.
-SCREEN_MARGIN = {torch.float32: 1e-3, torch.bfloat16: 1.6e-2}
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from ep_store.kernels.screen import (
+    PRECISIONS,
+    SCREEN_MARGIN,
+    TIE_DISTANCE,
+    ambiguous,
+    choose_precision,
+    covered,
+    exact_nearest,
+    exact_similarity,
+    merge_top2,
+    screen_decisions,
+    top2,
+)
+
+__all__ = ["PRECISIONS", "SCREEN_MARGIN", "TIE_DISTANCE", "covered", "screen_decisions", "LeaderBuilder",
+           "LeaderState", "leader_reference", "first_independent", "ReferenceResult"]
+
 # Screening shapes (issue 12): exemplar rows are padded to a multiple of ALIGN, so the
 # matrix units see aligned operands (on an H200 an unaligned bf16 product ran 8x slower);
 # CPU_BLOCK / GPU_BLOCK exemplars per product block.
@@ -36,44 +46,28 @@ CPU_BLOCK = 2048
 GPU_BLOCK = 1 << 30
 
 
-# Tie rule (issue 8, item 5): float32 unit directions have |u|^2 = 1 +- ~1e-7, so identical
-# rows sit up to ~1e-7 apart; distances at or below TIE_DISTANCE count as equal, so identical
-# vectors always share one region, even when theta is 0. Thetas above it are unaffected.
-TIE_DISTANCE = 1e-6
-
-
-def covered(sim64: torch.Tensor, theta: float) -> torch.Tensor:
-    """The rule's comparison: an exemplar covers u iff clamp(1 - u.e, 0, 2) <= max(theta, TIE_DISTANCE)."""
-    return (1.0 - sim64).clamp(0.0, 2.0) <= max(theta, TIE_DISTANCE)
-
-
-def screen_decisions(sim: torch.Tensor, theta: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(surely covered, undecided) from screened similarities; undecided ones need float64.
-
-    The threshold is the one ``covered`` applies (kept beside it: change them together); a
-    screened value beyond ``margin`` of it decides the same way as the exact one.
-    """
-    threshold = 1.0 - max(theta, TIE_DISTANCE)
-    sure = sim >= threshold + margin
-    unsure = ~sure & (sim >= threshold - margin)
-    return sure, unsure
-
-
 class ReferenceResult(NamedTuple):
     exemplar_rows: list[int]
     new_per_batch: list[int]
     stop_reason: str
+    member_count_K: torch.Tensor  # int64: tokens whose nearest exemplar at arrival is k
+    direction_sum_KD: torch.Tensor  # float64: the sum of those tokens' unit directions
 
 
 def leader_reference(
     u_ND: torch.Tensor, theta: float, batch_size: int, saturation_window: int = 1
 ) -> ReferenceResult:
-    """The plain sequential rule, one token at a time: the oracle for the fast builder."""
+    """The plain sequential rule, one token at a time: the oracle for the fast builder.
+
+    Statistics (issue 20, item 2): each consumed token joins its nearest exemplar at arrival
+    (a new exemplar is its own), by float64 similarity, ties to the lowest region id.
+    """
     u = u_ND.to(torch.float64).cpu()
     E = torch.empty_like(u)  # exemplars so far are E[:len(rows)]
     rows: list[int] = []
     new_per_batch: list[int] = []
-    quiet = 0
+    count, dsum = torch.zeros(u.shape[0], dtype=torch.long), torch.zeros_like(u)
+    quiet, reason = 0, "end_of_stream"
     for start in range(0, u.shape[0], batch_size):
         new = 0
         for i in range(start, min(start + batch_size, u.shape[0])):
@@ -81,11 +75,16 @@ def leader_reference(
                 E[len(rows)] = u[i]
                 rows.append(i)
                 new += 1
+            nearest = int(exact_similarity(u[i].expand(len(rows), -1), E[: len(rows)]).argmax())  # first of equal maxima
+            count[nearest] += 1
+            dsum[nearest] += u[i]
         new_per_batch.append(new)
         quiet = quiet + 1 if new == 0 else 0
         if quiet >= saturation_window:
-            return ReferenceResult(rows, new_per_batch, "saturated")
-    return ReferenceResult(rows, new_per_batch, "end_of_stream")
+            reason = "saturated"
+            break
+    k = len(rows)
+    return ReferenceResult(rows, new_per_batch, reason, count[:k], dsum[:k])
 
 
 @dataclass
@@ -126,10 +125,11 @@ class LeaderBuilder:
     """
 
     def __init__(self, theta: float, batch_size: int, saturation_window: int, state: LeaderState,
-                 device: torch.device | str = "cpu", precision: str = "float32", block: int | None = None):
+                 device: torch.device | str = "cpu", precision: str = "auto", block: int | None = None):
         self.theta, self.batch_size, self.window = theta, batch_size, saturation_window
         self.device = torch.device(device)
-        self.dtype = PRECISIONS[precision]
+        self.precision = choose_precision(precision, self.device)  # "auto": bf16 only where native
+        self.dtype = PRECISIONS[self.precision]
         self.margin = SCREEN_MARGIN[self.dtype]
         # Exemplars per product block: on CPU a block keeps the product in cache while the
         # row max reads it; a GPU prefers one large product.
@@ -143,10 +143,11 @@ class LeaderBuilder:
         self._E = torch.zeros(cap, state.width, device=self.device)
         self._E[:k] = state.exemplars_KD.to(self.device)
         self._E_screen = self._E if self.dtype == torch.float32 else self._E.to(self.dtype)
-        self._count = torch.zeros(cap, dtype=torch.long, device=self.device)
-        self._count[:k] = state.member_count_K.to(self.device)
-        self._dsum = torch.zeros(cap, state.width, dtype=torch.float64, device=self.device)
-        self._dsum[:k] = state.direction_sum_KD.to(self.device)
+        # Statistics stay on the host (float64 sums in one order on every device).
+        self._count = torch.zeros(cap, dtype=torch.long)
+        self._count[:k] = state.member_count_K
+        self._dsum = torch.zeros(cap, state.width, dtype=torch.float64)
+        self._dsum[:k] = state.direction_sum_KD
         self._source = state.source_row_K.tolist()
         self._k = k
         self.screen_flops = 0.0
@@ -199,68 +200,76 @@ class LeaderBuilder:
         if s.quiet_batches >= self.window:
             s.stop_reason = "saturated"
 
-    def screen(self, u_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Screened nearest exemplar of each row: (best_sim_B float32, best_B int64).
+    def screen(self, u_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Screened top two similarities of each row over the exemplars: (best_B, second_B
+        float32, argbest_B int64).
 
         The product runs over ALIGN-padded blocks of the exemplar buffer in the screening
         dtype; the zero padding rows beyond the K exemplars are sliced off before the max.
         """
         B, k = u_BD.shape[0], self._k
         u = u_BD.to(self.dtype)
-        best_sim_B = best_B = None
+        result = None
         for start in range(0, k, self.block):
             stop = min(start + self.block, _round_up(k, ALIGN))
             sim_BC = u @ self._E_screen[start:stop].T
-            sim, idx = sim_BC[:, : min(stop, k) - start].max(dim=1)
-            if best_sim_B is None:
-                best_sim_B, best_B = sim, idx
-            else:  # ties keep the earlier exemplar, as one max over all columns would
-                take = sim > best_sim_B
-                best_sim_B = torch.where(take, sim, best_sim_B)
-                best_B = torch.where(take, idx + start, best_B)
+            block = top2(sim_BC[:, : min(stop, k) - start])
+            result = block if result is None else merge_top2(result, block, start)
         self.screen_flops += 2.0 * B * k * u_BD.shape[1]
-        return best_sim_B.float(), best_B
+        best_B, second_B, arg_B = result
+        return best_B.float(), second_B.float(), arg_B
 
     def _add(self, u_BD: torch.Tensor, rows_B: torch.Tensor) -> int:
+        """One batch (or the rest of one): new exemplars in stream order, then every row's
+        nearest exemplar at arrival, decided exactly (issue 20, item 2), into the statistics."""
         B, k = u_BD.shape[0], self._k
+        best_B = torch.full((B,), -1, dtype=torch.long, device=self.device)
+        best64_B = torch.full((B,), float("nan"), dtype=torch.float64, device=self.device)  # NaN: not computed
+        best_sim_B = torch.full((B,), float("-inf"), device=self.device)
+        candidates = torch.arange(B, device=self.device)
         if k:
-            best_sim_B, best_B = self.screen(u_BD)
+            best_sim_B, second_B, best_B = self.screen(u_BD)
             sure, unsure = screen_decisions(best_sim_B, self.theta, self.margin)
-            if bool(unsure.any()):
-                rows = unsure.nonzero().squeeze(1)
-                self.rechecked += rows.numel()
-                sure[rows] = self._exact_covered(u_BD[rows]).any(dim=1)
+            # Undecided membership, or an argmax the screen cannot tell apart: float64 decides.
+            redo = (unsure | ambiguous(best_sim_B, second_B, self.margin)).nonzero().squeeze(1)
+            if redo.numel():
+                self.rechecked += redo.numel()
+                best_B[redo], best64_B[redo] = exact_nearest(u_BD[redo], self._E[:k], self._E_screen[:k])
+                sure[redo] = covered(best64_B[redo], self.theta)
             candidates = (~sure).nonzero().squeeze(1)
-        else:
-            best_sim_B = torch.full((B,), -2.0, device=self.device)
-            best_B = torch.zeros(B, dtype=torch.long, device=self.device)
-            candidates = torch.arange(B, device=self.device)
-
         new_rows = self._accept_in_order(u_BD, candidates)
-        n_new = new_rows.numel()
-        if n_new:
+        if new_rows.numel():
             self._append(u_BD[new_rows], rows_B[new_rows.cpu()].tolist())
-            # Tokens after a new exemplar in this batch may sit nearer to it (it existed when
-            # they arrived); tokens before it may not.
-            # In the screening dtype, like the old exemplars' similarities: a batch cut in two (a
-            # build continued mid-batch) then counts members exactly as one pass does (issue 8).
-            sim_BN = u_BD.to(self.dtype) @ self._E_screen[k : k + n_new].T
-            sim_BN.masked_fill_(torch.arange(B, device=self.device)[:, None] < new_rows[None, :], -2.0)
-            best_new_sim, best_new = sim_BN.max(dim=1)
-            take_new = best_new_sim.float() > best_sim_B
-            best_B = torch.where(take_new, best_new + k, best_B)
+            best_B = self._nearest_with_new(u_BD, new_rows, k, best_B, best_sim_B, best64_B)
+        # Statistics on the host in float64, so every device sums in the same order.
         # index_put_ with accumulate: on CPU about 10x faster than index_add_ here.
-        self._count.index_put_((best_B,), torch.ones_like(best_B), accumulate=True)
-        self._dsum.index_put_((best_B,), u_BD.to(torch.float64), accumulate=True)
-        return n_new
+        best_host = best_B.cpu()
+        self._count.index_put_((best_host,), torch.ones_like(best_host), accumulate=True)
+        self._dsum.index_put_((best_host,), u_BD.cpu().to(torch.float64), accumulate=True)
+        return new_rows.numel()
 
-    def _exact_covered(self, u_RD: torch.Tensor) -> torch.Tensor:
-        """(R, K) bool: exemplar k covers row r, by the rule's float64 arithmetic.
-
-        Screens again in the screening dtype; only pairs within the margin of the threshold
-        are computed in float64 (the rest are decided by the screen).
-        """
-        return self._covers(u_RD, self._E[: self._k], self._E_screen[: self._k])
+    def _nearest_with_new(self, u_BD: torch.Tensor, new_rows: torch.Tensor, k: int, best_B: torch.Tensor,
+                          best_sim_B: torch.Tensor, best64_B: torch.Tensor) -> torch.Tensor:
+        """Nearest at arrival once this batch's new exemplars (ids k, k + 1, ...) exist: a row
+        sees those at or before it in the stream. ``best_B``/``best_sim_B``/``best64_B``: the
+        nearest old exemplar, its screened and (where known, else NaN) float64 similarity."""
+        B, n, m = u_BD.shape[0], new_rows.numel(), self.margin
+        E_new, screen_new = self._E[k : k + n], self._E_screen[k : k + n]
+        available_BN = torch.arange(B, device=self.device)[:, None] >= new_rows[None, :]
+        sim_BN = (u_BD.to(self.dtype) @ screen_new.T).float().masked_fill_(~available_BN, float("-inf"))
+        new_sim_B, second_B, new_B = top2(sim_BN)
+        new64_B = torch.full_like(best64_B, float("nan"))
+        has_new = new_sim_B > float("-inf")
+        redo = (has_new & ambiguous(new_sim_B, second_B, m)).nonzero().squeeze(1)
+        if redo.numel():
+            new_B[redo], new64_B[redo] = exact_nearest(u_BD[redo], E_new, screen_new, available_BN[redo])
+        take = has_new & (new_sim_B > best_sim_B + 2 * m)
+        close = (has_new & ~take & (new_sim_B >= best_sim_B - 2 * m)).nonzero().squeeze(1)
+        if close.numel():  # old and new within the margin: float64, ties to the old (lower) id
+            old64 = _fill_exact(best64_B[close], u_BD[close], self._E[best_B[close]])
+            new64 = _fill_exact(new64_B[close], u_BD[close], E_new[new_B[close]])
+            take[close] = new64 > old64
+        return torch.where(take, new_B + k, best_B)
 
     def _covers(self, a_RD: torch.Tensor, b_CD: torch.Tensor, b_screen_CD: torch.Tensor) -> torch.Tensor:
         """(R, C) bool ``covered`` of every pair, exact: screened in ``b_screen_CD``'s dtype,
@@ -338,6 +347,15 @@ def first_independent(earlier_CC: torch.Tensor, max_rounds: int = 32, rounds: bo
 def _any_of(adj_CC: torch.Tensor, mask_C: torch.Tensor) -> torch.Tensor:
     """out[i] = any_j adj[i, j] and mask[j] (adj as 0/1 floats: one matrix-vector product)."""
     return (adj_CC @ mask_C.to(adj_CC.dtype)) > 0
+
+
+def _fill_exact(sim64_R: torch.Tensor, u_RD: torch.Tensor, e_RD: torch.Tensor) -> torch.Tensor:
+    """``sim64_R`` with its NaN (not yet computed) entries replaced by the exact u.e."""
+    missing = sim64_R.isnan()
+    if bool(missing.any()):
+        sim64_R = sim64_R.clone()
+        sim64_R[missing] = exact_similarity(u_RD[missing], e_RD[missing])
+    return sim64_R
 
 
 def _round_up(n: int, multiple: int) -> int:

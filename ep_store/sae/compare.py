@@ -182,7 +182,7 @@ def build_on_prefix(store: Store, key: DictionaryKey, dmeta: dict, rows: int, de
     start, cpu_start = time.perf_counter(), time.process_time()
     cal = calibrate_stream(store, source, cfg)
     builder = LeaderBuilder(cal.theta, cfg.batch_size, cfg.saturation_window, LeaderState(width=cal.center_D.shape[0]),
-                            device, "bfloat16")  # exact either way (float64 re-check near theta)
+                            device, "auto")  # exact either way (float64 re-checks); bf16 only where native
     center = cal.center_D.to(device)
     for x, source_rows in stream_vectors(store, source, max(cfg.batch_size, 16384), rows, cfg.skip_nonfinite):
         if builder.state.stop_reason is not None:

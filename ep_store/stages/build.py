@@ -38,7 +38,7 @@ import torch
 from tqdm import tqdm
 
 import ep_store
-from ep_store.environment import ENVIRONMENT_KEY, environment
+from ep_store.environment import ENVIRONMENT_KEY, cpu_capability, environment
 from ep_store.errors import UsageError, options_changed
 from ep_store.kernels.calibrate import (
     Calibration,
@@ -49,7 +49,8 @@ from ep_store.kernels.calibrate import (
     median_norm,
     unit_directions_,
 )
-from ep_store.kernels.leader import PRECISIONS, LeaderBuilder, LeaderState
+from ep_store.kernels.leader import LeaderBuilder, LeaderState
+from ep_store.kernels.screen import PRECISION_CHOICES
 from ep_store.keys import DictionaryKey
 from ep_store.stages.dictionary import assign_dataset
 from ep_store.stages.models import resolve_device
@@ -85,8 +86,10 @@ class BuildConfig:
     """Token budget of the build (None: the whole dataset)."""
     device: str = "auto"
     """auto, cpu or cuda."""
-    precision: str = "bfloat16"
-    """Screening matmul precision; decisions near theta are re-checked in float64."""
+    precision: str = "auto"
+    """Screening matmul precision: auto (bfloat16 only on a CUDA device or a CPU with native
+    bf16, float32 elsewhere; issue 20), float32 or bfloat16. Decisions near theta and near
+    ties are re-taken in float64, so every choice gives the same dictionary to the bit."""
     skip_nonfinite: bool = False
     """Drop rows with NaN/inf instead of refusing the dataset."""
     overwrite: bool = False
@@ -102,8 +105,8 @@ class BuildConfig:
             raise UsageError("--calibration-batch must be at least 2: theta is a percentile of pairs within a batch")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UsageError("--max-tokens must be at least 1")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {self.precision!r}; use {' or '.join(PRECISIONS)}")
+        if self.precision not in PRECISION_CHOICES:
+            raise UsageError(f"unknown precision {self.precision!r}; use {', '.join(PRECISION_CHOICES)}")
 
     @property
     def key(self) -> DictionaryKey:
@@ -248,13 +251,14 @@ def _build_locked(cfg: BuildConfig, store: Store, source: Path, files: Dictionar
     consumed_before = state.tokens
     state, wait_share = _cluster(cfg, store, source, source_info.version, builder, calibration, budget, progress)
     clustered = time.perf_counter()
-    version, tag, published = _publish(cfg, store, files, state, calibration, previous, source_info)
+    version, tag, published = _publish(cfg, store, files, state, calibration, previous, source_info, builder.precision)
     summary = {
         "dictionary": str(key), "regions": state.regions, "tokens": state.tokens, "theta": round(calibration.theta, 6),
         "seconds": round(clustered - start, 3),
         "tokens_per_s": round((state.tokens - consumed_before) / max(clustered - calibrated, 1e-9), 1),
         "calibration_seconds": round(calibrated - start, 3), "stop_reason": state.stop_reason,
-        "version": version, "tag": tag, "precision": cfg.precision, "device": str(device),
+        "version": version, "tag": tag, "precision": builder.precision, "precision_requested": cfg.precision,
+        "cpu_capability": cpu_capability(), "device": str(device),
         "screen_gflop": round(builder.screen_flops / 1e9, 3), "rechecked_rows": builder.rechecked,
         "input_wait_share": round(wait_share, 4), "unchanged": not published,
     }
@@ -301,7 +305,7 @@ def published_curve(state: LeaderState, batch_size: int) -> list[int]:
 
 
 def _publish(cfg: BuildConfig, store: Store, files: DictionaryFiles, state: LeaderState, calibration: Calibration,
-             previous: dict | None, source_info) -> tuple[int, str, bool]:
+             previous: dict | None, source_info, precision: str) -> tuple[int, str, bool]:
     """Write the exemplars (one commit), tag it, then meta.json; (version, tag, whether written).
 
     A rerun that adds nothing to the previous build writes nothing, so a repeated command
@@ -322,8 +326,9 @@ def _publish(cfg: BuildConfig, store: Store, files: DictionaryFiles, state: Lead
     store.write_table(files.exemplars, exemplar_table(state, tokens))
     version = store.tag(files.exemplars, tag)
     info = store.info(files.exemplars)
-    # The machine, libraries and screening precision of this build (issue 18, E14.1); digests skip it.
-    env = environment(resolve_device(cfg.device), cfg.precision)
+    # The machine, libraries and screening precision (auto resolved, issue 20) of this build
+    # (issue 18, E14.1); digests skip it.
+    env = environment(resolve_device(cfg.device), precision)
     meta = {
         "key": str(key), "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
         "percentile": cfg.percentile, "theta": calibration.theta, "center": calibration.center_D.tolist(),
