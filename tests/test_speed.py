@@ -156,3 +156,29 @@ def test_bench_build_baseline_accumulates_like_add_at():
         np.add.at(want_sums, regions, rows)
     _accumulate(counts, sums, regions[:0], rows[:0])
     assert np.array_equal(counts, want_counts) and np.allclose(sums, want_sums, rtol=0, atol=1e-12)
+
+
+def test_bench_bound_counts_are_a_valid_bound_and_the_rules_pairs():
+    """pipelines.bench_bound (issue 20's table): every pair it counts as excluded is truly
+    uncovered (exact similarity below 1 - theta), at every d' including D, and the sequential
+    pairs are the sum over tokens of the exemplars before each."""
+    from ep_store.kernels.calibrate import unit_directions
+    from ep_store.kernels.leader import leader_reference
+    from pipelines.bench_bound import BOUND_MARGIN, bound_counts, principal_basis, reduced
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 24, generator=g)[torch.randint(0, 6, (900,), generator=g)] + 0.5 * torch.randn(900, 24, generator=g)
+    u = unit_directions(x, torch.zeros(24))
+    theta = 0.35
+    rows = leader_reference(u, theta, 100, 10**9).exemplar_rows
+    counts = bound_counts(u, theta, rows, 900, dims=(1, 4, 24), chunk=128)
+    assert counts["sequential_pairs"] == sum(sum(1 for r in rows if r < t) for t in range(900))
+    assert counts["pca_energy"][24] == pytest.approx(1.0) and counts["pca_energy"][1] < counts["pca_energy"][4]
+    assert counts["excluded_share"][24]["member_tokens"] > 0.5  # at d' = D the bound is the dot product
+    for d in (1, 4, 24):
+        V, _ = principal_basis(u, d)
+        bound = reduced(u, V) @ reduced(u[rows], V).T
+        exact = u.double() @ u[rows].double().T
+        excluded = bound < 1.0 - theta - BOUND_MARGIN
+        assert (exact[excluded] < 1.0 - theta).all()
+        assert (bound.double() >= exact - 1e-5).all()  # an upper bound, to float32 rounding

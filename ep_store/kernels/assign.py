@@ -1,7 +1,7 @@
 """Voronoi assignment to exemplars: pure torch, no IO.
 
-region(a) = argmax_k u(a).e_k and distance = 1 - max, clamped to [0, 2]; the distance is a
-free out-of-distribution score (DESIGN.md).
+region(a) = argmax_k u(a).e_k (float64, ties to the lowest id) and distance = 1 - max,
+clamped to [0, 2]; the distance is a free out-of-distribution score (DESIGN.md).
 
 Degenerate rows (issue 8, item 7), one behaviour for every caller (``Dictionary.assign``,
 ``ep assign``, ``ep build``'s own assignment): a row with NaN/inf values, or equal to the
@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from ep_store.kernels.calibrate import degenerate
+from ep_store.kernels.screen import SCREEN_MARGIN, ambiguous, exact_nearest, top2
 
 UNASSIGNED = -1  # region id of a row with no direction (non-finite, or equal to the center)
 
@@ -26,10 +27,14 @@ class Assignment(NamedTuple):
 
 
 def nearest_exemplar(u_ND: torch.Tensor, exemplars_KD: torch.Tensor, chunk: int = 4096) -> Assignment:
-    """Nearest exemplar of each unit direction, in float32, ``chunk`` rows at a time.
+    """Exact nearest exemplar of each unit direction, ``chunk`` rows at a time (issue 20, item 3).
 
     u_ND: unit directions from ``calibrate.unit_directions`` (NaN rows for degenerate input);
-    exemplars_KD: unit exemplar directions. Degenerate rows get (UNASSIGNED, NaN).
+    exemplars_KD: unit exemplar directions. The region is the float64 argmax of u.e, ties to
+    the lowest region id (a float32 screen; rows whose two best lie within its margin are
+    re-taken in float64, as the builder takes them); the distance is 1 - the similarity
+    (float32 screen, within ~1e-6 of float64; float64 for re-taken rows), clamped to [0, 2],
+    as float32. Degenerate rows get (UNASSIGNED, NaN).
     """
     n = u_ND.shape[0]
     region = torch.full((n,), UNASSIGNED, dtype=torch.long, device=u_ND.device)
@@ -38,10 +43,14 @@ def nearest_exemplar(u_ND: torch.Tensor, exemplars_KD: torch.Tensor, chunk: int 
         return Assignment(region, distance)
     E = exemplars_KD.to(u_ND.device, torch.float32)
     for start in range(0, n, chunk):
-        sim = u_ND[start : start + chunk].to(torch.float32) @ E.T
-        best, nearest = sim.max(dim=1)
+        u = u_ND[start : start + chunk].to(torch.float32)
+        best, second, nearest = top2(u @ E.T)
+        best = best.to(torch.float64)
+        redo = ambiguous(best, second, SCREEN_MARGIN[torch.float32]).nonzero().squeeze(1)
+        if redo.numel():
+            nearest[redo], best[redo] = exact_nearest(u[redo], E, E)
         region[start : start + chunk] = nearest
-        distance[start : start + chunk] = (1.0 - best).clamp(0.0, 2.0)
+        distance[start : start + chunk] = (1.0 - best).clamp(0.0, 2.0).float()
     bad = degenerate(u_ND)
     region[bad], distance[bad] = UNASSIGNED, float("nan")
     return Assignment(region, distance)

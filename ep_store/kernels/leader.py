@@ -55,12 +55,13 @@ class ReferenceResult(NamedTuple):
 
 
 def leader_reference(
-    u_ND: torch.Tensor, theta: float, batch_size: int, saturation_window: int = 1
+    u_ND: torch.Tensor, theta: float, batch_size: int, saturation_window: int = 1, statistics: bool = True
 ) -> ReferenceResult:
     """The plain sequential rule, one token at a time: the oracle for the fast builder.
 
     Statistics (issue 20, item 2): each consumed token joins its nearest exemplar at arrival
     (a new exemplar is its own), by float64 similarity, ties to the lowest region id.
+    ``statistics=False`` skips them (zero counts and sums): the rule alone, as benchmarks time it.
     """
     u = u_ND.to(torch.float64).cpu()
     E = torch.empty_like(u)  # exemplars so far are E[:len(rows)]
@@ -75,9 +76,10 @@ def leader_reference(
                 E[len(rows)] = u[i]
                 rows.append(i)
                 new += 1
-            nearest = int(exact_similarity(u[i].expand(len(rows), -1), E[: len(rows)]).argmax())  # first of equal maxima
-            count[nearest] += 1
-            dsum[nearest] += u[i]
+            if statistics:
+                nearest = int(exact_similarity(u[i].expand(len(rows), -1), E[: len(rows)]).argmax())  # first maximum
+                count[nearest] += 1
+                dsum[nearest] += u[i]
         new_per_batch.append(new)
         quiet = quiet + 1 if new == 0 else 0
         if quiet >= saturation_window:

@@ -115,8 +115,11 @@ def gather_inputs(metrics: Path, store: Path, exponent: float = 0.5) -> Inputs:
     meta_bytes = max(written / tokens - 640 * vector_bytes, 0.0) if written else 40.0
     sources["bytes_per_token_meta"] = "bench_harvest bytes_written / tokens minus the vector" if written else "assumed 40 B"
     p1 = next((r for r in build.get("percentiles", []) if r.get("percentile") in (1, 1.0)), None)
-    cpu_gflops = (p1 or {}).get("bfloat16", {}).get("screen_gflops", 210.0)
-    sources["cpu_build_gflops"] = "data/metrics/bench_build.json (p1, bf16)" if p1 else "issue 3 closing note (210 GFLOP/s)"
+    # The precision ``ep build --precision auto`` took on the benchmark's machine (issue 20).
+    auto = (p1 or {}).get("build", {}).get((p1 or {}).get("precision_auto"), {})
+    cpu_gflops = auto.get("screen_gflops", 210.0)
+    sources["cpu_build_gflops"] = (f"data/metrics/bench_build.json (L{p1.get('layer', 6)} p1, {p1['precision_auto']})"
+                                   if auto else "issue 3 closing note (210 GFLOP/s)")
     a, b, fit_source = fit_region_growth(store, exponent=exponent)
     sources["k_fit"] = fit_source
     sources["gpu"] = "shared/DESIGN.md: H200 bf16 peak 790 TFLOP/s, builder 17% of it at K=131k, harvest 165k tok/s (Gemma-2-2B shape, block 12)"
