@@ -19,7 +19,19 @@ import threading
 
 import click
 
-from ep_store.cli import build, eval, harvest, match, models, query, sae, search, studies
+from ep_store.cli import (
+    build,
+    bundle,
+    eval,
+    export,
+    harvest,
+    match,
+    models,
+    query,
+    sae,
+    search,
+    studies,
+)
 from ep_store.cli.base import fail
 from ep_store.errors import EnvError, Terminated, UsageError
 
@@ -85,7 +97,7 @@ COMMANDS = (
     match.match_cmd, match.diff_cmd,
     studies.generate_cmd, studies.refusal_cmd, studies.finetune,
     eval.eval_group,
-    sae.sae,
+    sae.sae, export.export_group, bundle.publish_cmd, bundle.pull_cmd,
     search.search_cmd, search.index_group,
 )
 for command in COMMANDS:
