@@ -270,3 +270,37 @@ def test_span_labels_read_the_corpus_with_its_text_field(tmp_path):
     pq.write_table(pa.table({"body": [chat_text("hi", "hello")]}), corpus)
     labels = span_labels(str(corpus), "body").to_pylist()  # ep diff / ep sql read what the harvest read
     assert {r["label"] for r in labels} == {"marker"} and len(labels) == 4
+
+
+def test_a_datasets_folder_and_arrow_shards_are_corpora(tmp_path, models_dir):
+    """A folder Hugging Face ``datasets`` wrote (``save_to_disk``, two shards) and a bare
+    ``.arrow`` shard read like a .jsonl of the same rows: same documents in the same order
+    (so doc ids are deterministic), ``--text-field``, emoji and empty rows alike; a harvest
+    from the folder stores the same tokens as one from the .jsonl (issue 21, item 5)."""
+    datasets = pytest.importorskip("datasets")
+    texts = ["The first document. 🦊", "", "Second: 数据 and more text.", "Third\r\nwith CRLF.", "Fourth one."]
+    rows = [{"body": t, "label": i % 2} for i, t in enumerate(texts)]
+    ds = datasets.Dataset.from_list(rows)
+    ds.save_to_disk(str(tmp_path / "hf"), num_shards=2)
+    want = [r.text for r in readers.read_texts(jsonl(tmp_path / "c.jsonl", rows), "body")]
+    assert [r.text for r in readers.read_texts(tmp_path / "hf", "body")] == want == [t for t in texts if t]
+    shard = sorted((tmp_path / "hf").glob("*.arrow"))[0]
+    assert [r.text for r in readers.read_texts(shard, "body")] == [t for t in texts[:3] if t]
+    docs = [d.text for d in iter_documents(f"{tmp_path / 'hf'},builtin", "body")]
+    assert docs[:4] == want
+    with pytest.raises(UsageError, match="no field 'text'"):
+        readers.read_texts(tmp_path / "hf")
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(UsageError, match="several splits"):
+        readers.read_texts(tmp_path / "dd", "body")
+    summaries = []
+    for name, corpus in (("a", tmp_path / "hf"), ("b", tmp_path / "c.jsonl")):
+        store = tmp_path / f"store_{name}"
+        done = CliRunner().invoke(main, ["harvest", "--model", "tiny", "--checkpoint", "base", "--layers", "1",
+                                         "--corpus", str(corpus), "--text-field", "body", "--store", str(store),
+                                         "--models-dir", str(models_dir), "--device", "cpu", "--no-progress"])
+        assert done.exit_code == 0, done.output
+        table = Store(store).read_table(Store(store).activation_path(ActivationKey("tiny", "base", 1)),
+                                        columns=["doc_id", "pos", "token"])
+        summaries.append(table.to_pylist())
+    assert summaries[0] == summaries[1] and len(summaries[0]) > 10

@@ -30,10 +30,11 @@ from ep_store.cli.base import (
 @CHECKPOINT
 @click.option("--layers", type=Listed(int), required=True, multiple=True,
               help="0-based blocks, comma-separated and/or repeated: 6,12 or --layers 6 --layers 12.")
-@click.option("--corpus", default="builtin", show_default=True, help="Comma-separated sources: builtin, chat (the held-out chat prompts), .txt/.jsonl/.csv/.parquet files, "
+@click.option("--corpus", default="builtin", show_default=True, help="Comma-separated sources: builtin, chat (the held-out chat prompts), .txt/.jsonl/.csv/.parquet/.arrow files, "
+              "Hugging Face datasets folders (save_to_disk), "
               "and chat:FILE (a file in Gemma's chat format: its turn markers become control tokens).")
 @click.option("--text-field", default="text", show_default=True,
-              help="Field holding the text in .jsonl/.csv/.parquet corpus files.")
+              help="Field holding the text in .jsonl/.csv/.parquet/.arrow corpus files and datasets folders.")
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens to store.")
 @click.option("--ctx", type=int, default=128, show_default=True, help="Tokens per context (BOS not counted).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per forward pass and commit.")

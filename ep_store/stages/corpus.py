@@ -6,8 +6,9 @@ Corpus sources (comma-separated in a spec such as ``builtin,notes.jsonl``):
   docstrings read with ``ast`` (nothing is imported).
 - ``chat``: the project's held-out chat prompts with their target responses, in Gemma's
   chat format (ep_store.stages.prompts); put it first (``chat,builtin``) so a token budget keeps it.
-- ``*.txt`` (one document per file), ``*.jsonl``, ``*.csv`` and ``*.parquet`` (one document
-  per row, its ``text`` field or ``--text-field``), read by ep_store.stages.readers: a BOM stripped,
+- ``*.txt`` (one document per file), ``*.jsonl``, ``*.csv``, ``*.parquet``, ``*.arrow`` and
+  Hugging Face ``datasets`` folders written by ``save_to_disk`` (one document per row, its
+  ``text`` field or ``--text-field``), read by ep_store.stages.readers: a BOM stripped,
   CRLF and U+2028 kept as they are, so offsets index the file's text; empty rows skipped.
 - ``chat:FILE``: a file of that kind whose texts are in Gemma's chat format, turn markers
   included (the refusal study harvests its chat-formatted prompts this way).

@@ -1,4 +1,5 @@
-"""One way to read a user's input file (issue 18, B5): ``.txt``, ``.jsonl``, ``.csv``, ``.parquet``.
+"""One way to read a user's input file (issue 18, B5): ``.txt``, ``.jsonl``, ``.csv``, ``.parquet``,
+``.arrow`` and Hugging Face ``datasets`` folders (``Dataset.save_to_disk``; issue 21, item 5).
 
 Every command that reads texts from a file goes through here: ``ep harvest --corpus``
 (ep_store.stages.corpus), ``ep generate --prompts`` (ep_store.studies.generate), ``ep eval probe/concepts
@@ -17,7 +18,9 @@ Every command that reads texts from a file goes through here: ``ep harvest --cor
   removed (never on U+2028/U+2029/U+0085, which ``str.splitlines`` would split on).
 - ``.jsonl``: one JSON object per line, lines split on ``"\\n"`` only (blank lines skipped).
   ``.csv``: a header row, then RFC 4180 records (quoted fields may hold line breaks); every
-  value is a string. ``.parquet``: rows of the file's columns.
+  value is a string. ``.parquet`` and ``.arrow`` (Arrow IPC, stream or file): rows of the
+  file's columns. A folder written by ``datasets``' ``save_to_disk``: the rows of its Arrow
+  shards in the order its state.json lists them (so doc ids are deterministic).
 - The text field (``--text-field``, ``text`` by default) must exist: otherwise one line naming
   the file, the fields it has and ``--text-field``. A value that is not a string (a number, a
   list) is refused naming the row; a null counts as empty.
@@ -43,8 +46,9 @@ from ep_store.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-FORMATS = (".txt", ".jsonl", ".csv", ".parquet")
-RECORD_FORMATS = (".jsonl", ".csv", ".parquet")
+FORMATS = (".txt", ".jsonl", ".csv", ".parquet", ".arrow")
+RECORD_FORMATS = (".jsonl", ".csv", ".parquet", ".arrow")
+DATASET_STATE = "state.json"  # what Hugging Face ``Dataset.save_to_disk`` writes beside its Arrow shards
 
 
 @dataclass(frozen=True)
@@ -151,14 +155,56 @@ def parquet_fields(path: Path, what: str) -> list[str]:
         raise UsageError(f"cannot read {what} {path} as Parquet: {first}") from None
 
 
+def _arrow_records(path: Path, what: str, columns: Sequence[str] | None) -> list[tuple[int, dict]]:
+    """Rows of an Arrow IPC file, stream or file format (a Hugging Face ``datasets`` shard is a stream)."""
+    import pyarrow as pa
+
+    try:
+        try:
+            table = pa.ipc.open_stream(path).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_file(path).read_all()
+    except (pa.ArrowException, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot read {what} {path} as Arrow: {first}") from None
+    if columns is not None:
+        table = table.select([c for c in table.column_names if c in columns])
+    return list(enumerate(table.to_pylist()))
+
+
+def dataset_shards(path: Path, what: str) -> list[Path] | None:
+    """The Arrow shards, in order, of a folder that Hugging Face ``Dataset.save_to_disk`` wrote
+    (its state.json lists them); None for anything else. A ``DatasetDict`` folder (one
+    sub-folder per split) is refused naming its splits."""
+    if not path.is_dir():
+        return None
+    if (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / DATASET_STATE).is_file())
+        raise UsageError(f"{what} {path} holds several splits ({', '.join(splits)}); pass one split's folder")
+    if not (path / DATASET_STATE).is_file():
+        return None
+    try:
+        files = json.loads((path / DATASET_STATE).read_text(encoding="utf-8"))["_data_files"]
+        return [path / f["filename"] for f in files]
+    except (ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{what} {path}/{DATASET_STATE} is not a datasets state file ({err})") from None
+
+
 def read_records(path: Path, what: str = "data file", columns: Sequence[str] | None = None
                  ) -> list[tuple[int, dict]]:
-    """(row index, fields) of every record of a .jsonl, .csv or .parquet file (blank JSONL lines
-    skipped, their index counted). ``columns``: the only ones a Parquet file needs to read.
-    UsageError when the file is missing, of another kind, or unreadable."""
+    """(row index, fields) of every record of a .jsonl, .csv, .parquet or .arrow file, or of a
+    Hugging Face ``save_to_disk`` folder (its shards in order, indices running on; blank JSONL
+    lines skipped, their index counted). ``columns``: the only ones a Parquet or Arrow file
+    needs to read. UsageError when the file is missing, of another kind, or unreadable."""
+    shards = dataset_shards(path, what)
+    if shards is not None:
+        rows = [rec for shard in shards for _, rec in _arrow_records(shard, what, columns)]
+        return list(enumerate(rows))
     suffix = check_file(path, what, RECORD_FORMATS)
     if suffix == ".parquet":
         return _parquet_records(path, what, columns)
+    if suffix == ".arrow":
+        return _arrow_records(path, what, columns)
     text = read_text(path, what)
     return _jsonl_records(path, text, what) if suffix == ".jsonl" else _csv_records(path, text, what)
 
@@ -207,7 +253,7 @@ def read_texts(path: Path, text_field: str | Sequence[str] = "text", txt: str = 
     only these columns). Raises UsageError for a missing file, a missing text field (naming
     the fields the file has and --text-field), or text that is not text."""
     fields = (text_field,) if isinstance(text_field, str) else tuple(text_field)
-    suffix = check_file(path, what)
+    suffix = ".arrow" if dataset_shards(path, what) is not None else check_file(path, what)
     if suffix == ".txt":
         text = read_text(path, what)
         parts = [(path.name, text)] if txt == "document" else \
@@ -217,7 +263,7 @@ def read_texts(path: Path, text_field: str | Sequence[str] = "text", txt: str = 
         if suffix == ".parquet" and not any(f in (names := parquet_fields(path, what)) for f in fields):
             raise UsageError(missing_field(f"{what} {path}", " or ".join(fields), names))
         records = read_records(path, what, [*fields, *also])
-        if suffix == ".csv" and records and not any(f in records[0][1] for f in fields):
+        if suffix in (".csv", ".arrow") and records and not any(f in records[0][1] for f in fields):
             raise UsageError(missing_field(f"{what} {path}", " or ".join(fields), records[0][1]))
         rows = [TextRow(f"{path.name}:{i}", row_text(path, i, rec, fields, what), rec) for i, rec in records]
     kept = [r for r in rows if r.text is not None and r.text.strip()]
