@@ -351,3 +351,32 @@ def test_training_batches_are_full_shuffled_epochs(toy_store):
     seen = {r.tobytes() for r in epoch}
     assert seen == {r.tobytes() for r in x[:rows]}  # every training row, none of the held-out ones
     assert not np.array_equal(epoch[:128], x[:128])  # shuffled
+
+
+def test_compare_against_any_saelens_folder(toy_store, tmp_path):
+    """``--sae-path`` (issue 21, item 1): any SAELens folder, here the dictionary's own export
+    (ep export saelens). Its k = 1 feature k fires on region k's cell only, so every eligible
+    feature's best EP partner is the region with its own id (F1 stays well below 1: the EP
+    side is binarised as the region's top tokens by projection, over every cell); an SAE of
+    another width or a folder SAELens cannot load is refused in one line and writes nothing."""
+    root = copy_of(toy_store, tmp_path)
+    runner = CliRunner()
+    for layer in (1, 2):
+        done = runner.invoke(main, ["export", "saelens", f"toy/base/L{layer}/p10", "--out", str(tmp_path / f"sae{layer}"),
+                                    "--store", str(root)])
+        assert done.exit_code == 0, done.output
+    out = tmp_path / "cmp"
+    args = ["sae", "compare", "--dictionary", "toy/base/L1/p10", "--store", str(root), "--heldout-tokens", str(HELDOUT),
+            "--device", "cpu", "--no-probe", "--no-progress"]
+    result = runner.invoke(main, [*args, "--sae-path", str(tmp_path / "sae1"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["sae"] == str(tmp_path / "sae1") and metrics["compute"] is None and metrics["sql_matches_numpy"]
+    rows = [r for r in csv.DictReader((out / "pairs.csv").open()) if r["side"] == "sae" and r["best_partner"] != ""]
+    assert len(rows) >= 5 and all(int(r["feature"]) == int(r["best_partner"]) for r in rows)
+    before = tree_snapshot(root)
+    for extra, needle in (([ "--sae-path", str(tmp_path / "sae2")], "width 16"),
+                          (["--sae-path", str(tmp_path)], "not a SAELens SAE folder"),
+                          (["--sae-path", str(tmp_path / "sae1"), "--sae", "t1"], "give one of --sae")):
+        assert_refused(runner.invoke(main, [*args, *extra, "--out", str(tmp_path / "o")]), needle)
+    assert tree_snapshot(root) == before and not (tmp_path / "o").exists()

@@ -46,7 +46,8 @@ def sae_train(activations, name, width, k, tokens, heldout_tokens, batch_size, l
 
 @sae.command("compare")
 @DICTIONARY
-@click.option("--sae", "sae_name", required=True, help="SAE name trained on the same activations.")
+@click.option("--sae", "sae_name", default=None, help="SAE name trained on the same activations (ep sae train).")
+@click.option("--sae-path", default=None, help="Or any SAELens SAE folder (a release, ep export saelens).")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for metrics.json and the report.")
 @click.option("--heldout-tokens", type=int, default=4000, show_default=True, help="Compare on the last rows.")
 @click.option("--top-n", type=int, default=100, show_default=True, help="Top positive tokens per feature.")
@@ -60,14 +61,15 @@ def sae_train(activations, name, width, k, tokens, heldout_tokens, batch_size, l
 @MODELS
 @PROGRESS
 @user_errors
-def sae_compare(dictionary_key, sae_name, out, heldout_tokens, top_n, min_positives, probe, probe_data, device,
+def sae_compare(dictionary_key, sae_name, sae_path, out, heldout_tokens, top_n, min_positives, probe, probe_data, device,
                 store_path, models_dir, progress) -> None:
     """Shared features of EP and an SAE (F1 > 0.5 shares), probe accuracy and build compute."""
     from ep_store.sae.compare import SAECompareConfig, compare
     from ep_store.sae.report import summary_line
     from ep_store.store.core import Store
 
-    cfg = SAECompareConfig(dictionary=dictionary_key, sae=sae_name, out=str(out), heldout_tokens=heldout_tokens,
+    cfg = SAECompareConfig(dictionary=dictionary_key, sae=sae_name, sae_path=sae_path, out=str(out),
+                           heldout_tokens=heldout_tokens,
                            top_n=top_n, min_positives=min_positives, device=device, probe=probe,
                            models_dir=str(models_dir), probe_data=probe_data)
     emit(summary_line(compare(cfg=cfg, store=Store(store_path), progress=progress)))

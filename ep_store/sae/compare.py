@@ -30,7 +30,6 @@ reference (``ep_store.sae.binarise``).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
@@ -48,8 +47,8 @@ from ep_store.kernels.calibrate import unit_directions
 from ep_store.kernels.leader import LeaderBuilder, LeaderState
 from ep_store.keys import DictionaryKey, SAEKey
 from ep_store.sae import binarise as B
-from ep_store.sae.report import write_outputs
-from ep_store.sae.train import encode, load_sae
+from ep_store.sae.report import compute_comparison, write_outputs
+from ep_store.sae.train import encode, external_sae_inputs, load_sae
 from ep_store.stages import models
 from ep_store.stages.build import BuildConfig, calibrate_stream
 from ep_store.stages.models import resolve_device
@@ -67,11 +66,14 @@ READ_ROWS = 2048
 class SAECompareConfig:
     dictionary: str
     """EP dictionary key <model>/<checkpoint>/L<layer>/p<p>; its activations are the SAE's."""
-    sae: str
-    """Name of an SAE trained on the same activation dataset (ep sae train --name)."""
+    sae: str | None
+    """Name of an SAE trained on the same activation dataset (ep sae train --name); or None with ``sae_path``."""
     out: str
     """Folder for metrics.json, pairs.csv, f1_distribution.png and README.md."""
     _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
+    sae_path: str | None = None
+    """Any SAELens SAE folder (e.g. a Gemma Scope release downloaded, or ep export saelens) instead of a
+    trained one; its training tokens are unknown, so the held-out rows are simply the last ones (issue 21)."""
     heldout_tokens: int = 4000
     """Compare on the dataset's last this-many rows (must lie outside the SAE's training rows)."""
     top_n: int = 100
@@ -92,6 +94,10 @@ class SAECompareConfig:
     """Probe tasks: builtin, built-in task names, or a .jsonl/.csv/.parquet file with text and label (issue 10)."""
 
     def __post_init__(self):
+        if (self.sae is None) == (self.sae_path is None):
+            raise UsageError("give one of --sae (a trained SAE's name) or --sae-path (a SAELens folder)")
+        if self.sae_path is not None:
+            self.sae = "path-" + (Path(self.sae_path).resolve().name or "sae")  # its comparison's folder name
         if self.top_n < 1 or self.min_positives < 1 or self.top_pairs < 0:
             raise UsageError("--top-n and --min-positives must be at least 1, --top-pairs at least 0")
         if self.min_positives > self.top_n:
@@ -118,6 +124,8 @@ def check_inputs(cfg: SAECompareConfig, store: Store) -> tuple[dict, dict, int, 
     UsageError on any mismatch (an unknown dictionary included)."""
     key, skey = cfg.key, cfg.sae_key
     dmeta = store.dictionary_snapshot(key).meta  # the published build's meta (issue 18, A1)
+    if cfg.sae_path is not None:
+        return (dmeta, *external_sae_inputs(cfg.sae_path, key, cfg.heldout_tokens, store, dmeta))
     sae_files = store.sae_files(skey)
     if not sae_files.finished:
         others = [str(k) for k in store.list_saes() if k.name == cfg.sae]
@@ -323,13 +331,18 @@ def compare(cfg: SAECompareConfig, store: Store, progress: bool = True) -> dict:
     dmeta, smeta, start, rows = check_inputs(cfg, store)
     selected = heldout_selection(store, key, start, cfg)
     device = resolve_device(cfg.device)
-    sae, _ = load_sae(store, skey, device=str(device))
+    if cfg.sae_path is not None:
+        from sae_lens import SAE
+
+        sae = SAE.load_from_disk(cfg.sae_path, device=str(device))
+    else:
+        sae, _ = load_sae(store, skey, device=str(device))
     ep = build_on_prefix(store, key, dmeta, start, device)
     held = heldout_pass(store, key, sae, ep, start, selected.keep_M, cfg, device, progress)
     files = store.sae_compare_files(key, cfg.sae)
     store.remove(files.meta)  # not listed (no SQL views) until complete again
     write_tables(store, files, held, ep)
-    store.write_json(files.meta, {"dictionary": str(key), "sae": str(skey), "heldout_rows": [start, rows],
+    store.write_json(files.meta, {"dictionary": str(key), "sae": cfg.sae_path or str(skey), "heldout_rows": [start, rows],
                                   "config": asdict(cfg), "ep_store_version": ep_store.__version__,
                                   ENVIRONMENT_KEY: environment(device)})  # issue 18, E14.1
     ep_sets = B.binarise(held["ep"], cfg.top_n, cfg.min_positives)
@@ -342,7 +355,7 @@ def compare(cfg: SAECompareConfig, store: Store, progress: bool = True) -> dict:
         ov = reference
     s = summarise(ov, ep_sets, sae_sets, cfg.f1_threshold)
     metrics = {
-        "dictionary": str(key), "sae": str(skey), "heldout_rows": [start, rows],
+        "dictionary": str(key), "sae": cfg.sae_path or str(skey), "heldout_rows": [start, rows],
         "heldout_tokens": int(len(held["doc_id"])), "skipped_nonfinite": held["skipped_nonfinite"],
         "heldout_dropped": {"straddling": selected.straddling, "copies": selected.copies},  # issue 18, A4
         "ep_to_sae_share_f1_gt_05": s["ep_to_sae_share_f1_gt_05"],
@@ -361,7 +374,7 @@ def compare(cfg: SAECompareConfig, store: Store, progress: bool = True) -> dict:
             "note": "EP rebuilt on the training prefix with the stored dictionary's parameters; the stored "
                     "dictionary is used only for those parameters" if dmeta["tokens"] > start else
                     "the stored dictionary stayed within the training prefix; the rebuild equals it"},
-        "compute": compute_comparison(ep, smeta),
+        "compute": compute_comparison(ep, smeta) if cfg.sae_path is None else None,  # unknown training run
         "protocol": {"binarisation": f"top-{cfg.top_n} tokens with activation > 0, eligible with >= "
                      f"{cfg.min_positives}", "ep_score": "signed projection (x - c).e_k",
                      "tokens": "held-out: the dataset's last rows, used by neither the SAE's training nor the EP build, "
@@ -380,26 +393,3 @@ def compare(cfg: SAECompareConfig, store: Store, progress: bool = True) -> dict:
 
 def _mean(x: np.ndarray) -> float | None:
     return float(x.mean()) if len(x) else None
-
-
-def compute_comparison(ep: dict, smeta: dict) -> dict:
-    """Tokens, estimated FLOPs and wall time of the EP build against the SAE's training, and the ratios."""
-    ep_side = {"tokens": max(ep["tokens"], ep["calibration_tokens"]), "build_tokens": ep["tokens"], "calibration_tokens": ep["calibration_tokens"], "flops": ep["flops"],
-               "calibration_flops": ep["calibration_flops"], "screen_flops": ep["screen_flops"],
-               "seconds": round(ep["seconds"], 3), "cpu_seconds": round(ep["cpu_seconds"], 3)}
-    sae_side = {"tokens": smeta["tokens"], "flops": smeta["flops"], "seconds": smeta["seconds"],
-                "cpu_seconds": smeta.get("cpu_seconds"),
-                "flops_formula": smeta.get("flops_formula"), "device": smeta.get("device")}
-    return {"ep": ep_side, "sae": sae_side,
-            "flops_ratio_sae_over_ep": _ratio(sae_side["flops"], ep_side["flops"]),
-            "seconds_ratio_sae_over_ep": _ratio(sae_side["seconds"], ep_side["seconds"]),
-            "cpu_seconds_ratio_sae_over_ep": (None if sae_side["cpu_seconds"] is None else
-                                              _ratio(sae_side["cpu_seconds"], ep_side["cpu_seconds"])),
-            "tokens_ratio_sae_over_ep": _ratio(sae_side["tokens"], ep_side["tokens"]),
-            "note": "EP build timed in this run, the SAE in its training run (ep sae train), on the same machine; "
-                    "on a shared machine prefer the FLOPs and CPU-seconds ratios to the wall-time ratio"}
-
-
-def _ratio(a: float, b: float) -> float | None:
-    return round(a / b, 2) if b and math.isfinite(a / b) else None
-

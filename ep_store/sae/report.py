@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +76,9 @@ def readme(m: dict, plot: str) -> str:
         f"of {m['eligible']['sae_features']} eligible |",
         f"| one-to-one (Hungarian) pairs with F1 > {m['f1_threshold']} | {m['hungarian_pairs_f1_gt_05']} |",
         f"| SQL F1 table equals the numpy reference | {m['sql_matches_numpy']} |",
-        f"| build FLOPs, SAE / EP | {c['flops_ratio_sae_over_ep']} ({c['sae']['flops']:.3g} / {c['ep']['flops']:.3g}) |",
-        f"| tokens, SAE / EP | {c['tokens_ratio_sae_over_ep']} ({c['sae']['tokens']} / {c['ep']['tokens']}) |",
+        *([f"| build FLOPs, SAE / EP | {c['flops_ratio_sae_over_ep']} ({c['sae']['flops']:.3g} / {c['ep']['flops']:.3g}) |",
+           f"| tokens, SAE / EP | {c['tokens_ratio_sae_over_ep']} ({c['sae']['tokens']} / {c['ep']['tokens']}) |"]
+          if c else ["| build compute | the SAE's training run is unknown (--sae-path) |"]),
         "", "Wall times vary from run to run: they are in metrics.json (`seconds_ratio_sae_over_ep`), not here.",
         "", f"![best-match F1 distribution]({plot})", "", "## Top one-to-one pairs", "",
         "| region | feature | F1 | region's top tokens | feature's top tokens |", "|---|---|---|---|---|",
@@ -103,7 +105,8 @@ SUMMARY = ("dictionary", "sae", "ep_to_sae_share_f1_gt_05", "sae_to_ep_share_f1_
 
 def summary_line(metrics: dict) -> dict:
     """The one-line summary of ``ep sae compare``: a few figures of ``compare``'s metrics.json."""
-    return {k: metrics[k] for k in SUMMARY} | {"flops_ratio_sae_over_ep": metrics["compute"]["flops_ratio_sae_over_ep"]}
+    compute = metrics["compute"] or {}  # None for an SAE from --sae-path: its training run is unknown
+    return {k: metrics[k] for k in SUMMARY} | {"flops_ratio_sae_over_ep": compute.get("flops_ratio_sae_over_ep")}
 
 
 def summarise_files(paths: list[Path], out: Path) -> dict:
@@ -123,12 +126,34 @@ def summarise_files(paths: list[Path], out: Path) -> dict:
         if not path.is_file():
             raise UsageError(f"{path} does not exist; run ep sae compare first")
         m = json.loads(path.read_text())
-        c = m["compute"]
-        summary[f"{m['dictionary']}~{m['sae'].rsplit('/', 1)[-1]}"] = {k: m.get(k) for k in HEADLINE} | {
-            "flops_ratio_sae_over_ep": c["flops_ratio_sae_over_ep"],
-            "seconds_ratio_sae_over_ep": c["seconds_ratio_sae_over_ep"],
-            "ep_seconds": c["ep"]["seconds"], "sae_seconds": c["sae"]["seconds"],
+        c = m["compute"] or {"ep": {}, "sae": {}}  # None: an SAE from --sae-path
+        summary[f"{m['dictionary']}~{m['sae'].rstrip('/').rsplit('/', 1)[-1]}"] = {k: m.get(k) for k in HEADLINE} | {
+            "flops_ratio_sae_over_ep": c.get("flops_ratio_sae_over_ep"),
+            "seconds_ratio_sae_over_ep": c.get("seconds_ratio_sae_over_ep"),
+            "ep_seconds": c["ep"].get("seconds"), "sae_seconds": c["sae"].get("seconds"),
             "probe": m.get("probe", {}).get("mean_by_k")}
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonio.write(out, summary)
     return {"comparisons": len(summary), "out": str(out)}
+
+
+def compute_comparison(ep: dict, smeta: dict) -> dict:
+    """Tokens, estimated FLOPs and wall time of the EP build against the SAE's training, and the ratios."""
+    ep_side = {"tokens": max(ep["tokens"], ep["calibration_tokens"]), "build_tokens": ep["tokens"], "calibration_tokens": ep["calibration_tokens"], "flops": ep["flops"],
+               "calibration_flops": ep["calibration_flops"], "screen_flops": ep["screen_flops"],
+               "seconds": round(ep["seconds"], 3), "cpu_seconds": round(ep["cpu_seconds"], 3)}
+    sae_side = {"tokens": smeta["tokens"], "flops": smeta["flops"], "seconds": smeta["seconds"],
+                "cpu_seconds": smeta.get("cpu_seconds"),
+                "flops_formula": smeta.get("flops_formula"), "device": smeta.get("device")}
+    return {"ep": ep_side, "sae": sae_side,
+            "flops_ratio_sae_over_ep": _ratio(sae_side["flops"], ep_side["flops"]),
+            "seconds_ratio_sae_over_ep": _ratio(sae_side["seconds"], ep_side["seconds"]),
+            "cpu_seconds_ratio_sae_over_ep": (None if sae_side["cpu_seconds"] is None else
+                                              _ratio(sae_side["cpu_seconds"], ep_side["cpu_seconds"])),
+            "tokens_ratio_sae_over_ep": _ratio(sae_side["tokens"], ep_side["tokens"]),
+            "note": "EP build timed in this run, the SAE in its training run (ep sae train), on the same machine; "
+                    "on a shared machine prefer the FLOPs and CPU-seconds ratios to the wall-time ratio"}
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 2) if b and math.isfinite(a / b) else None

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError, require
-from ep_store.keys import ActivationKey, SAEKey
+from ep_store.keys import ActivationKey, DictionaryKey, SAEKey
 from ep_store.stages.models import resolve_device
 from ep_store.store import Files, Store, arrow_to_tensor
 from ep_store.store.streams import stream_identity
@@ -355,3 +355,28 @@ def encode(sae, x_ND: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return sae.encode(x_ND.to(sae.device, torch.float32))
 
+
+def external_sae_inputs(sae_path: str, key: DictionaryKey, heldout_tokens: int, store: Store,
+                        dmeta: dict) -> tuple[dict, int, int]:
+    """(SAE meta as far as a SAELens folder tells it, first held-out row, dataset rows) for
+    ``ep sae compare --sae-path`` with the dictionary ``key`` (meta ``dmeta``); UsageError for a
+    folder SAELens cannot load, or an SAE of another width or hook (issue 21, item 1)."""
+    require("sae_lens", "sae", "ep sae compare --sae-path")
+    from sae_lens import SAE
+
+    try:
+        sae = SAE.load_from_disk(sae_path, device="cpu")
+    except (OSError, ValueError, KeyError) as err:
+        raise UsageError(f"{sae_path} is not a SAELens SAE folder ({err.__class__.__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    info = store.info(store.require_activations(key.activations))
+    hook = getattr(sae.cfg.metadata, "hook_name", None)
+    want = f"blocks.{key.layer}.hook_{dmeta.get('hook', 'resid_post')}"
+    if sae.cfg.d_in != info.width or (hook and hook != want):
+        raise UsageError(f"the SAE in {sae_path} reads {hook or 'an unnamed hook'} of width {sae.cfg.d_in}; "
+                         f"{key} is {want} of width {info.width}")
+    start = info.rows - heldout_tokens
+    if start < 2:
+        raise UsageError(f"{key.activations} has {info.rows} rows: lower --heldout-tokens to leave rows to build EP on")
+    smeta = {"d_in": sae.cfg.d_in, "width": sae.cfg.d_sae, "path": str(sae_path), "hook_name": hook}
+    return smeta, start, info.rows
