@@ -325,18 +325,22 @@ def _share(best: np.ndarray, threshold: float) -> float | None:
 
 
 # -- the command --------------------------------------------------------------------------------------
+def _load_sae(cfg: SAECompareConfig, store: Store, device: torch.device):
+    """The compared SAE: from ``--sae-path`` with SAELens's loader, else the trained one in the store."""
+    if cfg.sae_path is not None:
+        from sae_lens import SAE
+
+        return SAE.load_from_disk(cfg.sae_path, device=str(device))
+    return load_sae(store, cfg.sae_key, device=str(device))[0]
+
+
 def compare(cfg: SAECompareConfig, store: Store, progress: bool = True) -> dict:
     """Run one EP-vs-SAE comparison; returns the summary written to ``out/metrics.json``."""
     key, skey = cfg.key, cfg.sae_key
     dmeta, smeta, start, rows = check_inputs(cfg, store)
     selected = heldout_selection(store, key, start, cfg)
     device = resolve_device(cfg.device)
-    if cfg.sae_path is not None:
-        from sae_lens import SAE
-
-        sae = SAE.load_from_disk(cfg.sae_path, device=str(device))
-    else:
-        sae, _ = load_sae(store, skey, device=str(device))
+    sae = _load_sae(cfg, store, device)
     ep = build_on_prefix(store, key, dmeta, start, device)
     held = heldout_pass(store, key, sae, ep, start, selected.keep_M, cfg, device, progress)
     files = store.sae_compare_files(key, cfg.sae)

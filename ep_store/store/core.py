@@ -35,7 +35,14 @@ from ep_store.keys import (
 )
 from ep_store.store import layout
 from ep_store.store.arrow import check_vector_column, filter_rows, rebatch
-from ep_store.store.layout import META_KEY, DictionaryFiles, Files, MatchFiles, SAECompareFiles
+from ep_store.store.layout import (
+    META_KEY,
+    STORAGE_VERSION,
+    DictionaryFiles,
+    Files,
+    MatchFiles,
+    SAECompareFiles,
+)
 from ep_store.store.locks import lock_path, writer_lock
 
 
@@ -231,7 +238,7 @@ class Store:
             ds = lance.write_dataset(table, str(path), mode="append")
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
-            ds = lance.write_dataset(table, str(path), mode="create")
+            ds = lance.write_dataset(table, str(path), mode="create", data_storage_version=STORAGE_VERSION)
         return ds.version
 
     def remove(self, path: Path) -> None:
@@ -293,7 +300,8 @@ class Store:
             ds = lance.dataset(str(path))
             ds.merge_insert(merge_on).when_matched_update_all().when_not_matched_insert_all().execute(table)
             return lance.dataset(str(path)).version
-        ds = lance.write_dataset(table, str(path), mode="overwrite" if self.exists(path) else "create")
+        ds = lance.write_dataset(table, str(path), mode="overwrite" if self.exists(path) else "create",
+                                 data_storage_version=STORAGE_VERSION)
         return ds.version
 
     def write_stream(self, path: Path, schema: pa.Schema, batches: Iterable[pa.RecordBatch]) -> int:
@@ -302,7 +310,7 @@ class Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         reader = pa.RecordBatchReader.from_batches(schema, batches)
         mode = "overwrite" if self.exists(path) else "create"
-        ds = lance.write_dataset(reader, str(path), schema=schema, mode=mode)
+        ds = lance.write_dataset(reader, str(path), schema=schema, mode=mode, data_storage_version=STORAGE_VERSION)
         return ds.version
 
     @staticmethod

@@ -33,6 +33,7 @@ from ep_store import jsonio
 from ep_store.environment import ENVIRONMENT_KEY
 from ep_store.errors import UsageError, check_output_file
 from ep_store.store.core import Store
+from ep_store.store.layout import BUILDING, LANCE
 
 DIGEST_BATCH = 65_536  # rows per scanned batch; any size gives the same digest
 
@@ -163,7 +164,7 @@ def _parts(folder: Path) -> list[Path]:
     """Lance datasets and files under ``folder`` (not inside datasets), sorted by path."""
     found = []
     for child in sorted(folder.iterdir()):
-        if child.name.startswith(".") or child.name.endswith(".tmp"):
+        if child.name.startswith(".") or child.name.endswith(".tmp") or child.name.endswith(BUILDING + LANCE):
             continue
         if Store.exists(child) or child.is_file():
             found.append(child)

@@ -21,7 +21,7 @@ from ep_store import jsonio
 from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey, check_inside
 from ep_store.store.core import Store
-from ep_store.store.layout import LANCE
+from ep_store.store.layout import LANCE, STORAGE_VERSION
 
 
 def write_fragments(path: Path, table: pa.Table) -> list[dict]:
@@ -29,7 +29,8 @@ def write_fragments(path: Path, table: pa.Table) -> list[dict]:
     from lance.fragment import write_fragments as lance_write_fragments
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    return [fragment.to_json() for fragment in lance_write_fragments(table, str(path), schema=table.schema)]
+    return [fragment.to_json() for fragment in lance_write_fragments(table, str(path), schema=table.schema,
+                                                                     data_storage_version=STORAGE_VERSION)]
 
 
 def commit_fragments(path: Path, fragments: list[dict], schema: pa.Schema, read_version: int | None,

@@ -3,8 +3,14 @@
 An index is a Lance dataset of its own, inside the store:
     indexes/<model>/<checkpoint>/L<layer>/p<percentile>.lance
         row (position in the activation dataset), doc_id, pos, region_id, u fixed_size_list<float16>[d]
-with a Lance vector index on ``u`` (the centered unit directions of the dictionary's geometry) and
+with a vector index on ``u`` (the centered unit directions of the dictionary's geometry) and
 schema metadata recording what it was built from, so a reader can tell when it is stale.
+
+The vector index is built and queried through LanceDB (issue 21, item 3): the index folder's
+parent is a LanceDB database (``lancedb.connect``) and the dataset its table ``p<percentile>``;
+``create_index`` with LanceDB's index configs (IvfPq, IvfSq, IvfFlat, HnswSq) and its query
+builder (distance type, nprobes, refine factor, prefilter). The exact float64 re-ranking of
+the candidates stays in ep_store.analysis.search.
 Saved search results live in ``searches/<name>.lance`` (``search_path``), exposed to SQL as ``searches``.
 """
 
@@ -22,7 +28,14 @@ import pyarrow as pa
 from ep_store import jsonio
 from ep_store.errors import UsageError
 from ep_store.keys import DictionaryKey, check_inside, to_segment
-from ep_store.store.layout import INDEXES_DIR, LANCE, META_KEY, SEARCHES_DIR
+from ep_store.store.layout import (
+    BUILDING,
+    INDEXES_DIR,
+    LANCE,
+    META_KEY,
+    SEARCHES_DIR,
+    STORAGE_VERSION,
+)
 
 if TYPE_CHECKING:
     from ep_store.store.core import Store
@@ -53,17 +66,18 @@ def write_index(store: Store, path: Path, schema: pa.Schema, batches: Iterable[p
     Returns the Lance version of the finished index dataset.
     """
     check_inside(store.root, path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name.removesuffix(LANCE) + BUILDING + LANCE)  # a LanceDB table name of its own
     store.remove(tmp)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     schema = schema.with_metadata({META_KEY: jsonio.dumps(meta, sort_keys=True).encode()})
     reader = pa.RecordBatchReader.from_batches(schema, batches)
-    ds = lance.write_dataset(reader, str(tmp), schema=schema, mode="create")
+    ds = lance.write_dataset(reader, str(tmp), schema=schema, mode="create", data_storage_version=STORAGE_VERSION)
     if ds.count_rows() == 0:
         store.remove(tmp)
         raise UsageError(f"no finite activation rows to index for {path.stem}")
-    ds = ds.create_index(INDEX_COLUMN, index_type, metric=metric, **params)
-    version = ds.version
+    table = lancedb_table(tmp)
+    table.create_index(INDEX_COLUMN, config=_index_config(index_type, metric, params), replace=True)
+    version = table.version
     old = path.with_name(path.name + ".old")
     store.remove(old)
     if path.exists():
@@ -71,6 +85,25 @@ def write_index(store: Store, path: Path, schema: pa.Schema, batches: Iterable[p
     tmp.replace(path)
     store.remove(old)
     return version
+
+
+def lancedb_table(path: Path):
+    """The Lance dataset folder ``path`` (``<name>.lance``) as a LanceDB table: its parent
+    folder is the database, the folder's stem the table name."""
+    import lancedb
+
+    return lancedb.connect(str(path.parent)).open_table(path.name.removesuffix(LANCE))
+
+
+def _index_config(index_type: str, metric: str, params: dict):
+    """LanceDB's index config for one of ``analysis.search_index.INDEX_TYPES``."""
+    from lancedb import index
+
+    kinds = {"IVF_PQ": index.IvfPq, "IVF_SQ": index.IvfSq, "IVF_FLAT": index.IvfFlat, "IVF_HNSW_SQ": index.HnswSq}
+    try:
+        return kinds[index_type](distance_type=metric.lower(), **params)
+    except TypeError as err:  # an --index-param this index type does not take
+        raise UsageError(f"{index_type} does not take the parameters {sorted(params)}: {err}") from None
 
 
 def index_meta(path: Path) -> dict:
@@ -89,18 +122,18 @@ def index_candidates(path: Path, q_D: np.ndarray, k: int, nprobes: int, refine_f
                      exclude_region: int | None = None) -> np.ndarray:
     """Activation rows of the ``k`` approximate nearest ``u`` to ``q_D`` (the index's metric), best first.
 
-    ``exclude_region`` drops rows of that region before the search (Lance prefilter on
-    ``region_id``). Uses ``LanceDataset.to_table(nearest=...)`` with the vector index.
+    ``exclude_region`` drops rows of that region before the search (a prefilter on
+    ``region_id``). LanceDB's query builder over the vector index, in the index's metric.
     """
-    ds = lance.dataset(str(path))
-    nearest = {"column": INDEX_COLUMN, "q": np.asarray(q_D, dtype=np.float32), "k": int(k),
-               "minimum_nprobes": int(nprobes), "maximum_nprobes": int(nprobes), "use_index": True}
+    table = lancedb_table(path)
+    metric = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}")).get("metric", "L2").lower()
+    query = (table.search(np.asarray(q_D, dtype=np.float32), vector_column_name=INDEX_COLUMN)
+             .distance_type(metric).nprobes(int(nprobes)).select(["row"]).limit(int(k)))
     if refine_factor:
-        nearest["refine_factor"] = int(refine_factor)
-    table = ds.to_table(columns=["row"], nearest=nearest, prefilter=exclude_region is not None,
-                        filter=None if exclude_region is None else f"region_id != {int(exclude_region)}",
-                        disable_scoring_autoprojection=True)
-    return table.column("row").to_numpy()
+        query = query.refine_factor(int(refine_factor))
+    if exclude_region is not None:
+        query = query.where(f"region_id != {int(exclude_region)}", prefilter=True)
+    return query.to_arrow().column("row").to_numpy()
 
 
 def take_rows(path: Path, rows: np.ndarray | list[int], columns: list[str]) -> pa.Table:

@@ -27,6 +27,9 @@ from pathlib import Path
 from ep_store.keys import ActivationKey, DictionaryKey, from_segment
 
 META_KEY = b"ep_store"  # schema-metadata entry holding the JSON that produced a dataset
+STORAGE_VERSION = "2.2"
+"""Lance's file format version for every dataset ep_store creates, pinned (issue 21, item 3) so a
+pylance release that changes its default does not change what a store writes."""
 
 # top-level folders
 ACTIVATIONS_DIR = "activations"
@@ -49,6 +52,7 @@ SAE_ACTIVATIONS = "sae_activations.lance"
 EP_PROJECTIONS = "ep_projections.lance"
 EP_EXEMPLARS = "ep_exemplars.lance"
 LANCE = ".lance"
+BUILDING = "-building"  # indexes/.../p1-building.lance: an index being built, renamed to p1.lance when whole
 
 
 def lance_file(relpath: Path) -> Path:
