@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -130,3 +132,67 @@ def test_pull_from_the_hub_offline_fails_in_one_line(tmp_path, monkeypatch):
     done = ep("pull", "hf://datasets/someone/ep-dictionaries/gemma", "--store", tmp_path / "s")
     assert done.exit_code != 0 and "download of hf://datasets/someone/ep-dictionaries/gemma failed" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "s" / "dictionaries").exists()
+
+
+def rewrite_manifest(bundle, change):
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    change(manifest)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("lie", ["escape", "absolute", "key", "twice", "empty", "top_level_file"])
+def test_pull_refuses_a_bundle_that_lies_and_writes_nowhere(source, bundle, tmp_path, lie):
+    """A manifest whose folder points outside the key's place (``..``, an absolute path), that
+    renames the dictionary, lists it twice or not at all, or a file nowhere in the manifest:
+    exit 2 in one line, nothing written anywhere, not even the store's root (helper's findings)."""
+    entry = lambda m: m["dictionaries"][0]  # noqa: E731
+    if lie == "escape":
+        rewrite_manifest(bundle, lambda m: entry(m).update(folder="../../escaped/p5"))
+    elif lie == "absolute":
+        rewrite_manifest(bundle, lambda m: entry(m).update(folder=str(tmp_path / "abs" / "p5")))
+    elif lie == "key":
+        rewrite_manifest(bundle, lambda m: entry(m).update(key="other/base/L2/p5",
+                                                           folder="dictionaries/other/base/L2/p5"))
+        shutil.move(bundle / "dictionaries" / "tiny", bundle / "dictionaries" / "other")
+    elif lie == "twice":
+        rewrite_manifest(bundle, lambda m: m["dictionaries"].append(entry(m)))
+    elif lie == "empty":
+        rewrite_manifest(bundle, lambda m: m.update(dictionaries=[]))
+    else:
+        (bundle / "NOTES.txt").write_text("planted")
+    before = tree_snapshot(tmp_path)
+    done = ep("pull", bundle, "--store", tmp_path / "new_store")
+    assert done.exit_code == 2, done.output
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert tree_snapshot(tmp_path) == before and not (tmp_path / "new_store").exists()
+
+
+def test_pull_is_refused_while_another_writer_holds_the_key(source, bundle, tmp_path):
+    """The target's writer lock is taken before the existence check (two pulls at once cannot
+    both install: the second is refused), and a pull leaves no staging folder behind."""
+    target = Store(tmp_path / "mine")
+    folder = target.dictionary_files(pulled_key()).folder
+    with target.lock(folder, "another pull"):  # held by this process; the pull runs in another
+        done = subprocess.run([sys.executable, "-m", "ep_store", "pull", str(bundle), "--store", str(target.root)],
+                              capture_output=True, text=True)
+    assert done.returncode == 2 and "being written by another process" in done.stderr, done.stderr
+    assert not folder.exists()
+    assert ep("pull", bundle, "--store", target.root).exit_code == 0
+    assert not (target.root / ".pull").exists()
+
+
+def pulled_key():
+    from ep_store.keys import DictionaryKey
+
+    return DictionaryKey.parse(KEY)
+
+
+def test_publish_refuses_other_hub_forms_and_dedupes_keys(source, tmp_path):
+    for dest in ("hf://models/x/y", "hf:/datasets/x/y", "s3://bucket/x"):
+        done = ep("publish", KEY, "--to", dest, "--store", source.root)
+        assert done.exit_code == 2 and "hf://datasets/ORG/REPO" in done.stderr, done.output
+    assert not (tmp_path / "hf:").exists() and not list(tmp_path.iterdir())
+    done = ep("publish", KEY, KEY, "--to", tmp_path / "b", "--store", source.root)
+    assert done.exit_code == 0, done.output
+    assert len(json.loads((tmp_path / "b" / "manifest.json").read_text())["dictionaries"]) == 1
+    assert (tmp_path / "b").stat().st_mode & 0o055 == 0o055  # readable like any folder, not mkdtemp's 0700

@@ -84,3 +84,20 @@ def test_export_refuses_without_losing_anything(built, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # no staging folder left behind
     np.testing.assert_array_equal(np.sort([p.name for p in out.iterdir()]),
                                   ["cfg.json", "sae_weights.safetensors", "sparsity.safetensors"])
+
+
+def test_export_never_replaces_what_is_not_an_export(built, tmp_path, monkeypatch):
+    """--out the store, a folder holding it, the working folder, a file, or a folder of other
+    files: exit 2 even with --overwrite, and nothing is deleted (helper's findings)."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep")
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    before = tree_snapshot(built.root)
+    for out, needle in ((built.root, "store"), (built.root.parent, "store"), (tmp_path, "working folder"),
+                        (".", "working folder"), ("", "working folder"), (tmp_path / "afile", "is a file"),
+                        (tmp_path / "mine", "holds files an export does not write")):
+        done = export(built, out, "--overwrite")
+        assert done.exit_code == 2 and needle in done.stderr and "Traceback" not in done.stderr, (out, done.output)
+    assert tree_snapshot(built.root) == before and (tmp_path / "mine" / "precious.txt").read_text() == "keep"
+    assert (tmp_path / "afile").read_text() == "x"

@@ -288,8 +288,9 @@ def test_a_datasets_folder_and_arrow_shards_are_corpora(tmp_path, models_dir):
     assert [r.text for r in readers.read_texts(shard, "body")] == [t for t in texts[:3] if t]
     docs = [d.text for d in iter_documents(f"{tmp_path / 'hf'},builtin", "body")]
     assert docs[:4] == want
-    with pytest.raises(UsageError, match="no field 'text'"):
-        readers.read_texts(tmp_path / "hf")
+    for source in (tmp_path / "hf", shard):  # the fields are named, as for Parquet
+        with pytest.raises(UsageError, match=r"no field 'text' \(its fields: body, label\)"):
+            readers.read_texts(source)
     datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(UsageError, match="several splits"):
         readers.read_texts(tmp_path / "dd", "body")

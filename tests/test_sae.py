@@ -374,9 +374,13 @@ def test_compare_against_any_saelens_folder(toy_store, tmp_path):
     assert metrics["sae"] == str(tmp_path / "sae1") and metrics["compute"] is None and metrics["sql_matches_numpy"]
     rows = [r for r in csv.DictReader((out / "pairs.csv").open()) if r["side"] == "sae" and r["best_partner"] != ""]
     assert len(rows) >= 5 and all(int(r["feature"]) == int(r["best_partner"]) for r in rows)
+    shutil.copytree(tmp_path / "sae1", tmp_path / "cut")
+    weights = tmp_path / "cut" / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated: SAELens's loader fails
     before = tree_snapshot(root)
-    for extra, needle in (([ "--sae-path", str(tmp_path / "sae2")], "width 16"),
-                          (["--sae-path", str(tmp_path)], "not a SAELens SAE folder"),
+    for extra, needle in ((["--sae-path", str(tmp_path / "sae2")], "width 16"),
+                          (["--sae-path", str(tmp_path / "cut")], "not a loadable SAELens SAE folder"),
+                          (["--sae-path", str(tmp_path)], "not a loadable SAELens SAE folder"),
                           (["--sae-path", str(tmp_path / "sae1"), "--sae", "t1"], "give one of --sae")):
         assert_refused(runner.invoke(main, [*args, *extra, "--out", str(tmp_path / "o")]), needle)
     assert tree_snapshot(root) == before and not (tmp_path / "o").exists()

@@ -29,6 +29,7 @@ reference (``ep_store.sae.binarise``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import KW_ONLY, asdict, dataclass
@@ -96,8 +97,9 @@ class SAECompareConfig:
     def __post_init__(self):
         if (self.sae is None) == (self.sae_path is None):
             raise UsageError("give one of --sae (a trained SAE's name) or --sae-path (a SAELens folder)")
-        if self.sae_path is not None:
-            self.sae = "path-" + (Path(self.sae_path).resolve().name or "sae")  # its comparison's folder name
+        if self.sae_path is not None:  # its comparison's folder name: one per folder, never shared by two
+            resolved = str(Path(self.sae_path).resolve())
+            self.sae = f"path-{Path(resolved).name or 'sae'}-{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
         if self.top_n < 1 or self.min_positives < 1 or self.top_pairs < 0:
             raise UsageError("--top-n and --min-positives must be at least 1, --top-pairs at least 0")
         if self.min_positives > self.top_n:

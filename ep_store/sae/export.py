@@ -35,6 +35,7 @@ import torch
 from ep_store.errors import UsageError, require
 from ep_store.stages.dictionary import Dictionary
 from ep_store.store import Store
+from ep_store.store.bundle import make_public
 
 DECODERS = ("exemplar", "mean")
 
@@ -86,14 +87,36 @@ def saelens_sae(d: Dictionary, decoder: str = "exemplar"):
     return sae
 
 
+EXPORT_FILES = {"cfg.json", "sae_weights.safetensors", "sparsity.safetensors"}
+
+
+def check_out(out: Path, store: Store, overwrite: bool) -> Path:
+    """``out`` if it is safe to write: UsageError for the store itself or a folder holding it,
+    the working folder or one above it, a file, or an existing folder without ``overwrite``
+    or that is not an earlier export (``--overwrite`` replaces only those)."""
+    here, target = Path.cwd().resolve(), out.resolve()
+    store_root = store.root.resolve()
+    if not out.name or target in (here, store_root) or target in here.parents \
+            or target in store_root.parents or store_root in target.parents:
+        raise UsageError(f"--out {out} is the working folder, the store, or holds or lies inside it; "
+                         "choose a new folder, e.g. --out exported/NAME")
+    if out.is_file():
+        raise UsageError(f"--out {out} is a file; choose a folder")
+    if out.exists():
+        if not overwrite:
+            raise UsageError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+        if {p.name for p in out.iterdir()} - EXPORT_FILES:
+            raise UsageError(f"{out} holds files an export does not write; --overwrite replaces only an earlier "
+                             "ep export saelens folder, choose another --out")
+    return out
+
+
 def export_saelens(cfg: SAELensExportConfig, store: Store) -> dict:
     """Write the SAELens folder; returns the summary. The folder appears whole or not at all
     (written beside it, then renamed). Raises UsageError for an unknown dictionary, an empty
     one, or an existing folder without ``overwrite``."""
     require("sae_lens", "sae", "ep export saelens")  # EnvError with the install hint when missing
-    out = Path(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise UsageError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+    out = check_out(Path(cfg.out), store, cfg.overwrite)
     d = Dictionary.load(store, cfg.dictionary, as_of=cfg.as_of)
     if len(d) == 0:
         raise UsageError(f"{d.key} has no regions: nothing to export")
@@ -108,6 +131,7 @@ def export_saelens(cfg: SAELensExportConfig, store: Store) -> dict:
     try:
         sae.save_model(staging)
         save_file({"sparsity": log_density}, str(staging / SPARSITY_FILENAME))
+        make_public(staging)
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)

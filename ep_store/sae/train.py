@@ -366,8 +366,8 @@ def external_sae_inputs(sae_path: str, key: DictionaryKey, heldout_tokens: int, 
 
     try:
         sae = SAE.load_from_disk(sae_path, device="cpu")
-    except (OSError, ValueError, KeyError) as err:
-        raise UsageError(f"{sae_path} is not a SAELens SAE folder ({err.__class__.__name__}: "
+    except Exception as err:  # noqa: BLE001 - any loader failure (safetensors, shapes, config) means "not loadable"
+        raise UsageError(f"{sae_path} is not a loadable SAELens SAE folder ({err.__class__.__name__}: "
                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
     info = store.info(store.require_activations(key.activations))
     hook = getattr(sae.cfg.metadata, "hook_name", None)

@@ -54,6 +54,8 @@ class PullConfig:
 def hub_location(uri: str) -> tuple[str, str] | None:
     """(repo id, path in repo) of an ``hf://datasets/ORG/REPO[/PATH]`` URI; None for a folder."""
     if not uri.startswith(HF_PREFIX):
+        if uri.startswith("hf:") or "://" in uri:
+            raise UsageError(f"{uri}: use a folder or hf://datasets/ORG/REPO[/PATH] (bundles live in dataset repos)")
         return None
     parts = uri.removeprefix(HF_PREFIX).strip("/").split("/")
     if len(parts) < 2 or not all(parts[:2]):
@@ -107,7 +109,7 @@ def pull(cfg: PullConfig, store: Store) -> dict:
     if hub is None:
         if not Path(cfg.source).is_dir():
             raise UsageError(f"{cfg.source} is not a folder; give the folder ep publish wrote or an hf:// URI")
-        return {"source": cfg.source, "pulled": pull_bundle(Path(cfg.source), store, cfg.dictionaries, cfg.overwrite)}
+        return _pulled(cfg.source, pull_bundle(Path(cfg.source), store, cfg.dictionaries, cfg.overwrite))
     hf = require("huggingface_hub", "models", "ep pull hf://")
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -117,7 +119,15 @@ def pull(cfg: PullConfig, store: Store) -> dict:
             raise EnvError(f"download of {cfg.source} failed: {err.__class__.__name__}: "
                            f"{str(err).splitlines()[0] if str(err) else 'no detail'}") from None
         pulled = pull_bundle(Path(local) / hub[1], store, cfg.dictionaries, cfg.overwrite)
-    return {"source": cfg.source, "pulled": pulled}
+    return _pulled(cfg.source, pulled)
+
+
+def _pulled(source: str, pulled: list[dict]) -> dict:
+    """The pull's summary; names the next step where assignments did not come with a dictionary."""
+    bare = [p["dictionary"] for p in pulled if not p["assignments"]]
+    hint = {"next": f"no assignments came with {', '.join(bare)}: ep assign --dictionary KEY (on a harvest of the "
+                    "same model and hook) before questions about tokens"} if bare else {}
+    return {"source": source, "pulled": pulled, **hint}
 
 
 def _summary(manifest: dict, dest: str) -> dict:

@@ -190,6 +190,25 @@ def dataset_shards(path: Path, what: str) -> list[Path] | None:
         raise UsageError(f"{what} {path}/{DATASET_STATE} is not a datasets state file ({err})") from None
 
 
+def column_names(path: Path, suffix: str, what: str) -> list[str]:
+    """Column names of a Parquet file, an Arrow file or a datasets folder (its first shard's)."""
+    if suffix == ".parquet":
+        return parquet_fields(path, what)
+    shards = dataset_shards(path, what)
+    first = shards[0] if shards else path
+    if shards == []:
+        return []
+    import pyarrow as pa
+
+    try:
+        try:
+            return list(pa.ipc.open_stream(first).schema.names)
+        except pa.ArrowInvalid:
+            return list(pa.ipc.open_file(first).schema.names)
+    except (pa.ArrowException, OSError) as err:
+        raise UsageError(f"cannot read {what} {first} as Arrow: {err.__class__.__name__}") from None
+
+
 def read_records(path: Path, what: str = "data file", columns: Sequence[str] | None = None
                  ) -> list[tuple[int, dict]]:
     """(row index, fields) of every record of a .jsonl, .csv, .parquet or .arrow file, or of a
@@ -260,10 +279,10 @@ def read_texts(path: Path, text_field: str | Sequence[str] = "text", txt: str = 
             [(f"{path.name}:{i}", line) for i, line in enumerate(split_lines(text))]
         rows = [TextRow(name, t, {fields[0]: t}) for name, t in parts]
     else:
-        if suffix == ".parquet" and not any(f in (names := parquet_fields(path, what)) for f in fields):
+        if suffix in (".parquet", ".arrow") and not any(f in (names := column_names(path, suffix, what)) for f in fields):
             raise UsageError(missing_field(f"{what} {path}", " or ".join(fields), names))
         records = read_records(path, what, [*fields, *also])
-        if suffix in (".csv", ".arrow") and records and not any(f in records[0][1] for f in fields):
+        if suffix == ".csv" and records and not any(f in records[0][1] for f in fields):
             raise UsageError(missing_field(f"{what} {path}", " or ".join(fields), records[0][1]))
         rows = [TextRow(f"{path.name}:{i}", row_text(path, i, rec, fields, what), rec) for i, rec in records]
     kept = [r for r in rows if r.text is not None and r.text.strip()]

@@ -17,11 +17,15 @@ manifest's.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
+
+import pyarrow as pa
 
 from ep_store import jsonio
 from ep_store.environment import environment
@@ -34,6 +38,7 @@ from ep_store.store.layout import ASSIGNMENTS, DICTIONARIES_DIR, EXEMPLARS, META
 FORMAT = "ep_store.bundle/1"
 MANIFEST = "manifest.json"
 CARD = "README.md"
+STAGING = ".pull"  # inside the store: same filesystem, so checked folders move in by rename
 
 
 def sha256(path: Path) -> str:
@@ -61,17 +66,27 @@ def write_bundle(store: Store, keys: list[DictionaryKey], dest: Path, assignment
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        entries = [_bundle_one(store, key, staging, assignments) for key in keys]
+        entries = [_bundle_one(store, key, staging, assignments) for key in dict.fromkeys(keys)]
         env = environment()
         manifest = {"format": FORMAT, "ep_store_version": env["ep_store"], "pylance_version": env["pylance"],
                     "dictionaries": entries}
         (staging / CARD).write_text(card(entries) if card else "", encoding="utf-8")
         manifest["card_sha256"] = sha256(staging / CARD)
         (staging / MANIFEST).write_text(jsonio.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+        make_public(staging)
         staging.rename(dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def make_public(folder: Path) -> None:
+    """Give a folder built in a private temporary directory (mode 0700) the modes a plain
+    ``mkdir`` and file write would have had under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _bundle_one(store: Store, key: DictionaryKey, staging: Path, assignments: bool) -> dict:
@@ -79,7 +94,7 @@ def _bundle_one(store: Store, key: DictionaryKey, staging: Path, assignments: bo
     if not files.finished:
         known = ", ".join(str(k) for k in store.list_dictionaries()) or "none"
         raise UsageError(f"no dictionary {key} in {store.root} (built: {known})")
-    relpath = Path(DICTIONARIES_DIR) / files.folder.relative_to(store.root / DICTIONARIES_DIR)
+    relpath = Path(entry_folder(key))
     target = staging / relpath
     target.mkdir(parents=True)
     shutil.copy2(files.meta, target / META)
@@ -123,49 +138,115 @@ def verify_folder(folder: Path, expected: dict[str, dict], what: str) -> None:
             raise UsageError(f"{what}: {name} does not match its checksum; the bundle is altered or truncated")
 
 
+def check_manifest(src: Path, manifest: dict) -> dict[str, dict]:
+    """The manifest's entries by key, each naming the folder its key maps to; UsageError for an
+    empty or repeated list, a bad key, or a folder elsewhere (a bundle never writes outside
+    the dictionary folder of its key)."""
+    listed = manifest.get("dictionaries")
+    if not isinstance(listed, list) or not listed:
+        raise UsageError(f"{src}/{MANIFEST} lists no dictionaries; publish the bundle again")
+    entries = {}
+    for entry in listed:
+        key = str(DictionaryKey.parse(str(entry.get("key"))))
+        if key in entries:
+            raise UsageError(f"{src}/{MANIFEST} lists {key} twice; the bundle is altered, publish it again")
+        if entry.get("folder") != entry_folder(DictionaryKey.parse(key)):
+            raise UsageError(f"{src}/{MANIFEST}: {key}'s folder {entry.get('folder')!r} is not its key's "
+                             f"({entry_folder(DictionaryKey.parse(key))}); the bundle is altered, publish it again")
+        entries[key] = entry
+    verify_listing(src, entries)
+    return entries
+
+
+def entry_folder(key: DictionaryKey) -> str:
+    """The folder of dictionary ``key`` inside a bundle (the same relative path as in a store)."""
+    return (Path(DICTIONARIES_DIR) / key.relpath()).as_posix()
+
+
+def verify_listing(src: Path, entries: dict[str, dict]) -> None:
+    """Every file in the bundle is the manifest, the card or a file an entry lists; UsageError otherwise."""
+    listed = {MANIFEST, CARD} | {f"{e['folder']}/{name}" for e in entries.values() for name in e["files"]}
+    extra = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()
+                   and p.relative_to(src).as_posix() not in listed)
+    if extra:
+        raise UsageError(f"{src}: file {extra[0]} is not in the manifest; the bundle is partial or altered, "
+                         "publish it again")
+
+
 def pull_bundle(src: Path, store: Store, keys: list[str] | None = None, overwrite: bool = False) -> list[dict]:
     """Copy the bundle's dictionaries (all, or ``keys``) into ``store``, each checked against the
-    manifest before it is moved in; returns one summary per dictionary. Raises UsageError (and
-    changes nothing) for a bad bundle, an unknown key, or a dictionary the store already has
-    without ``overwrite``."""
+    manifest before it is moved in; returns one summary per dictionary. Holds every target's
+    writer lock throughout. Raises UsageError (and changes nothing) for a bad bundle, an
+    unknown key, or a dictionary the store already has without ``overwrite``."""
     src = Path(src)
     manifest = read_manifest(src)
-    entries = {e["key"]: e for e in manifest["dictionaries"]}
-    wanted = list(keys) if keys else list(entries)
+    entries = check_manifest(src, manifest)
+    wanted = list(dict.fromkeys(str(DictionaryKey.parse(k)) for k in keys)) if keys else list(entries)
     unknown = [k for k in wanted if k not in entries]
     if unknown:
         raise UsageError(f"{src} holds no dictionary {unknown[0]} (it holds: {', '.join(entries)})")
     card = src / CARD
     if not card.is_file() or sha256(card) != manifest.get("card_sha256"):
         raise UsageError(f"{src}/{CARD} is missing or altered; the bundle is partial or altered, publish it again")
-    for key in wanted:
-        target = store.dictionary_files(DictionaryKey.parse(key)).folder
-        if target.exists() and not overwrite:
-            raise UsageError(f"the store already has {key}; pass --overwrite to replace it")
-    staging_root = store.root / ".pull"
-    staging_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=staging_root))
+    created_root = not store.root.exists()
+    staging = None
     try:
-        for key in wanted:  # copy and check everything before the first move
-            entry = entries[key]
-            shutil.copytree(src / entry["folder"], staging / entry["folder"])
-            verify_folder(staging / entry["folder"], entry["files"], f"{src} {key}")
-            if digest(staging / entry["folder"])["digest"] != entry["digest"]:
-                raise UsageError(f"{src} {key}: the data do not match the manifest's digest")
-        return [_move_in(store, DictionaryKey.parse(key), staging / entries[key]["folder"], entries[key], staging)
-                for key in wanted]
+        with contextlib.ExitStack() as locks:
+            for key in wanted:  # every target locked before anything is checked or moved
+                folder = store.dictionary_files(DictionaryKey.parse(key)).folder
+                locks.enter_context(store.lock(folder, f"dictionary {key}"))
+                if folder.exists() and not overwrite:
+                    raise UsageError(f"the store already has {key}; pass --overwrite to replace it")
+            staging = Path(tempfile.mkdtemp(dir=_mkdir(store.root / STAGING)))
+            for key in wanted:  # copy and check everything before the first move
+                _copy_checked(src, key, entries[key], staging)
+            return [_move_in(store, DictionaryKey.parse(key), staging / entries[key]["folder"], entries[key], staging)
+                    for key in wanted]
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(store.root / STAGING, store.root if created_root else None)
+
+
+def _copy_checked(src: Path, key: str, entry: dict, staging: Path) -> None:
+    """Copy one dictionary folder into ``staging`` and check it: files, data, and its own key."""
+    target = staging / entry["folder"]
+    shutil.copytree(src / entry["folder"], target)
+    verify_folder(target, entry["files"], f"{src} {key}")
+    try:
+        found = digest(target)["digest"]
+        meta = json.loads((target / META).read_text(encoding="utf-8"))
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise UsageError(f"{src} {key}: its data cannot be read ({err.__class__.__name__}); "
+                         "the bundle is altered, publish it again") from None
+    if found != entry["digest"]:
+        raise UsageError(f"{src} {key}: the data do not match the manifest's digest")
+    if meta.get("key") != key:
+        raise UsageError(f"{src} {key}: its meta.json is of {meta.get('key')!r}; the bundle is altered, publish it again")
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _remove_empty(staging_root: Path, created_root: Path | None) -> None:
+    """Remove the staging folder, and a store root this pull created, where they are empty."""
+    for folder in (staging_root, created_root):
+        if folder is not None:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def _move_in(store: Store, key: DictionaryKey, checked: Path, entry: dict, staging: Path) -> dict:
-    """Rename the checked folder into place (a replaced one goes to ``staging``, removed with it)."""
+    """Rename the checked folder into place (a replaced one goes to ``staging``, removed with it);
+    the caller holds the dictionary's lock."""
     files = store.dictionary_files(key)
-    with store.lock(files.folder, f"dictionary {key}"):
-        files.folder.parent.mkdir(parents=True, exist_ok=True)
-        if files.folder.exists():
-            files.folder.rename(staging / f"replaced-{len(list(staging.iterdir()))}")
-        checked.rename(files.folder)
+    files.folder.parent.mkdir(parents=True, exist_ok=True)
+    if files.folder.exists():
+        files.folder.rename(staging / f"replaced-{len(list(staging.iterdir()))}")
+    checked.rename(files.folder)
     return {"dictionary": str(key), "path": str(files.folder), "digest": entry["digest"],
-            "source_digest": entry["source_digest"], "files": len(entry["files"])}
+            "source_digest": entry["source_digest"], "files": len(entry["files"]),
+            "assignments": store.exists(files.assignments)}
 
