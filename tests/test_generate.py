@@ -209,7 +209,7 @@ def test_generate_refuses_empty_prompts_and_other_width(models_dir, store, tmp_p
     for name, text in (("empty.txt", "\n  \n"), ("empty.jsonl", ""), ("empty.csv", "prompt\n"), ("p.xml", "<p/>\n")):
         (tmp_path / name).write_text(text)
         assert_refused(cli(store, models_dir, tmp_path / name, out), "holds no prompts" if "empty" in name
-                       else "is not a .txt/.jsonl/.csv/.parquet file")
+                       else "is not a .txt/.jsonl/.csv/.parquet/.arrow file")
     assert_refused(cli(store, models_dir, tmp_path / "missing.txt", out), "does not exist")
     # a model of another width: the dictionary cannot be applied to it
     wide = tmp_path / "models"

@@ -131,7 +131,7 @@ class ConceptEvalConfig:
     """Dictionary keys of one model: one forward for all."""
     _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     data: str = "builtin"
-    """builtin or a .jsonl/.csv/.parquet file: concept/text/label or AxBench's output_concept/output/category."""
+    """builtin or a .jsonl/.csv/.parquet/.arrow file: concept/text/label or AxBench's output_concept/output/category."""
     model: str | None = None
     """Model to run the texts through (default: the dictionaries'; another model is bad input)."""
     checkpoint: str | None = None

@@ -10,7 +10,7 @@ Sets, each ``documents`` texts cut to their first ``max_tokens_per_text`` tokens
 - ``heldout``: other in-distribution documents (control: AUROC near 0.5);
 - ``shuffled``: the held-out documents with their words shuffled;
 - ``random_tokens``: uniformly random non-special token ids, as many as the held-out documents have;
-- one set per ``--ood-corpus`` file (.txt/.jsonl/.csv/.parquet, as the harvest corpus reads them;
+- one set per ``--ood-corpus`` file (.txt/.jsonl/.csv/.parquet/.arrow, as the harvest corpus reads them;
   ``--text-field`` names the field of record files, for the in-corpus's files too: issue 18, B5).
 Reference and held-out documents alternate over the *last* 2 x ``documents`` distinct
 documents of the in-corpus: the default harvest streams a prefix of ``chat,builtin``, so
@@ -46,9 +46,9 @@ class OODConfig:
     in_corpus: str = "builtin"
     """In-distribution corpus spec (as ep harvest --corpus); its last documents are used."""
     ood_corpus: tuple[str, ...] = ()
-    """Extra OOD sets: .txt/.jsonl/.csv/.parquet files (one set per file)."""
+    """Extra OOD sets: .txt/.jsonl/.csv/.parquet/.arrow files (one set per file)."""
     text_field: str = "text"
-    """Field holding the text in .jsonl/.csv/.parquet rows of the OOD files and the in-corpus's files
+    """Field holding the text in .jsonl/.csv/.parquet/.arrow rows of the OOD files and the in-corpus's files
     (as ep harvest --text-field; issue 18, B5)."""
     documents: int = 40
     """Documents per set (issue 10 sizes them for the 30-minute default pipeline)."""
@@ -121,7 +121,7 @@ def in_distribution(spec: str, documents: int, text_field: str = "text") -> tupl
 def ood_files(paths: tuple[str, ...], documents: int, in_distribution: list[str] = (), *,
               text_field: str = "text") -> dict[str, list[str]]:
     """name -> the first ``documents`` texts of each OOD file, each content once and none that is
-    an ``in_distribution`` text (issue 18, A4). ``text_field``: the text's field in .jsonl/.csv/.parquet
+    an ``in_distribution`` text (issue 18, A4). ``text_field``: the text's field in .jsonl/.csv/.parquet/.arrow
     rows. UsageError for a file left with no text, or one the reader refuses (a missing field is
     named with the fields the file has)."""
     from ep_store.stages.corpus import file_texts

@@ -217,7 +217,7 @@ class ProbeEvalConfig:
     """Dictionary keys of one model (layers and percentiles may differ): one forward for all."""
     _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     data: str = "builtin"
-    """builtin, built-in task names (comma-separated, see ep_store.evaluate.tasks), or a .jsonl/.csv/.parquet file."""
+    """builtin, built-in task names (comma-separated, see ep_store.evaluate.tasks), or a .jsonl/.csv/.parquet/.arrow file."""
     text_field: str = "text"
     """Field of a data file holding the text."""
     label_field: str = "label"

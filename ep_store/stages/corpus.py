@@ -96,7 +96,7 @@ def chat_texts() -> Iterator[tuple[str, str]]:
 
 def file_texts(path: Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
     """(name, text) of a corpus file, read by ep_store.stages.readers (issue 18, B5): a .txt file is
-    one document; .jsonl/.csv/.parquet rows give one document each (their ``text_field``)."""
+    one document; .jsonl/.csv/.parquet/.arrow rows give one document each (their ``text_field``)."""
     for row in readers.read_texts(path, text_field, txt="document", what="corpus file"):
         yield row.name, row.text
 

@@ -43,10 +43,10 @@ class HarvestConfig:
     """0-based decoder blocks whose outputs are stored."""
     _: KW_ONLY  # the rest by keyword only: positional options landed in the wrong field (issue 18, D10)
     corpus: str = "builtin"
-    """Corpus spec: builtin, chat and/or .txt/.jsonl/.csv/.parquet paths, comma-separated
+    """Corpus spec: builtin, chat and/or .txt/.jsonl/.csv/.parquet/.arrow paths, comma-separated
     (ep_store.stages.corpus; files read by ep_store.stages.readers)."""
     text_field: str = "text"
-    """Field holding the text in .jsonl/.csv/.parquet corpus files (issue 18, B5)."""
+    """Field holding the text in .jsonl/.csv/.parquet/.arrow corpus files (issue 18, B5)."""
     max_tokens: int = 20_000
     """Stop after this many stored tokens (the stream prefix)."""
     ctx: int = 128
