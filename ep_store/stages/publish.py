@@ -38,7 +38,12 @@ class PublishConfig:
     def __post_init__(self):
         if not self.dictionaries:
             raise UsageError("name at least one dictionary to publish")
-        self.keys = [DictionaryKey.parse(k) for k in self.dictionaries]
+        for key in self.dictionaries:  # a bad key is refused here, before anything is read
+            DictionaryKey.parse(key)
+
+    @property
+    def keys(self) -> list[DictionaryKey]:
+        return [DictionaryKey.parse(k) for k in self.dictionaries]
 
 
 @dataclass

@@ -195,9 +195,9 @@ def column_names(path: Path, suffix: str, what: str) -> list[str]:
     if suffix == ".parquet":
         return parquet_fields(path, what)
     shards = dataset_shards(path, what)
-    first = shards[0] if shards else path
     if shards == []:
         return []
+    first = shards[0] if shards else path
     import pyarrow as pa
 
     try:

@@ -147,12 +147,13 @@ def check_manifest(src: Path, manifest: dict) -> dict[str, dict]:
         raise UsageError(f"{src}/{MANIFEST} lists no dictionaries; publish the bundle again")
     entries = {}
     for entry in listed:
-        key = str(DictionaryKey.parse(str(entry.get("key"))))
+        parsed = DictionaryKey.parse(str(entry.get("key")))
+        key, folder = str(parsed), entry_folder(parsed)
         if key in entries:
             raise UsageError(f"{src}/{MANIFEST} lists {key} twice; the bundle is altered, publish it again")
-        if entry.get("folder") != entry_folder(DictionaryKey.parse(key)):
+        if entry.get("folder") != folder:
             raise UsageError(f"{src}/{MANIFEST}: {key}'s folder {entry.get('folder')!r} is not its key's "
-                             f"({entry_folder(DictionaryKey.parse(key))}); the bundle is altered, publish it again")
+                             f"({folder}); the bundle is altered, publish it again")
         entries[key] = entry
     verify_listing(src, entries)
     return entries
