@@ -317,3 +317,24 @@ def test_writes_are_refused_and_change_nothing(paired):
     assert_refused(cli(["sql", "CREATE TABLE p AS PIVOT tokens ON layer USING count(*)", "--store", str(paired)]),
                    "read-only")
     assert tree_snapshot(paired) == before
+
+
+def test_a_replaced_output_folder_is_never_the_store_or_the_working_folder(tiny_store, tmp_path, monkeypatch):
+    """The same kind of fault as ``ep export saelens --overwrite`` deleting its --out: every
+    command that replaces an output folder whole (evaluations, plots, exports) goes through
+    ``store.layout.check_replaceable``, so a store, a folder holding one, the working folder or one
+    above it is refused before any work, and nothing is touched."""
+    from ep_store.errors import UsageError
+    from ep_store.evaluate.output import output_folder
+
+    monkeypatch.chdir(tmp_path)
+    before = tree_snapshot(tiny_store)
+    for out, needle in ((tiny_store, "Lance datasets"), (tiny_store.parent, "Lance datasets"),
+                        (tiny_store / "activations" / "tiny" / "base" / "L1.lance", "Lance datasets"),
+                        (tmp_path, "working folder"), (tmp_path.parent, "working folder"), (".", "working folder")):
+        with pytest.raises(UsageError, match=needle), output_folder(out):
+            raise AssertionError("the body must not run")
+    assert tree_snapshot(tiny_store) == before
+    with output_folder(tmp_path / "fresh") as tmp:  # a new folder is fine
+        (tmp / "x.txt").write_text("ok")
+    assert (tmp_path / "fresh" / "x.txt").read_text() == "ok"

@@ -19,9 +19,11 @@ def dumps(value) -> str:
 def output_folder(out: Path, option: str = "--out"):
     """Yield a temporary folder; on success it becomes ``out`` (replacing an old one)."""
     from ep_store.errors import check_output_folder
+    from ep_store.store.layout import check_replaceable
 
     out = Path(out)
     check_output_folder(out, option)
+    check_replaceable(out, option)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

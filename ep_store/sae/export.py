@@ -36,6 +36,7 @@ from ep_store.errors import UsageError, require
 from ep_store.stages.dictionary import Dictionary
 from ep_store.store import Store
 from ep_store.store.bundle import make_public
+from ep_store.store.layout import check_replaceable
 
 DECODERS = ("exemplar", "mean")
 
@@ -94,11 +95,10 @@ def check_out(out: Path, store: Store, overwrite: bool) -> Path:
     """``out`` if it is safe to write: UsageError for the store itself or a folder holding it,
     the working folder or one above it, a file, or an existing folder without ``overwrite``
     or that is not an earlier export (``--overwrite`` replaces only those)."""
-    here, target = Path.cwd().resolve(), out.resolve()
-    store_root = store.root.resolve()
-    if not out.name or target in (here, store_root) or target in here.parents \
-            or target in store_root.parents or store_root in target.parents:
-        raise UsageError(f"--out {out} is the working folder, the store, or holds or lies inside it; "
+    check_replaceable(out, "--out")
+    target, store_root = out.resolve(), store.root.resolve()
+    if target == store_root or target in store_root.parents or store_root in target.parents:
+        raise UsageError(f"--out {out} is the store, or holds or lies inside it; "
                          "choose a new folder, e.g. --out exported/NAME")
     if out.is_file():
         raise UsageError(f"--out {out} is a file; choose a folder")

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ep_store.errors import UsageError
 from ep_store.keys import ActivationKey, DictionaryKey, from_segment
 
 META_KEY = b"ep_store"  # schema-metadata entry holding the JSON that produced a dataset
@@ -119,3 +120,16 @@ class SAECompareFiles(Files):
 def match_name(a: DictionaryKey, b: DictionaryKey | None) -> str:
     """The folder name of the match of ``a`` against ``b`` (``b`` None: a glob of every match of ``a``)."""
     return f"{a.slug()}__{'*' if b is None else b.slug()}"
+
+
+def check_replaceable(path, option: str) -> None:
+    """Refuse an output folder that a command will replace whole: the working folder or one
+    above it (an empty name included), or an existing folder that holds a Lance dataset (a
+    store, or part of one). Raises UsageError naming ``option``. Found by a helper's attack on
+    ``ep export saelens --overwrite`` (issue 21); every whole-folder replacement checks it."""
+    path = Path(path)
+    here, target = Path.cwd().resolve(), path.resolve()
+    if not path.name or target == here or target in here.parents:
+        raise UsageError(f"{option} {path} is the working folder or holds it; choose a new folder, e.g. {option} out/NAME")
+    if path.is_dir() and (path.suffix == LANCE or next(path.rglob(f"*{LANCE}"), None) is not None):
+        raise UsageError(f"{option} {path} holds Lance datasets (a store?) and would be replaced; choose a new folder")
