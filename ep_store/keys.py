@@ -4,8 +4,12 @@ An activation dataset is keyed by (model, checkpoint, layer); a dictionary adds 
 percentile. Model names such as ``EleutherAI/pythia-70m`` become one path segment by
 percent-encoding, which is reversible, and no key may resolve outside the store.
 
+A key names a hook point too (issue 21, item 4): TransformerLens's names within block
+``layer`` (``resid_post``, the block output, is the default and is left out of keys and paths,
+so keys and stores from before hook points keep working; ``L6.attn_out`` names another).
+
 Store layout (DESIGN.md):
-    activations/<model>/<checkpoint>/L<layer>.lance
+    activations/<model>/<checkpoint>/L<layer>[.<hook>].lance
     dictionaries/<model>/<checkpoint>/L<layer>/p<percentile>/{exemplars.lance, assignments.lance, meta.json}
     matches/<A>__<B>/
     saes/<model>/<checkpoint>/L<layer>/<name>/                 (an SAE in SAELens's own format + meta.json)
@@ -20,6 +24,38 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from ep_store.errors import UsageError
+
+HOOKS = ("resid_post", "resid_pre", "resid_mid", "attn_out", "mlp_out")
+"""Hook points a harvest may read, named as TransformerLens names them (``blocks.L.hook_<name>``)."""
+DEFAULT_HOOK = "resid_post"
+
+
+def layer_segment(layer: int, hook: str = DEFAULT_HOOK) -> str:
+    """The layer part of a key and of its paths: ``L6`` for the block output, ``L6.attn_out`` otherwise."""
+    return f"L{layer}" if hook == DEFAULT_HOOK else f"L{layer}.{hook}"
+
+
+def parse_layer_segment(text: str, key: str | None = None) -> tuple[int, str]:
+    """(layer, hook) of ``L6`` or ``L6.attn_out``; UsageError naming ``key`` (or ``text``) otherwise."""
+    found = re.fullmatch(r"L(\d+)(?:\.(\w+))?", text)
+    if not found:
+        raise UsageError(f"bad key {key or text!r}: the layer part must look like L6 or L6.attn_out")
+    hook = found.group(2) or DEFAULT_HOOK
+    if hook not in HOOKS:
+        raise UsageError(f"bad key {key or text!r}: unknown hook point {hook!r}; hook points: {', '.join(HOOKS)}")
+    return int(found.group(1)), hook
+
+
+def check_hook(hook: str) -> str:
+    """``hook`` if it is a known hook point; UsageError listing them otherwise."""
+    if hook not in HOOKS:
+        raise UsageError(f"unknown hook point {hook!r}; pass one of {', '.join(HOOKS)}")
+    return hook
+
+
+def hook_name(layer: int, hook: str = DEFAULT_HOOK) -> str:
+    """TransformerLens's full hook name, ``blocks.6.hook_resid_post`` (SAELens's ``hook_name``)."""
+    return f"blocks.{layer}.hook_{hook}"
 
 
 def to_segment(name: str) -> str:
@@ -62,55 +98,65 @@ def check_inside(root: Path, path: Path) -> Path:
 
 @dataclass(frozen=True, order=True)
 class ActivationKey:
-    """(model, checkpoint, layer): one activation dataset."""
+    """(model, checkpoint, layer, hook): one activation dataset."""
 
     model: str
     checkpoint: str
     layer: int
+    hook: str = DEFAULT_HOOK
+
+    def __post_init__(self):
+        check_hook(self.hook)
 
     def __str__(self) -> str:
-        return f"{self.model}/{self.checkpoint}/L{self.layer}"
+        return f"{self.model}/{self.checkpoint}/{layer_segment(self.layer, self.hook)}"
 
     @classmethod
     def parse(cls, text: str) -> ActivationKey:
         model, checkpoint, layer = _split_key(text, 3, "<model>/<checkpoint>/L<layer>")
-        return cls(model, checkpoint, _parse_layer(layer, text))
+        return cls(model, checkpoint, *parse_layer_segment(layer, text))
 
     def relpath(self) -> Path:
-        """<model>/<checkpoint>/L<layer> as safe path segments (the store adds the file suffix)."""
-        return Path(to_segment(self.model), to_segment(self.checkpoint), f"L{self.layer}")
+        """<model>/<checkpoint>/L<layer>[.<hook>] as safe path segments (the store adds the file suffix)."""
+        return Path(to_segment(self.model), to_segment(self.checkpoint), layer_segment(self.layer, self.hook))
 
 
 @dataclass(frozen=True, order=True)
 class DictionaryKey:
-    """(model, checkpoint, layer, percentile): one EP dictionary."""
+    """(model, checkpoint, layer, percentile, hook): one EP dictionary."""
 
     model: str
     checkpoint: str
     layer: int
     percentile: float
+    hook: str = DEFAULT_HOOK
+
+    def __post_init__(self):
+        check_hook(self.hook)
 
     def __str__(self) -> str:
         return f"{self.activations}/p{format_percentile(self.percentile)}"
 
     @property
     def activations(self) -> ActivationKey:
-        return ActivationKey(self.model, self.checkpoint, self.layer)
+        return ActivationKey(self.model, self.checkpoint, self.layer, self.hook)
 
     @classmethod
     def parse(cls, text: str) -> DictionaryKey:
         model, checkpoint, layer, pct = _split_key(text, 4, "<model>/<checkpoint>/L<layer>/p<percentile>")
         if not re.fullmatch(r"p\d+(\.\d+)?", pct):
             raise UsageError(f"bad dictionary key {text!r}: the last part must look like p1 or p2.5")
-        return cls(model, checkpoint, _parse_layer(layer, text), float(pct[1:]))
+        layer_number, hook = parse_layer_segment(layer, text)
+        return cls(model, checkpoint, layer_number, float(pct[1:]), hook)
+
+    @classmethod
+    def under(cls, activations: ActivationKey, percentile: float) -> DictionaryKey:
+        """The dictionary at ``percentile`` built on ``activations``."""
+        a = activations
+        return cls(a.model, a.checkpoint, a.layer, percentile, a.hook)
 
     def relpath(self) -> Path:
-        return Path(
-            to_segment(self.model),
-            to_segment(self.checkpoint),
-            f"L{self.layer}",
-            f"p{format_percentile(self.percentile)}",
-        )
+        return Path(*self.activations.relpath().parts, f"p{format_percentile(self.percentile)}")
 
     def slug(self) -> str:
         """A single path segment naming this dictionary (for match folders, report files)."""
@@ -119,22 +165,26 @@ class DictionaryKey:
 
 @dataclass(frozen=True, order=True)
 class SAEKey:
-    """(model, checkpoint, layer, name): one sparse autoencoder trained on an activation dataset (issue 11)."""
+    """(model, checkpoint, layer, name, hook): one sparse autoencoder trained on an activation dataset (issue 11)."""
 
     model: str
     checkpoint: str
     layer: int
     name: str
+    hook: str = DEFAULT_HOOK
+
+    def __post_init__(self):
+        check_hook(self.hook)
 
     def __str__(self) -> str:
         return f"{self.activations}/{self.name}"
 
     @property
     def activations(self) -> ActivationKey:
-        return ActivationKey(self.model, self.checkpoint, self.layer)
+        return ActivationKey(self.model, self.checkpoint, self.layer, self.hook)
 
     def relpath(self) -> Path:
-        return Path(to_segment(self.model), to_segment(self.checkpoint), f"L{self.layer}", to_segment(self.name))
+        return Path(*self.activations.relpath().parts, to_segment(self.name))
 
 
 def _split_key(text: str, n: int, form: str) -> list[str]:
@@ -143,9 +193,3 @@ def _split_key(text: str, n: int, form: str) -> list[str]:
     if len(parts) != n or not all(parts):
         raise UsageError(f"bad key {text!r}: expected {form}")
     return parts
-
-
-def _parse_layer(text: str, key: str) -> int:
-    if not re.fullmatch(r"L\d+", text):
-        raise UsageError(f"bad key {key!r}: the layer part must look like L6")
-    return int(text[1:])

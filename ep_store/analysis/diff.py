@@ -40,7 +40,7 @@ def step_series(db: StoreDB, a: DictionaryKey, b: DictionaryKey, models_dir: Pat
     for files in store.list_matches(a):
         meta = store.read_json(files.meta)
         other = DictionaryKey.parse(meta["b"])
-        if (other.model, other.layer, other.percentile) != (b.model, b.layer, b.percentile) \
+        if (other.model, other.layer, other.hook, other.percentile) != (b.model, b.layer, b.hook, b.percentile) \
                 or other not in db.snapshots:
             continue
         db.require_current_match(meta)
@@ -72,7 +72,7 @@ def region_entries(db: StoreDB, key: DictionaryKey, region_ids: list[int], sizes
 
 def exemplar_tokens(db: StoreDB, key: DictionaryKey) -> dict[int, str]:
     rows = db.query("SELECT region_id, token FROM exemplars WHERE model = $m AND checkpoint = $c AND layer = $l "
-                    "AND percentile = $p", {"m": key.model, "c": key.checkpoint, "l": key.layer,
+                    "AND hook = $h AND percentile = $p", {"m": key.model, "c": key.checkpoint, "l": key.layer, "h": key.hook,
                                             "p": float(key.percentile)})
     return dict(zip(rows.column("region_id").to_pylist(), rows.column("token").to_pylist()))
 

@@ -178,7 +178,7 @@ def text_activation(cfg: SearchConfig, store: Store, d: Dictionary) -> tuple[np.
 
     meta = Store.info(store.activation_path(d.key.activations)).meta
     key = d.key
-    hcfg = HarvestConfig(key.model, key.checkpoint, (key.layer,), ctx=int(meta.get("ctx", 128)),
+    hcfg = HarvestConfig(key.model, key.checkpoint, (key.layer,), hook=key.hook, ctx=int(meta.get("ctx", 128)),
                          device="cpu", dtype=meta.get("dtype", "float32"),
                          storage_dtype=meta.get("storage_dtype", "float32"), bos=meta.get("bos", "auto"))
     tokenizer = models.load_tokenizer(key.model, key.checkpoint, cfg.models_dir)

@@ -73,6 +73,9 @@ MODELS = click.option("--models-dir", type=click.Path(path_type=Path), default=P
                       show_default=True, help="Folder of local model checkpoints.")
 DEVICE = click.option("--device", type=Registry("ep_store.stages.models", "DEVICES"), default="auto",
                       show_default=True, help="Where to compute.")
+HOOK = click.option("--hook", type=Registry("ep_store.keys", "HOOKS"), default="resid_post", show_default=True,
+                    help="Hook point in each block, as TransformerLens names it (blocks.L.hook_<name>); "
+                         "part of the key (L6.attn_out) unless resid_post.")
 DTYPE = click.option("--dtype", type=Registry("ep_store.stages.models", "DTYPES"), default="float32",
                      show_default=True, help="Compute dtype.")
 PROGRESS = click.option("--progress/--no-progress", default=True, help="Show progress bars.")

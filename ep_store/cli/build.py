@@ -8,6 +8,7 @@ import click
 from ep_store.cli.base import (
     DEVICE,
     DICTIONARY,
+    HOOK,
     PROGRESS,
     STORE,
     Registry,
@@ -23,6 +24,7 @@ from ep_store.cli.base import (
 @click.option("--checkpoint", required=True, help="Checkpoint of the activation dataset.")
 @click.option("--layer", type=int, required=True, help="Layer of the activation dataset.")
 @click.option("--percentile", type=float, required=True, help="p of theta_p, in (0, 100).")
+@HOOK
 @click.option("--calibration-tokens", type=int, default=200_000, show_default=True, help="Calibration prefix length.")
 @click.option("--calibration-batch", type=int, default=2048, show_default=True, help="Calibration batch size.")
 @click.option("--batch-size", type=int, default=2048, show_default=True, help="Build batch size (saturation unit).")
@@ -38,7 +40,7 @@ from ep_store.cli.base import (
 @STORE
 @PROGRESS
 @user_errors
-def build(model, checkpoint, layer, percentile, calibration_tokens, calibration_batch, batch_size,
+def build(model, checkpoint, layer, percentile, hook, calibration_tokens, calibration_batch, batch_size,
           saturation_window, max_tokens, precision, skip_nonfinite, overwrite, assign, device, store_path,
           progress) -> None:
     """Calibrate and leader-cluster an activation dataset into an EP dictionary."""
@@ -46,7 +48,7 @@ def build(model, checkpoint, layer, percentile, calibration_tokens, calibration_
     from ep_store.stages.build import build as run
     from ep_store.store.core import Store
 
-    cfg = BuildConfig(model=model, checkpoint=checkpoint, layer=layer, percentile=percentile,
+    cfg = BuildConfig(model=model, checkpoint=checkpoint, layer=layer, percentile=percentile, hook=hook,
                       calibration_tokens=calibration_tokens, calibration_batch=calibration_batch, batch_size=batch_size,
                       saturation_window=saturation_window, max_tokens=max_tokens, device=device,
                       precision=precision, skip_nonfinite=skip_nonfinite, overwrite=overwrite)

@@ -11,6 +11,7 @@ from ep_store.cli.base import (
     CHECKPOINT,
     DEVICE,
     DTYPE,
+    HOOK,
     MODEL,
     MODELS,
     PROGRESS,
@@ -38,6 +39,7 @@ from ep_store.cli.base import (
 @click.option("--max-tokens", type=int, default=20_000, show_default=True, help="Tokens to store.")
 @click.option("--ctx", type=int, default=128, show_default=True, help="Tokens per context (BOS not counted).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Contexts per forward pass and commit.")
+@HOOK
 @DTYPE
 @click.option("--overwrite", is_flag=True, help="Replace existing datasets instead of resuming.")
 @click.option("--storage-dtype", type=Registry("ep_store.stages.capture", "STORAGE_DTYPES"), default="float32",
@@ -53,9 +55,9 @@ from ep_store.cli.base import (
 @PROGRESS
 @engine_options
 @user_errors
-def harvest(model, checkpoint, layers, corpus, text_field, max_tokens, ctx, batch_size, dtype, overwrite, storage_dtype, bos,
-            writer_depth, device, store_path, models_dir, progress, engine, address, workers, num_gpus) -> None:
-    """Harvest residual-stream activations into versioned Lance tables."""
+def harvest(model, checkpoint, layers, corpus, text_field, max_tokens, ctx, batch_size, hook, dtype, overwrite,
+            storage_dtype, bos, writer_depth, device, store_path, models_dir, progress, engine, address, workers, num_gpus) -> None:
+    """Harvest residual-stream activations (any hook point) into versioned Lance tables."""
     from ep_store.stages.engines import run_harvest
     from ep_store.stages.harvest import HarvestConfig
     from ep_store.store.core import Store
@@ -63,7 +65,7 @@ def harvest(model, checkpoint, layers, corpus, text_field, max_tokens, ctx, batc
     cfg = HarvestConfig(model=model, checkpoint=checkpoint, layers=sum(layers, ()), corpus=corpus,
                         text_field=text_field, max_tokens=max_tokens, ctx=ctx, batch_size=batch_size, device=device,
                         dtype=dtype, overwrite=overwrite, storage_dtype=storage_dtype, bos=bos,
-                        writer_depth=writer_depth)
+                        writer_depth=writer_depth, hook=hook)
     summary = run_harvest(cfg=cfg, store=Store(store_path), models_dir=models_dir,
                           ray_cfg=ray_config(engine, address, workers, num_gpus), progress=progress)
     summary.pop("config", None)

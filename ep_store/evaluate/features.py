@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ep_store.errors import UsageError
+from ep_store.keys import DEFAULT_HOOK
 from ep_store.stages import models
 from ep_store.stages.capture import LayerCapture, batch_inputs, batched
 from ep_store.stages.corpus import Context, Document, iter_contexts
@@ -51,8 +52,10 @@ class TokenActivations:
 
 def token_activations(model: str, checkpoint: str, layers: Sequence[int], texts: Sequence[str],
                       models_dir: Path, max_tokens_per_text: int = 64, batch_size: int = 16,
-                      device: str = "auto", dtype: str = "float32", progress: bool = False) -> TokenActivations:
-    """Run ``model``/``checkpoint`` over ``texts`` and keep blocks ``layers``' outputs.
+                      device: str = "auto", dtype: str = "float32", progress: bool = False,
+                      hook: str = DEFAULT_HOOK) -> TokenActivations:
+    """Run ``model``/``checkpoint`` over ``texts`` and keep hook point ``hook`` (default: the
+    output) of blocks ``layers``.
 
     Each text is tokenised without special tokens and cut to its first
     ``max_tokens_per_text`` tokens (one context; harvest's code path); a text may also be
@@ -69,7 +72,7 @@ def token_activations(model: str, checkpoint: str, layers: Sequence[int], texts:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prefix = context_prefix(tokenizer)
     contexts = first_contexts(texts, tokenizer, max_tokens_per_text)
-    capture = LayerCapture(models.decoder_layers(net), layers)
+    capture = LayerCapture(models.decoder_layers(net), layers, hook)
     parts: dict[int, list[np.ndarray]] = {L: [] for L in layers}
     text_ids, token_ids = [], []
     try:
@@ -250,10 +253,15 @@ class TextRun:
 
 
 def run_texts(dicts, model: str, checkpoint: str, texts: Sequence, run: TextRun) -> TokenActivations:
-    """Token activations at every dictionary's layer (one forward for all); width checked."""
+    """Token activations at every dictionary's layer (one forward for all); width checked.
+    UsageError when the dictionaries read different hook points (evaluate them apart)."""
     layers = sorted({d.key.layer for d in dicts})
+    hooks = sorted({d.key.hook for d in dicts})
+    if len(hooks) > 1:
+        raise UsageError(f"the dictionaries read different hook points ({', '.join(hooks)}); evaluate the "
+                         "dictionaries of one hook point at a time")
     acts = token_activations(model, checkpoint, layers, texts, run.models_dir, run.max_tokens_per_text,
-                             run.batch_size, run.device, progress=run.progress)
+                             run.batch_size, run.device, progress=run.progress, hook=hooks[0] if hooks else DEFAULT_HOOK)
     for d in dicts:
         if acts.x_ND[d.key.layer].shape[1] != d.width:
             raise UsageError(f"{model}/{checkpoint} layer {d.key.layer} has width "

@@ -117,7 +117,7 @@ class SAECompareConfig:
     @property
     def sae_key(self) -> SAEKey:
         k = self.key
-        return SAEKey(k.model, k.checkpoint, k.layer, self.sae)
+        return SAEKey(k.model, k.checkpoint, k.layer, self.sae, k.hook)
 
 
 # -- inputs -----------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def check_inputs(cfg: SAECompareConfig, store: Store) -> tuple[dict, dict, int, 
     key, skey = cfg.key, cfg.sae_key
     dmeta = store.dictionary_snapshot(key).meta  # the published build's meta (issue 18, A1)
     if cfg.sae_path is not None:
-        return (dmeta, *external_sae_inputs(cfg.sae_path, key, cfg.heldout_tokens, store, dmeta))
+        return (dmeta, *external_sae_inputs(cfg.sae_path, key, cfg.heldout_tokens, store))
     sae_files = store.sae_files(skey)
     if not sae_files.finished:
         others = [str(k) for k in store.list_saes() if k.name == cfg.sae]
@@ -184,7 +184,7 @@ def build_on_prefix(store: Store, key: DictionaryKey, dmeta: dict, rows: int, de
     FLOPs: center pass 4 N D; percentile pass 2 B^2 D per calibration batch; screening as the builder counts it.
     """
     b = dmeta["build"]
-    cfg = BuildConfig(key.model, key.checkpoint, key.layer, key.percentile,
+    cfg = BuildConfig(key.model, key.checkpoint, key.layer, key.percentile, hook=key.hook,
                       calibration_tokens=min(b["calibration_tokens"], rows), calibration_batch=b["calibration_batch"],
                       batch_size=b["batch_size"], saturation_window=b["saturation_window"], max_tokens=rows,
                       skip_nonfinite=b["skip_nonfinite"])

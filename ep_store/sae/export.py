@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ep_store import keys
 from ep_store.errors import UsageError, require
 from ep_store.stages.dictionary import Dictionary
 from ep_store.store import Store
@@ -61,7 +62,7 @@ class SAELensExportConfig:
 
 def hook_name(meta: dict) -> str:
     """TransformerLens hook name of the dictionary's activations (block output unless recorded)."""
-    return f"blocks.{meta['layer']}.hook_{meta.get('hook', 'resid_post')}"
+    return keys.hook_name(meta["layer"], meta.get("hook", keys.DEFAULT_HOOK))
 
 
 def saelens_sae(d: Dictionary, decoder: str = "exemplar"):

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError, require
-from ep_store.keys import ActivationKey, DictionaryKey, SAEKey
+from ep_store.keys import ActivationKey, DictionaryKey, SAEKey, hook_name
 from ep_store.stages.models import resolve_device
 from ep_store.store import Files, Store, arrow_to_tensor
 from ep_store.store.streams import stream_identity
@@ -99,7 +99,7 @@ class SAETrainConfig:
     @property
     def key(self) -> SAEKey:
         a = ActivationKey.parse(self.activations)
-        return SAEKey(a.model, a.checkpoint, a.layer, self.name)
+        return SAEKey(a.model, a.checkpoint, a.layer, self.name, a.hook)
 
 
 # -- streaming training batches ---------------------------------------------------------------------
@@ -230,7 +230,8 @@ def train_sae(cfg: SAETrainConfig, store: Store, progress: bool = True, curves_p
     final = recorder.record()
 
     meta = {
-        "key": str(key), "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer, "name": key.name,
+        "key": str(key), "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
+        **({"hook": key.hook} if key.hook != "resid_post" else {}), "name": key.name,
         "library": "sae_lens", "library_version": __version__, "architecture": "topk",
         "config": asdict(cfg) | {"width": width}, "sae_config": trained.cfg.get_inference_sae_cfg_dict(),
         "d_in": info.width, "width": width, "k": cfg.k,
@@ -280,7 +281,7 @@ def _trainer(cfg: SAETrainConfig, store: Store, source: Path, info, train_rows: 
     torch.manual_seed(cfg.seed)
     sae_cfg = TopKTrainingSAEConfig(
         d_in=info.width, d_sae=width, k=cfg.k, device=str(device), normalize_activations="expected_average_only_in",
-        metadata=SAEMetadata(model_name=key.model, hook_name=f"blocks.{key.layer}.hook_resid_post"))
+        metadata=SAEMetadata(model_name=key.model, hook_name=hook_name(key.layer, key.hook)))
     sae = TopKTrainingSAE(sae_cfg)
     window = max(1, cfg.dead_window_tokens // cfg.batch_size)
     steps = math.ceil(cfg.tokens / cfg.batch_size)
@@ -356,10 +357,9 @@ def encode(sae, x_ND: torch.Tensor) -> torch.Tensor:
         return sae.encode(x_ND.to(sae.device, torch.float32))
 
 
-def external_sae_inputs(sae_path: str, key: DictionaryKey, heldout_tokens: int, store: Store,
-                        dmeta: dict) -> tuple[dict, int, int]:
+def external_sae_inputs(sae_path: str, key: DictionaryKey, heldout_tokens: int, store: Store) -> tuple[dict, int, int]:
     """(SAE meta as far as a SAELens folder tells it, first held-out row, dataset rows) for
-    ``ep sae compare --sae-path`` with the dictionary ``key`` (meta ``dmeta``); UsageError for a
+    ``ep sae compare --sae-path`` with the dictionary ``key``; UsageError for a
     folder SAELens cannot load, or an SAE of another width or hook (issue 21, item 1)."""
     require("sae_lens", "sae", "ep sae compare --sae-path")
     from sae_lens import SAE
@@ -371,7 +371,7 @@ def external_sae_inputs(sae_path: str, key: DictionaryKey, heldout_tokens: int, 
                          f"{str(err).splitlines()[0] if str(err) else ''})") from None
     info = store.info(store.require_activations(key.activations))
     hook = getattr(sae.cfg.metadata, "hook_name", None)
-    want = f"blocks.{key.layer}.hook_{dmeta.get('hook', 'resid_post')}"
+    want = hook_name(key.layer, key.hook)
     if sae.cfg.d_in != info.width or (hook and hook != want):
         raise UsageError(f"the SAE in {sae_path} reads {hook or 'an unnamed hook'} of width {sae.cfg.d_in}; "
                          f"{key} is {want} of width {info.width}")

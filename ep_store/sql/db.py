@@ -2,8 +2,9 @@
 Only ep_store.sql imports duckdb.
 
 The views (registered by ep_store.sql.views when a connection opens; adding a dictionary
-needs no registration). Every view carries the key columns ``model, checkpoint, layer``
-(and ``percentile`` where it applies), so any two can be joined:
+needs no registration). Every view carries the key columns ``model, checkpoint, layer, hook``
+(``hook``: the hook point, ``resid_post`` unless harvested elsewhere; issue 21, item 4) and
+``percentile`` where it applies, so any two can be joined:
 
     dictionaries       one row per dictionary: key, theta, regions, tokens, calibration, stop reason, version, tags
     exemplars          key, region_id, build_members (= member_count: members the build passed, not the
@@ -11,7 +12,7 @@ needs no registration). Every view carries the key columns ``model, checkpoint, 
     exemplar_vectors   key, region_id, exemplar and mean_direction as FLOAT[d] (FLOAT[] when widths differ;
                        exemplar_vectors_d<d> always holds FLOAT[d])
     assignments        key, doc_id, pos, region_id, distance (each dictionary over its own stream)
-    foreign_assignments  key, activations_model/_checkpoint/_layer, doc_id, pos, region_id, distance: a
+    foreign_assignments  key, activations_model/_checkpoint/_layer/_hook, doc_id, pos, region_id, distance: a
                        dictionary over another activation dataset (``ep assign --activations``; issue 18, D11)
     tokens             activation metadata without vectors
     saturation         key, batch, new_regions, regions, tokens
@@ -201,7 +202,8 @@ def ask_pair(db: StoreDB, a: DictionaryKey, b: DictionaryKey, name: str, **param
     bound = {"a": str(a), "b": str(b), **DEFAULTS, **params}
     for prefix, key in (("a", a), ("b", b)):
         bound |= {f"{prefix}_model": key.model, f"{prefix}_checkpoint": key.checkpoint,
-                  f"{prefix}_layer": key.layer, f"{prefix}_percentile": float(key.percentile)}
+                  f"{prefix}_layer": key.layer, f"{prefix}_hook": key.hook,
+                  f"{prefix}_percentile": float(key.percentile)}
     if "same_stream" in question.needs:  # it pairs A's tokens with B's (issue 18, A3)
         from ep_store.store.streams import require_same_stream
 
@@ -240,7 +242,7 @@ def ask(db: StoreDB, key: DictionaryKey | str, name: str, **params) -> pa.Table:
     question = _question(name, pair=False)
     check_options(params)
     key = db.require(key)
-    bound = {"model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
+    bound = {"model": key.model, "checkpoint": key.checkpoint, "layer": key.layer, "hook": key.hook,
              "percentile": float(key.percentile), "key": str(key), **DEFAULTS, **params}
     return db.query(question.sql, {k: bound[k] for k in question.params})
 

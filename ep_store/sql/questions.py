@@ -5,7 +5,7 @@ source of truth for ``ep stats --help``, the command's options and the binding i
 ep_store.sql.db):
 
     -- <description, one line>
-    -- params: model, checkpoint, layer, percentile, limit, context
+    -- params: model, checkpoint, layer, hook, percentile, limit, context
     -- needs: match, span_labels, same_stream   (optional)
 
 ``params`` are the DuckDB named parameters the statement uses (a test checks them against
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 
-KEY_PARAMS = frozenset({"model", "checkpoint", "layer", "percentile"})
+KEY_PARAMS = frozenset({"model", "checkpoint", "layer", "hook", "percentile"})
 PAIR_PARAMS = frozenset({"a", "b"} | {f"{side}_{k}" for side in "ab" for k in KEY_PARAMS})
 # ``key``: the dictionary key as the matches views spell it (tiny/base/L1/p10); a filter on it
 # prunes the view parts of other matches, stale ones included (issue 18, A1).

@@ -30,8 +30,13 @@ EXEMPLAR_COLUMNS = ["region_id", "member_count", "coherence", "source_row", "doc
 
 
 def _dict_cols(key: DictionaryKey) -> str:
+    return (f"{_activation_cols(key)}, {float(key.percentile)}::DOUBLE AS percentile")
+
+
+def _activation_cols(key) -> str:
+    """The key columns of an activation dataset (or a dictionary's, percentile aside)."""
     return (f"'{_q(key.model)}' AS model, '{_q(key.checkpoint)}' AS checkpoint, {key.layer} AS layer, "
-            f"{float(key.percentile)}::DOUBLE AS percentile")
+            f"'{key.hook}' AS hook")
 
 
 def _q(text: str) -> str:
@@ -104,7 +109,7 @@ class Views:
         store, meta = self.store, snap.meta
         ds = store.dataset(snap.exemplars_path, snap.exemplars_version)
         parts.rows.append({
-            "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
+            "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer, "hook": key.hook,
             "percentile": float(key.percentile), "key": str(key), "theta": meta["theta"],
             "regions": ds.count_rows(), "tokens": meta["tokens"], "width": meta["width"],
             "calibration_tokens": meta["calibration"]["tokens"], "stop_reason": meta["stop_reason"],
@@ -134,7 +139,7 @@ class Views:
             regions += new
             # The last batch may be partial: tokens never exceed those the build streamed.
             parts.saturation.append({"model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
-                                     "percentile": float(key.percentile), "batch": batch, "new_regions": new,
+                                     "hook": key.hook, "percentile": float(key.percentile), "batch": batch, "new_regions": new,
                                      "regions": regions, "tokens": min((batch + 1) * size, meta["tokens"])})
 
     def _create_dictionary_views(self, parts: _DictionaryParts) -> None:
@@ -156,8 +161,7 @@ class Views:
         store, tok_parts = self.store, []
         for akey in store.list_activations():
             rel = self._relation(store.dataset(store.activation_path(akey)).scanner(columns=TOKEN_COLUMNS))
-            tok_parts.append(f"SELECT '{_q(akey.model)}' AS model, '{_q(akey.checkpoint)}' AS checkpoint, "
-                             f"{akey.layer} AS layer, * FROM {rel}")
+            tok_parts.append(f"SELECT {_activation_cols(akey)}, * FROM {rel}")
         self.con.execute("CREATE VIEW tokens AS " + _union(tok_parts, TOKENS_EMPTY))
 
     def _register_foreign(self, keys: list[DictionaryKey]) -> None:
@@ -171,7 +175,7 @@ class Views:
             snap = self.snapshots[key]
             for over, path in self.store.dictionary_files(key).foreign_paths():
                 cols = (f"{_dict_cols(key)}, '{_q(over.model)}' AS activations_model, '{_q(over.checkpoint)}' "
-                        f"AS activations_checkpoint, {over.layer} AS activations_layer")
+                        f"AS activations_checkpoint, {over.layer} AS activations_layer, '{over.hook}' AS activations_hook")
                 version, why = assignments_version(self.store, key, path, snap.exemplars_version, snap.label)
                 if version is None:
                     fail = f"error('{_q(f'{why} (over {path.parent.parent.name}/{path.parent.name}/{path.stem})')}')"
@@ -213,7 +217,8 @@ class Views:
         rows = []
         for key in self.store.list_saes():
             meta = self.store.read_json(self.store.sae_files(key).meta)
-            rows.append({"model": key.model, "checkpoint": key.checkpoint, "layer": key.layer, "name": key.name,
+            rows.append({"model": key.model, "checkpoint": key.checkpoint, "layer": key.layer, "hook": key.hook,
+                         "name": key.name,
                          "library": meta["library"], "library_version": meta["library_version"],
                          "architecture": meta["architecture"], "width": meta["width"], "k": meta["k"],
                          "tokens": meta["tokens"], "seconds": meta["seconds"], "flops": meta["flops"]})
@@ -241,8 +246,9 @@ class Views:
 
 
 # Each view's columns when the store holds nothing for it.
-KEY_EMPTY = ("SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS checkpoint, NULL::INTEGER AS layer, "
-             "NULL::DOUBLE AS percentile")
+ACTIVATION_KEY_EMPTY = ("SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS checkpoint, NULL::INTEGER AS layer, "
+                        "NULL::VARCHAR AS hook")
+KEY_EMPTY = f"{ACTIVATION_KEY_EMPTY}, NULL::DOUBLE AS percentile"
 EXEMPLARS_EMPTY = (f"{KEY_EMPTY}, NULL::INTEGER AS region_id, NULL::BIGINT AS member_count, NULL::FLOAT AS coherence, "
                    "NULL::BIGINT AS source_row, NULL::BIGINT AS doc_id, NULL::INTEGER AS pos, NULL::VARCHAR AS token, "
                    "NULL::BIGINT AS build_members LIMIT 0")
@@ -250,32 +256,33 @@ VECTORS_EMPTY = (f"{KEY_EMPTY}, NULL::INTEGER AS region_id, NULL::FLOAT[] AS exe
                  "NULL::FLOAT[] AS mean_direction LIMIT 0")
 ASSIGNMENTS_EMPTY = (f"{KEY_EMPTY}, NULL::BIGINT AS doc_id, NULL::INTEGER AS pos, NULL::INTEGER AS region_id, "
                      "NULL::FLOAT AS distance LIMIT 0")
-TOKENS_EMPTY = ("SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS checkpoint, NULL::INTEGER AS layer, "
-                "NULL::BIGINT AS doc_id, NULL::INTEGER AS pos, NULL::INTEGER AS token_id, NULL::VARCHAR AS token, "
+TOKENS_EMPTY = (f"{ACTIVATION_KEY_EMPTY}, NULL::BIGINT AS doc_id, NULL::INTEGER AS pos, NULL::INTEGER AS token_id, NULL::VARCHAR AS token, "
                 "NULL::INTEGER AS char_start, NULL::INTEGER AS char_end LIMIT 0")
+KEY_FIELDS = [("model", pa.string()), ("checkpoint", pa.string()), ("layer", pa.int32()), ("hook", pa.string()),
+              ("percentile", pa.float64())]
 DICTIONARY_SCHEMA = pa.schema([
-    ("model", pa.string()), ("checkpoint", pa.string()), ("layer", pa.int32()), ("percentile", pa.float64()),
-    ("key", pa.string()), ("theta", pa.float64()), ("regions", pa.int64()), ("tokens", pa.int64()),
+    *KEY_FIELDS, ("key", pa.string()), ("theta", pa.float64()), ("regions", pa.int64()), ("tokens", pa.int64()),
     ("width", pa.int32()), ("calibration_tokens", pa.int64()), ("stop_reason", pa.string()),
     ("lance_version", pa.int64()), ("tags", pa.string()),
 ])
 SATURATION_SCHEMA = pa.schema([
-    ("model", pa.string()), ("checkpoint", pa.string()), ("layer", pa.int32()), ("percentile", pa.float64()),
-    ("batch", pa.int32()), ("new_regions", pa.int64()), ("regions", pa.int64()), ("tokens", pa.int64()),
+    *KEY_FIELDS, ("batch", pa.int32()), ("new_regions", pa.int64()), ("regions", pa.int64()), ("tokens", pa.int64()),
 ])
 SAES_SCHEMA = pa.schema([
-    ("model", pa.string()), ("checkpoint", pa.string()), ("layer", pa.int32()), ("name", pa.string()),
+    ("model", pa.string()), ("checkpoint", pa.string()), ("layer", pa.int32()), ("hook", pa.string()),
+    ("name", pa.string()),
     ("library", pa.string()), ("library_version", pa.string()), ("architecture", pa.string()),
     ("width", pa.int64()), ("k", pa.int64()), ("tokens", pa.int64()), ("seconds", pa.float64()),
     ("flops", pa.float64()),
 ])
 FOREIGN_EMPTY = (f"{KEY_EMPTY}, NULL::VARCHAR AS activations_model, NULL::VARCHAR AS "
-                 "activations_checkpoint, NULL::INTEGER AS activations_layer, NULL::BIGINT AS doc_id, "
+                 "activations_checkpoint, NULL::INTEGER AS activations_layer, NULL::VARCHAR AS activations_hook, "
+                 "NULL::BIGINT AS doc_id, "
                  "NULL::INTEGER AS pos, NULL::INTEGER AS region_id, NULL::FLOAT AS distance LIMIT 0")
 
 SAE_FEATURES_VIEW = """
 CREATE VIEW sae_features AS
-SELECT model, checkpoint, layer, percentile, sae, feature_id, count(*) AS active_tokens,
+SELECT model, checkpoint, layer, hook, percentile, sae, feature_id, count(*) AS active_tokens,
        max(activation) AS max_activation, avg(activation) AS mean_activation
 FROM sae_activations WHERE activation > 0
 GROUP BY ALL

@@ -51,7 +51,7 @@ from ep_store.kernels.calibrate import (
 )
 from ep_store.kernels.leader import LeaderBuilder, LeaderState
 from ep_store.kernels.screen import PRECISION_CHOICES
-from ep_store.keys import DictionaryKey
+from ep_store.keys import DEFAULT_HOOK, DictionaryKey
 from ep_store.stages.dictionary import assign_dataset
 from ep_store.stages.models import resolve_device
 from ep_store.stages.prefetch import Prefetch
@@ -86,6 +86,8 @@ class BuildConfig:
     """Token budget of the build (None: the whole dataset)."""
     device: str = "auto"
     """auto, cpu or cuda."""
+    hook: str = DEFAULT_HOOK
+    """Hook point of the activation dataset (issue 21, item 4)."""
     precision: str = "auto"
     """Screening matmul precision: auto (bfloat16 only on a CUDA device or a CPU with native
     bf16, float32 elsewhere; issue 20), float32 or bfloat16. Decisions near theta and near
@@ -110,7 +112,7 @@ class BuildConfig:
 
     @property
     def key(self) -> DictionaryKey:
-        return DictionaryKey(self.model, self.checkpoint, self.layer, self.percentile)
+        return DictionaryKey(self.model, self.checkpoint, self.layer, self.percentile, self.hook)
 
     def defining(self) -> dict:
         """Parameters that define the dictionary (a continued build must match them)."""
@@ -331,6 +333,7 @@ def _publish(cfg: BuildConfig, store: Store, files: DictionaryFiles, state: Lead
     env = environment(resolve_device(cfg.device), precision)
     meta = {
         "key": str(key), "model": key.model, "checkpoint": key.checkpoint, "layer": key.layer,
+        **({"hook": key.hook} if key.hook != DEFAULT_HOOK else {}),  # absent for resid_post: old digests hold
         "percentile": cfg.percentile, "theta": calibration.theta, "center": calibration.center_D.tolist(),
         "scale": calibration.scale,
         "width": state.width, "regions": state.regions, "tokens": state.tokens,

@@ -2,9 +2,10 @@
 
 One forward pass per batch of contexts captures every requested layer with forward hooks
 on the decoder blocks and stops right after the deepest one (a hook raises), so later
-blocks, the final norm and the unembedding are never computed. ``vector`` is the output
-of decoder block ``layer`` (0-based), the point TransformerLens calls
-``blocks.<layer>.hook_resid_post``; BOS and padding are never stored.
+blocks, the final norm and the unembedding are never computed. ``vector`` is hook point
+``hook`` of decoder block ``layer`` (0-based), by default its output, the point TransformerLens
+calls ``blocks.<layer>.hook_resid_post`` (others: ep_store.stages.hookpoints; issue 21, item 4);
+BOS and padding are never stored.
 
 The harvest (both engines: ep_store.stages.harvest, ep_store.stages.engines), ``ep search``
 (ep_store.analysis.search) and the evaluations (ep_store.evaluate.features) all capture
@@ -28,8 +29,8 @@ import pyarrow as pa
 import torch
 
 from ep_store.errors import UsageError
-from ep_store.keys import ActivationKey
-from ep_store.stages import models
+from ep_store.keys import DEFAULT_HOOK, ActivationKey
+from ep_store.stages import hookpoints, models
 from ep_store.stages.corpus import Context
 from ep_store.stages.hostcopy import HostBlock, to_host
 from ep_store.store import vectors_to_arrow
@@ -48,16 +49,24 @@ class _StopForward(Exception):
 
 
 class LayerCapture:
-    """Forward hooks that keep the outputs of some blocks and stop after the deepest."""
+    """Hooks that keep hook point ``hook`` of some blocks and stop after the deepest
+    (ep_store.stages.hookpoints says where each hook point lives)."""
 
-    def __init__(self, blocks: torch.nn.ModuleList, layers: Iterable[int]):
+    def __init__(self, blocks: torch.nn.ModuleList, layers: Iterable[int], hook: str = DEFAULT_HOOK):
         self.layers = sorted(layers)
+        self.hook = hook
         self.outputs: dict[int, torch.Tensor] = {}
-        self._handles = [blocks[i].register_forward_hook(self._hook(i)) for i in self.layers]
+        self._handles = []
+        try:
+            for i in self.layers:
+                self._handles.append(hookpoints.attach(blocks[i], hook, self._keeper(i)))
+        except BaseException:
+            self.remove()
+            raise
 
-    def _hook(self, index: int):
-        def keep(module, args, output):
-            self.outputs[index] = output[0] if isinstance(output, tuple) else output
+    def _keeper(self, index: int):
+        def keep(x_BTD: torch.Tensor):
+            self.outputs[index] = x_BTD
             if index == self.layers[-1]:
                 raise _StopForward
 
@@ -146,7 +155,7 @@ class BatchRunner:
         self.net, self.tokenizer = models.load(cfg.model, cfg.checkpoint, models_dir, cfg.device, cfg.dtype)
         self.device = next(self.net.parameters()).device
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.capture = LayerCapture(models.decoder_layers(self.net), cfg.layers)
+        self.capture = LayerCapture(models.decoder_layers(self.net), cfg.layers, cfg.hook)
         self.keys = cfg.keys
 
     def host_blocks(self, batch: list[Context], layers: list[int],

@@ -12,6 +12,14 @@ Corpus sources (comma-separated in a spec such as ``builtin,notes.jsonl``):
   CRLF and U+2028 kept as they are, so offsets index the file's text; empty rows skipped.
 - ``chat:FILE``: a file of that kind whose texts are in Gemma's chat format, turn markers
   included (the refusal study harvests its chat-formatted prompts this way).
+- Pre-tokenized corpora (issue 21, item 5): a record file or ``datasets`` folder whose
+  ``--text-field`` holds lists of token ids (``input_ids``, as SAELens activation caches and
+  tokenized datasets store them). The ids are harvested as they are, never re-tokenized, after
+  the BOS policy's prefix (harvest a cache whose rows start with BOS with ``--bos never``);
+  each token's text is what the tokenizer decodes it to (byte pieces of one character: the
+  first holds the character, the rest are empty), and the document's text is their
+  concatenation, so offsets tile it as for text. An id beyond the tokenizer's vocabulary is
+  refused (the corpus was tokenized for another model).
 
 Document ids are ordinals in that deterministic order, so two harvests of one spec (with
 any tokenizer) share doc ids and character offsets. Contexts never cross documents; BOS is
@@ -56,6 +64,7 @@ class Document:
     name: str
     text: str
     chat: bool = False  # the text carries chat formatting (the ``chat`` source): its turn markers are control tokens
+    token_ids: tuple[int, ...] | None = None  # a pre-tokenized document: these ids, never re-tokenized (text is "")
 
 
 @dataclass(frozen=True)
@@ -94,9 +103,14 @@ def chat_texts() -> Iterator[tuple[str, str]]:
     yield from chat_stream_texts()
 
 
-def file_texts(path: Path, text_field: str = "text") -> Iterator[tuple[str, str]]:
+def file_texts(path: Path, text_field: str = "text") -> Iterator[tuple[str, str | tuple[int, ...]]]:
     """(name, text) of a corpus file, read by ep_store.stages.readers (issue 18, B5): a .txt file is
-    one document; .jsonl/.csv/.parquet/.arrow rows give one document each (their ``text_field``)."""
+    one document; .jsonl/.csv/.parquet/.arrow rows give one document each (their ``text_field``).
+    A field of token-id lists gives (name, ids) instead (a pre-tokenized corpus; issue 21, item 5)."""
+    tokenized = readers.read_token_rows(path, text_field, what="corpus file")
+    if tokenized is not None:
+        yield from tokenized
+        return
     for row in readers.read_texts(path, text_field, txt="document", what="corpus file"):
         yield row.name, row.text
 
@@ -119,7 +133,10 @@ def iter_documents(spec: str, text_field: str = "text") -> Iterator[Document]:
         else:
             raise UsageError(f"empty source in corpus spec {spec!r}")
         for name, text in texts:
-            if isinstance(text, str) and text.strip():
+            if isinstance(text, tuple):
+                yield Document(doc_id, name, "", token_ids=text)
+                doc_id += 1
+            elif isinstance(text, str) and text.strip():
                 yield Document(doc_id, name, text, chat=source == "chat" or source.startswith("chat:"))
                 doc_id += 1
 
@@ -272,23 +289,59 @@ def document_tokens(doc: Document, tokenizer, piece_chars: int = PIECE_CHARS
         yield ids, spans
 
 
+def token_texts(tokenizer, ids: tuple[int, ...], where: str) -> list[str]:
+    """The text of each id of a pre-tokenized document: what the tokenizer decodes it to. Byte
+    pieces that decode only together (an emoji split over several ids) give the character to
+    the first piece and "" to the rest. UsageError for an id beyond the vocabulary."""
+    vocab = len(tokenizer)
+    bad = next((t for t in ids if t >= vocab), None)
+    if bad is not None:
+        raise UsageError(f"{where}: token id {bad} is beyond the tokenizer's vocabulary of {vocab}; the corpus was "
+                         "tokenized for another model")
+    pieces: list[str] = []
+    at = 0
+    while at < len(ids):
+        for width in range(1, 5):  # a UTF-8 character spans at most 4 byte pieces
+            text = tokenizer.decode(list(ids[at : at + width]))
+            if not text.endswith("\ufffd") or at + width >= len(ids):
+                break
+        if text.endswith("\ufffd"):
+            width, text = 1, tokenizer.decode([ids[at]])  # no completion: the piece as it decodes alone
+        pieces += [text] + [""] * (width - 1)
+        at += width
+    return pieces
+
+
+def _pretokenized(doc: Document, tokenizer) -> tuple[str, list[tuple[list[int], list[tuple[int, int]]]]]:
+    """(text, [(ids, tiling spans)]) of a pre-tokenized document."""
+    pieces = token_texts(tokenizer, doc.token_ids, f"corpus document {doc.name}")
+    spans, at = [], 0
+    for piece in pieces:
+        spans.append((at, at + len(piece)))
+        at += len(piece)
+    return "".join(pieces), [(list(doc.token_ids), spans)]
+
+
 def iter_contexts(documents, tokenizer, ctx: int, piece_chars: int = PIECE_CHARS) -> Iterator[Context]:
     """Cut each document's tokens into consecutive contexts of at most ``ctx`` tokens.
 
     Documents are tokenized in pieces of at most ``piece_chars`` characters as contexts are
-    asked for (issue 18, B6), so taking the first N tokens costs about N tokens' work."""
+    asked for (issue 18, B6), so taking the first N tokens costs about N tokens' work;
+    pre-tokenized documents are taken as they are."""
     for doc in documents:
         ids: list[int] = []
         spans: list[tuple[int, int]] = []
         pos = 0
-        for piece_ids, piece_spans in document_tokens(doc, tokenizer, piece_chars):
+        text, chunks = (_pretokenized(doc, tokenizer) if doc.token_ids is not None
+                        else (doc.text, document_tokens(doc, tokenizer, piece_chars)))
+        for piece_ids, piece_spans in chunks:
             ids += piece_ids
             spans += piece_spans
             while len(ids) >= ctx:
-                yield Context(doc.doc_id, pos, ids[:ctx], spans[:ctx], [doc.text[a:b] for a, b in spans[:ctx]])
+                yield Context(doc.doc_id, pos, ids[:ctx], spans[:ctx], [text[a:b] for a, b in spans[:ctx]])
                 ids, spans, pos = ids[ctx:], spans[ctx:], pos + ctx
         if ids:
-            yield Context(doc.doc_id, pos, ids, spans, [doc.text[a:b] for a, b in spans])
+            yield Context(doc.doc_id, pos, ids, spans, [text[a:b] for a, b in spans])
 
 
 def document_texts(spec: str) -> dict[int, str]:

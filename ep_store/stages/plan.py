@@ -21,7 +21,7 @@ import pyarrow as pa
 from ep_store import jsonio
 from ep_store.environment import ENVIRONMENT_KEY, environment
 from ep_store.errors import UsageError, options_changed
-from ep_store.keys import ActivationKey
+from ep_store.keys import DEFAULT_HOOK, ActivationKey, check_hook
 from ep_store.stages import models
 from ep_store.stages.capture import STORAGE_DTYPES, batched, metadata_columns, tokenizer_fingerprint
 from ep_store.stages.corpus import Context, iter_contexts, iter_documents, special_prefix
@@ -65,6 +65,9 @@ class HarvestConfig:
     bos: str = "auto"
     """auto: the tokenizer's own convention (what tokenizer(text) prepends); always: prepend
     the tokenizer's BOS; never: no BOS. Recorded in the dataset metadata (issue 8, item 15)."""
+    hook: str = DEFAULT_HOOK
+    """Hook point read in each block (TransformerLens names: resid_post, resid_pre, resid_mid,
+    attn_out, mlp_out; issue 21, item 4); part of the key unless it is resid_post."""
     writer_depth: int = 2
     """Batches queued for the background Lance writer while the next forward pass runs
     (issue 12); 0 writes each batch before the next forward pass. Either way the same rows."""
@@ -83,13 +86,14 @@ class HarvestConfig:
             raise UsageError(f"unknown dtype {self.dtype!r}; use one of {', '.join(models.DTYPES)}")
         if self.storage_dtype not in STORAGE_DTYPES:
             raise UsageError(f"unknown storage dtype {self.storage_dtype!r}; use one of {', '.join(STORAGE_DTYPES)}")
+        check_hook(self.hook)
         if self.bos not in BOS_POLICIES:
             raise UsageError(f"unknown BOS policy {self.bos!r}; use one of {', '.join(BOS_POLICIES)}")
 
     @property
     def keys(self) -> dict[int, ActivationKey]:
         """The activation dataset key of each layer."""
-        return {L: ActivationKey(self.model, self.checkpoint, L) for L in self.layers}
+        return {L: ActivationKey(self.model, self.checkpoint, L, self.hook) for L in self.layers}
 
     def stream_meta(self, layer: int, prefix_ids: list[int]) -> dict:
         """What a dataset was harvested with; resuming needs the same stream."""
@@ -97,7 +101,8 @@ class HarvestConfig:
                 "corpus": self.corpus, "ctx": self.ctx, "dtype": self.dtype,
                 "storage_dtype": self.storage_dtype, "bos": self.bos, "prefix_ids": list(prefix_ids),
                 # only when not the default, so datasets harvested before the option still resume
-                **({"text_field": self.text_field} if self.text_field != "text" else {})}
+                **({"text_field": self.text_field} if self.text_field != "text" else {}),
+                **({"hook": self.hook} if self.hook != DEFAULT_HOOK else {})}
 
     def prefix_ids(self, tokenizer) -> list[int]:
         """Ids put before every context (never stored): the BOS policy applied to this tokenizer."""
@@ -320,7 +325,7 @@ def check_fingerprints(cfg: HarvestConfig, store: Store, held: dict[int, int], f
     for layer, rows in held.items():
         if not rows:
             continue
-        key = ActivationKey(cfg.model, cfg.checkpoint, layer)
+        key = cfg.keys[layer]
         stored = store.info(store.activation_path(key)).meta.get("fingerprint")
         if stored is None:
             raise UsageError(f"{key} was harvested before stream fingerprints were recorded, so a resume cannot "
@@ -347,7 +352,7 @@ def check_same_text(planned: HarvestPlan) -> None:
             targets.setdefault(min(rows, cfg.max_tokens), []).append(layer)
     if not targets:
         return
-    expected = {n: stored_digest(store, ActivationKey(cfg.model, cfg.checkpoint, layers[0]), n).hexdigest()
+    expected = {n: stored_digest(store, cfg.keys[layers[0]], n).hexdigest()
                 for n, layers in targets.items()}
     digest = StreamDigest()
     for row, batch in planned.batches():
@@ -365,6 +370,6 @@ def check_same_text(planned: HarvestPlan) -> None:
 
 
 def _refuse_other_text(cfg: HarvestConfig, layers: list[int], rows: int):
-    key = ActivationKey(cfg.model, cfg.checkpoint, layers[0])
+    key = cfg.keys[layers[0]]
     raise UsageError(f"{key} holds {rows} rows of another token stream than corpus {cfg.corpus!r} gives now "
                      "(its text changed); pass --overwrite to harvest it again from scratch")

@@ -18,7 +18,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 from ep_store.errors import EnvError, UsageError, require
-from ep_store.keys import DictionaryKey
+from ep_store.keys import DEFAULT_HOOK, DictionaryKey, hook_name
 from ep_store.store import Store
 from ep_store.store.bundle import pull_bundle, write_bundle
 
@@ -80,7 +80,7 @@ def model_card(entries: list[dict]) -> str:
         lines += [f"## {e['key']}", "",
                   "| | |", "|---|---|",
                   f"| model / checkpoint | {m['model']} / {m['checkpoint']} |",
-                  f"| hook | blocks.{m['layer']}.hook_{m.get('hook') or 'resid_post'} |",
+                  f"| hook | {hook_name(m['layer'], m.get('hook') or DEFAULT_HOOK)} |",
                   f"| percentile p / theta | {m['percentile']} / {m['theta']:.6f} |",
                   f"| regions / tokens | {m['regions']:,} / {m['tokens']:,} ({m['stop_reason']}) |",
                   f"| calibration | {cal.get('tokens')} tokens in batches of {cal.get('batch')} |",

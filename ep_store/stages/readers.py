@@ -262,6 +262,34 @@ def check_string(value: str, where: str) -> None:
                          "it is not valid Unicode text") from None
 
 
+def read_token_rows(path: Path, field: str, what: str = "file") -> list[tuple[str, tuple[int, ...]]] | None:
+    """(name, ids) of every row of a record file or ``datasets`` folder whose ``field`` holds lists
+    of token ids (a pre-tokenized corpus, e.g. ``input_ids``; issue 21, item 5); None when the
+    field holds text or the file has no such field (``read_texts`` then says what is wrong).
+    Rows with no ids are skipped (one warning); a row of other values is refused naming it."""
+    if dataset_shards(path, what) is None and (not path.is_file() or path.suffix.lower() not in RECORD_FORMATS):
+        return None
+    records = read_records(path, what, [field])
+    values = [(i, rec.get(field)) for i, rec in records]
+    first = next((v for _, v in values if v is not None), None)
+    if not isinstance(first, (list, tuple)):
+        return None
+    rows = []
+    for i, ids in values:
+        if ids is None:  # a null counts as empty, as for text
+            continue
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                          for t in ids):
+            raise UsageError(f"{what} {path} row {i}: field {field!r} holds {str(ids)[:40]!r}, not a list of token "
+                             "ids (non-negative integers)")
+        if ids:
+            rows.append((f"{path.name}:{i}", tuple(ids)))
+    if len(rows) < len(values):
+        log.warning("%s %s: skipped %d row(s) without token ids of %d", what, path, len(values) - len(rows),
+                    len(values))
+    return rows
+
+
 def read_texts(path: Path, text_field: str | Sequence[str] = "text", txt: str = "document",
                what: str = "file", also: Sequence[str] = ()) -> list[TextRow]:
     """The non-empty texts of a file, in file order (rules: module docstring).

@@ -31,6 +31,7 @@ from ep_store.keys import (
     SAEKey,
     check_inside,
     from_segment,
+    parse_layer_segment,
     to_segment,
 )
 from ep_store.store import layout
@@ -109,8 +110,9 @@ class Store:
         keys = []
         for meta in sorted((self.root / layout.SAES_DIR).glob(f"*/*/L*/*/{layout.META}")):
             folder = meta.parent
+            layer, hook = parse_layer_segment(folder.parent.name)
             keys.append(SAEKey(from_segment(folder.parent.parent.parent.name), from_segment(folder.parent.parent.name),
-                               int(folder.parent.name[1:]), from_segment(folder.name)))
+                               layer, from_segment(folder.name), hook))
         return sorted(keys)
 
     def list_sae_comparisons(self) -> list[tuple[DictionaryKey, str, SAECompareFiles]]:
@@ -119,8 +121,7 @@ class Store:
         for meta in sorted((self.root / layout.SAE_COMPARE_DIR).glob(f"*/*/L*/p*/*/{layout.META}")):
             folder = meta.parent
             pdir = folder.parent
-            key = DictionaryKey(from_segment(pdir.parent.parent.parent.name), from_segment(pdir.parent.parent.name),
-                                int(pdir.parent.name[1:]), float(pdir.name[1:]))
+            key = _dictionary_key(pdir)
             found.append((key, from_segment(folder.name), SAECompareFiles(folder)))
         return found
 
@@ -254,7 +255,7 @@ class Store:
         keys = []
         for path in sorted(base.glob(f"*/*/L*{layout.LANCE}")):
             model, checkpoint = path.parent.parent.name, path.parent.name
-            keys.append(ActivationKey(from_segment(model), from_segment(checkpoint), int(path.stem[1:])))
+            keys.append(ActivationKey(from_segment(model), from_segment(checkpoint), *parse_layer_segment(path.stem)))
         return sorted(keys)
 
     def require_activations(self, key: ActivationKey) -> Path:
@@ -282,14 +283,7 @@ class Store:
         keys = []
         for meta in sorted(base.glob(f"*/*/L*/p*/{layout.META}")):
             pdir = meta.parent
-            keys.append(
-                DictionaryKey(
-                    from_segment(pdir.parent.parent.parent.name),
-                    from_segment(pdir.parent.parent.name),
-                    int(pdir.parent.name[1:]),
-                    float(pdir.name[1:]),
-                )
-            )
+            keys.append(_dictionary_key(pdir))
         return sorted(keys)
 
     def write_table(self, path: Path, table: pa.Table, merge_on: str | None = None) -> int:
@@ -326,3 +320,10 @@ class Store:
     @staticmethod
     def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
+
+
+def _dictionary_key(pdir: Path) -> DictionaryKey:
+    """The key of a dictionary folder ``<model>/<checkpoint>/L<layer>[.<hook>]/p<percentile>``."""
+    layer, hook = parse_layer_segment(pdir.parent.name)
+    return DictionaryKey(from_segment(pdir.parent.parent.parent.name), from_segment(pdir.parent.parent.name),
+                         layer, float(pdir.name[1:]), hook)

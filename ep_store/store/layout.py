@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ep_store.errors import UsageError
-from ep_store.keys import ActivationKey, DictionaryKey, from_segment
+from ep_store.keys import ActivationKey, DictionaryKey, from_segment, parse_layer_segment
 
 META_KEY = b"ep_store"  # schema-metadata entry holding the JSON that produced a dataset
 STORAGE_VERSION = "2.2"
@@ -95,7 +95,7 @@ class DictionaryFiles(Files):
         found = []
         for path in sorted((self.folder / FOREIGN).glob(f"*/*/L*{LANCE}")):
             key = ActivationKey(from_segment(path.parent.parent.name), from_segment(path.parent.name),
-                                int(path.stem[1:]))
+                                *parse_layer_segment(path.stem))
             found.append((key, path))
         return found
 

@@ -50,14 +50,21 @@ def corpus_fingerprint(documents: Iterable) -> dict:
 
     ``documents``: ``corpus.Document`` objects (``doc_id``, ``text``) in doc_id order. Each
     document feeds its doc_id (8 bytes, little endian), the byte length of its UTF-8 text
-    (8 bytes) and the text itself, so no two different lists hash the same bytes.
+    (8 bytes) and the text itself, so no two different lists hash the same bytes. A
+    pre-tokenized document (``token_ids``; issue 21, item 5) feeds 2**63 + its id count in
+    place of the byte length, then each id (8 bytes), so it never hashes like a text.
     """
     digest, n = hashlib.sha256(b"ep_store corpus v1\0"), 0
     for doc in documents:
-        text = doc.text.encode("utf-8", "surrogatepass")
         digest.update(int(doc.doc_id).to_bytes(8, "little", signed=True))
-        digest.update(len(text).to_bytes(8, "little"))
-        digest.update(text)
+        ids = getattr(doc, "token_ids", None)
+        if ids is not None:
+            digest.update((2**63 + len(ids)).to_bytes(8, "little"))
+            digest.update(b"".join(int(t).to_bytes(8, "little") for t in ids))
+        else:
+            text = doc.text.encode("utf-8", "surrogatepass")
+            digest.update(len(text).to_bytes(8, "little"))
+            digest.update(text)
         n += 1
     return {FINGERPRINT_KEY: digest.hexdigest(), DOCUMENTS_KEY: n}
 

@@ -1,15 +1,15 @@
 -- Exemplar of each region in its context: the token that founded the region, $context tokens either side.
--- params: model, checkpoint, layer, percentile, limit, context
+-- params: model, checkpoint, layer, hook, percentile, limit, context
 WITH ex AS (
     SELECT region_id, doc_id, pos, member_count, coherence
     FROM exemplars
-    WHERE model = $model AND checkpoint = $checkpoint AND layer = $layer AND percentile = $percentile
+    WHERE model = $model AND checkpoint = $checkpoint AND layer = $layer AND hook = $hook AND percentile = $percentile
 ),
 window_tokens AS (
     SELECT ex.*, t.pos AS tpos, t.token
     FROM ex
     JOIN tokens t
-      ON t.model = $model AND t.checkpoint = $checkpoint AND t.layer = $layer
+      ON t.model = $model AND t.checkpoint = $checkpoint AND t.layer = $layer AND t.hook = $hook
      AND t.doc_id = ex.doc_id AND t.pos BETWEEN ex.pos - $context AND ex.pos + $context
 )
 SELECT region_id, doc_id, pos, member_count, coherence,

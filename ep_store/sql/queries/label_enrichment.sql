@@ -1,10 +1,10 @@
 -- Share of each region status's members (in B's stream) lying in labelled spans (chat-turn markers, refusal text).
--- params: a, b, b_model, b_checkpoint, b_layer, b_percentile
+-- params: a, b, b_model, b_checkpoint, b_layer, b_hook, b_percentile
 -- needs: match, span_labels
 WITH members AS (
     SELECT s.region_id, t.doc_id, t.char_start, t.char_end
-    FROM assignments s JOIN tokens t USING (model, checkpoint, layer, doc_id, pos)
-    WHERE s.model = $b_model AND s.checkpoint = $b_checkpoint AND s.layer = $b_layer AND s.percentile = $b_percentile
+    FROM assignments s JOIN tokens t USING (model, checkpoint, layer, hook, doc_id, pos)
+    WHERE s.model = $b_model AND s.checkpoint = $b_checkpoint AND s.layer = $b_layer AND s.hook = $b_hook AND s.percentile = $b_percentile
       AND s.region_id >= 0
 ),
 status AS (

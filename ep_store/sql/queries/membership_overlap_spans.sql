@@ -1,16 +1,16 @@
 -- Membership overlap of two dictionaries whose tokenizers differ: characters shared by overlapping token spans.
--- params: a_model, a_checkpoint, a_layer, a_percentile, b_model, b_checkpoint, b_layer, b_percentile
+-- params: a_model, a_checkpoint, a_layer, a_hook, a_percentile, b_model, b_checkpoint, b_layer, b_hook, b_percentile
 -- needs: same_stream
 WITH a AS (
     SELECT s.region_id, t.doc_id, t.char_start, t.char_end
-    FROM assignments s JOIN tokens t USING (model, checkpoint, layer, doc_id, pos)
-    WHERE s.model = $a_model AND s.checkpoint = $a_checkpoint AND s.layer = $a_layer AND s.percentile = $a_percentile
+    FROM assignments s JOIN tokens t USING (model, checkpoint, layer, hook, doc_id, pos)
+    WHERE s.model = $a_model AND s.checkpoint = $a_checkpoint AND s.layer = $a_layer AND s.hook = $a_hook AND s.percentile = $a_percentile
       AND s.region_id >= 0
 ),
 b AS (
     SELECT s.region_id, t.doc_id, t.char_start, t.char_end
-    FROM assignments s JOIN tokens t USING (model, checkpoint, layer, doc_id, pos)
-    WHERE s.model = $b_model AND s.checkpoint = $b_checkpoint AND s.layer = $b_layer AND s.percentile = $b_percentile
+    FROM assignments s JOIN tokens t USING (model, checkpoint, layer, hook, doc_id, pos)
+    WHERE s.model = $b_model AND s.checkpoint = $b_checkpoint AND s.layer = $b_layer AND s.hook = $b_hook AND s.percentile = $b_percentile
       AND s.region_id >= 0
 )
 SELECT a.region_id AS region_a, b.region_id AS region_b,

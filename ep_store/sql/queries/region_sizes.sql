@@ -1,9 +1,9 @@
 -- Region size distribution: regions and tokens per size bucket (powers of two).
--- params: model, checkpoint, layer, percentile
+-- params: model, checkpoint, layer, hook, percentile
 WITH sizes AS (
     SELECT region_id, count(*) AS size
     FROM assignments
-    WHERE model = $model AND checkpoint = $checkpoint AND layer = $layer AND percentile = $percentile
+    WHERE model = $model AND checkpoint = $checkpoint AND layer = $layer AND hook = $hook AND percentile = $percentile
       AND region_id >= 0
     GROUP BY region_id
 )

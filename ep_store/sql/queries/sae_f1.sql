@@ -1,18 +1,18 @@
 -- EP regions vs SAE features: F1 of every overlapping pair, each binarised as its top-$top_n positive held-out tokens (ep sae compare)
--- params: model, checkpoint, layer, percentile, top_n, min_positives
+-- params: model, checkpoint, layer, hook, percentile, top_n, min_positives
 WITH sae_ranked AS (
     SELECT sae, feature_id, doc_id, pos,
            row_number() OVER (PARTITION BY sae, feature_id ORDER BY activation DESC, doc_id, pos) AS rank,
            count(*) OVER (PARTITION BY sae, feature_id) AS positives
     FROM sae_activations
-    WHERE model = $model AND checkpoint = $checkpoint AND layer = $layer AND percentile = $percentile
+    WHERE model = $model AND checkpoint = $checkpoint AND layer = $layer AND hook = $hook AND percentile = $percentile
       AND activation > 0
 ), ep_ranked AS (
     SELECT sae, region_id, doc_id, pos,
            row_number() OVER (PARTITION BY sae, region_id ORDER BY projection DESC, doc_id, pos) AS rank,
            count(*) OVER (PARTITION BY sae, region_id) AS positives
     FROM ep_projections
-    WHERE model = $model AND checkpoint = $checkpoint AND layer = $layer AND percentile = $percentile
+    WHERE model = $model AND checkpoint = $checkpoint AND layer = $layer AND hook = $hook AND percentile = $percentile
       AND projection > 0
 ), sae_sets AS (
     SELECT sae, feature_id, doc_id, pos, least(positives, $top_n) AS size

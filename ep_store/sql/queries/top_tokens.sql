@@ -1,12 +1,12 @@
 -- Top tokens per region, with purity (share of the top token) and entropy (bits) of its token mix.
--- params: model, checkpoint, layer, percentile, limit, top
+-- params: model, checkpoint, layer, hook, percentile, limit, top
 WITH members AS (
     SELECT a.region_id, t.token
     FROM assignments a
     JOIN tokens t
-      ON t.model = a.model AND t.checkpoint = a.checkpoint AND t.layer = a.layer
+      ON t.model = a.model AND t.checkpoint = a.checkpoint AND t.layer = a.layer AND t.hook = a.hook
      AND t.doc_id = a.doc_id AND t.pos = a.pos
-    WHERE a.model = $model AND a.checkpoint = $checkpoint AND a.layer = $layer AND a.percentile = $percentile
+    WHERE a.model = $model AND a.checkpoint = $checkpoint AND a.layer = $layer AND a.hook = $hook AND a.percentile = $percentile
       AND a.region_id >= 0
 ),
 counts AS (
