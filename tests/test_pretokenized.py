@@ -108,3 +108,34 @@ def test_byte_pieces_of_one_character(real_tokenizers):
     pieces = token_texts(tokenizer, tuple(ids), "test")
     assert "".join(pieces) == text
     assert "" in pieces and all("\ufffd" not in p for p in pieces)
+
+
+def test_hf_stream_reads_only_what_the_budget_needs(models_dir, tiny_tokenizer, tmp_path):
+    """``hf:FOLDER`` streams a local data folder through ``datasets`` (no hub here): the rows equal
+    the same file's harvest, and the stream stops once the rows' tokens cover the token budget."""
+    folder = tmp_path / "hub_like"
+    folder.mkdir()
+    texts = [f"Document {i} says the interpreter runs statement {i} in turn." for i in range(200)]
+    pq.write_table(pa.table({"text": texts}), folder / "train.parquet")
+    budget = 300
+    for spec, root in ((str(folder / "train.parquet"), "file"), (f"hf:{folder}", "hub")):
+        harvest(HarvestConfig("tiny", "base", (1,), corpus=spec, max_tokens=budget, ctx=16, device="cpu"),
+                Store(tmp_path / root), models_dir, progress=False)
+    (file_rows, file_x), (hub_rows, hub_x) = (_rows(tmp_path / r, ActivationKey("tiny", "base", 1))
+                                              for r in ("file", "hub"))
+    assert hub_rows.column("token").to_pylist() == file_rows.column("token").to_pylist()
+    np.testing.assert_array_equal(hub_x, file_x)
+    store = Store(tmp_path / "hub")
+    read = store.info(store.activation_path(ActivationKey("tiny", "base", 1))).meta["fingerprint"]["corpus_documents"]
+    tokens = [len(_ids(tiny_tokenizer, t)) for t in texts]
+    assert sum(tokens[:read - 1]) < budget <= sum(tokens[:read])
+    assert read < len(texts)
+
+
+def test_hf_stream_that_cannot_open_exits_2(models_dir, tmp_path):
+    result = CliRunner().invoke(main, ["harvest", "--model", "tiny", "--checkpoint", "base", "--layers", "1",
+                                       "--corpus", f"hf:{tmp_path / 'nothing-here'}", "--store", str(tmp_path / "s"),
+                                       "--models-dir", str(models_dir), "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert "cannot stream" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "s" / "activations").exists()

@@ -12,6 +12,12 @@ Corpus sources (comma-separated in a spec such as ``builtin,notes.jsonl``):
   CRLF and U+2028 kept as they are, so offsets index the file's text; empty rows skipped.
 - ``chat:FILE``: a file of that kind whose texts are in Gemma's chat format, turn markers
   included (the refusal study harvests its chat-formatted prompts this way).
+- ``hf:NAME[:CONFIG][:SPLIT]`` (issue 21, item 5): a Hugging Face dataset streamed with
+  ``datasets.load_dataset(NAME, CONFIG, split=SPLIT or "train", streaming=True)`` (NAME a hub id,
+  or a local folder of data files), its rows in stream order. A stream may be endless, so a
+  harvest reads rows only until their tokens reach its token budget (the rows are tokenized
+  once to count them), and the corpus fingerprint covers exactly the rows read (growing the
+  budget later reads more rows: harvest again with ``--overwrite``).
 - Pre-tokenized corpora (issue 21, item 5): a record file or ``datasets`` folder whose
   ``--text-field`` holds lists of token ids (``input_ids``, as SAELens activation caches and
   tokenized datasets store them). The ids are harvested as they are, never re-tokenized, after
@@ -42,6 +48,7 @@ Tokens are the text (issue 8, D):
 from __future__ import annotations
 
 import ast
+import itertools
 import re
 import sysconfig
 import unicodedata
@@ -51,7 +58,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ep_store.errors import UsageError
+from ep_store.errors import UsageError, require
 from ep_store.stages import readers
 from ep_store.stages.prompts import labelled_spans
 
@@ -115,11 +122,56 @@ def file_texts(path: Path, text_field: str = "text") -> Iterator[tuple[str, str 
         yield row.name, row.text
 
 
-def iter_documents(spec: str, text_field: str = "text") -> Iterator[Document]:
-    """Documents of a corpus spec, in a deterministic order with ordinal ids."""
+def hub_texts(source: str, text_field: str, budget: TokenBudget | None) -> Iterator[tuple[str, str | tuple]]:
+    """(name, text or ids) of the rows of a streamed ``hf:NAME[:CONFIG][:SPLIT]`` dataset, until
+    their tokens reach ``budget`` (None: every row). UsageError for a dataset that cannot be
+    opened or a row without ``text_field``; EnvError without ``datasets``."""
+    parts = source[len("hf:"):].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise UsageError(f"corpus source {source!r}: expected hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
+    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
+        (parts[2] if len(parts) > 2 and parts[2] else "train")
+    datasets = require("datasets", "hf", "an hf: corpus")
+    try:
+        rows = iter(datasets.load_dataset(name, config, split=split, streaming=True))
+        first = next(rows, None)
+    except Exception as err:  # noqa: BLE001 - hub, network, format: any failure to open is one line
+        raise UsageError(f"cannot stream {source!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                         " (no hub here? save the dataset to a folder and pass the folder)") from None
+    used = 0
+    for i, row in enumerate(itertools.chain([first] if first is not None else [], rows)):
+        if budget is not None and used >= budget.tokens:
+            return
+        if text_field not in row:
+            raise UsageError(readers.missing_field(f"corpus {source!r} row {i}", text_field, row))
+        value = row[text_field]
+        if isinstance(value, (list, tuple)):
+            value = tuple(value)
+        elif isinstance(value, str):
+            readers.check_string(value, f"corpus {source!r} row {i}")
+        elif value is not None:
+            raise UsageError(f"corpus {source!r} row {i}: field {text_field!r} holds {type(value).__name__}, not text")
+        if budget is not None and value is not None:
+            used += len(value) if isinstance(value, tuple) else len(encode(budget.tokenizer, value)[0])
+        yield f"{source}:{i}", value
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """How far an ``hf:`` stream is read: until its rows hold ``tokens`` tokens of ``tokenizer``."""
+
+    tokens: int
+    tokenizer: object
+
+
+def iter_documents(spec: str, text_field: str = "text", budget: TokenBudget | None = None) -> Iterator[Document]:
+    """Documents of a corpus spec, in a deterministic order with ordinal ids. ``budget`` bounds
+    what an ``hf:`` stream reads (``hub_texts``); other sources are read whole."""
     doc_id = 0
     for source in (s.strip() for s in spec.split(",")):
-        if source == "builtin":
+        if source.startswith("hf:"):
+            texts = hub_texts(source, text_field, budget)
+        elif source == "builtin":
             texts = builtin_texts()
         elif source == "chat":
             texts = chat_texts()
@@ -349,11 +401,13 @@ def document_texts(spec: str) -> dict[int, str]:
     return {doc.doc_id: doc.text for doc in iter_documents(spec)}
 
 
-def span_labels(corpus: str, text_field: str = "text") -> pa.Table:
+def span_labels(corpus: str, text_field: str = "text", documents: int | None = None) -> pa.Table:
     """(doc_id, char_start, char_end, label) for chat-turn markers and refusal text in a corpus
-    (its spec and text field as the harvest's metadata records them)."""
+    (its spec and text field as the harvest's metadata records them; its first ``documents``
+    documents, all if None: an hf: stream stops there)."""
     rows = [{"doc_id": d.doc_id, "char_start": s, "char_end": e, "label": label}
-            for d in iter_documents(corpus, text_field) for s, e, label in labelled_spans(d.text)]
+            for d in itertools.islice(iter_documents(corpus, text_field), documents)
+            for s, e, label in labelled_spans(d.text)]
     return pa.Table.from_pylist(rows, schema=pa.schema([("doc_id", pa.int64()), ("char_start", pa.int32()),
                                                         ("char_end", pa.int32()), ("label", pa.string())]))
 
@@ -361,4 +415,5 @@ def span_labels(corpus: str, text_field: str = "text") -> pa.Table:
 def dataset_span_labels(meta: dict) -> pa.Table:
     """``span_labels`` of the corpus an activation dataset's metadata records (its spec and
     text field); the provider ``StoreDB(span_labels=...)`` takes."""
-    return span_labels(meta.get("corpus", "builtin"), meta.get("text_field", "text"))
+    documents = (meta.get("fingerprint") or {}).get("corpus_documents")
+    return span_labels(meta.get("corpus", "builtin"), meta.get("text_field", "text"), documents)

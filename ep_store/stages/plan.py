@@ -24,7 +24,13 @@ from ep_store.errors import UsageError, options_changed
 from ep_store.keys import DEFAULT_HOOK, ActivationKey, check_hook
 from ep_store.stages import models
 from ep_store.stages.capture import STORAGE_DTYPES, batched, metadata_columns, tokenizer_fingerprint
-from ep_store.stages.corpus import Context, iter_contexts, iter_documents, special_prefix
+from ep_store.stages.corpus import (
+    Context,
+    TokenBudget,
+    iter_contexts,
+    iter_documents,
+    special_prefix,
+)
 from ep_store.store import META_KEY, Store, commit_fragments
 from ep_store.store.streams import FINGERPRINT_KEY as CORPUS_FINGERPRINT
 from ep_store.store.streams import corpus_fingerprint
@@ -236,7 +242,10 @@ class HarvestPlan:
 def plan(cfg: HarvestConfig, store: Store, models_dir: Path) -> HarvestPlan:
     """Read the corpus and validate everything (layers, limits, existing datasets) before
     any weights are loaded or anything is written. Raises UsageError."""
-    documents = list(iter_documents(cfg.corpus, cfg.text_field))  # read it all first: a bad file fails before any write
+    # read it all first: a bad file fails before any write (an hf: stream up to the token budget)
+    budget = (TokenBudget(cfg.max_tokens, models.load_tokenizer(cfg.model, cfg.checkpoint, models_dir))
+              if "hf:" in cfg.corpus else None)
+    documents = list(iter_documents(cfg.corpus, cfg.text_field, budget))
     if not documents:
         raise UsageError(f"corpus {cfg.corpus!r} holds no text; pass builtin or a non-empty file")
     config = models.load_config(cfg.model, cfg.checkpoint, models_dir)
