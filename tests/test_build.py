@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from ep_store.cli.main import main
+from ep_store.errors import UsageError
 from ep_store.kernels.calibrate import unit_directions
 from ep_store.kernels.leader import leader_reference
 from ep_store.keys import ActivationKey, DictionaryKey
@@ -67,6 +68,28 @@ def test_build_matches_reference_and_writes_layout(store):
     assert (distances >= 0).all() and (distances <= 2).all()
     # Exemplars are assigned to themselves at distance ~0.
     np.testing.assert_array_equal(regions[rows], np.arange(len(rows)))
+
+
+def test_disjoint_calibration_prefix_is_the_sequential_rule_after_it(store):
+    """--calibration-prefix disjoint (issue 22, the authors' protocol): theta and the center come
+    from the first rows, the build is the sequential rule on the rows after them, and the option
+    is recorded with the build parameters; shared (the default) records nothing new."""
+    build(cfg(calibration_prefix="disjoint", percentile=5.0), store, progress=False)
+    key = DictionaryKey("tiny", "base", 2, 5.0)
+    meta = json.loads((store.dictionary_dir(key) / "meta.json").read_text())
+    assert meta["build"]["calibration_prefix"] == "disjoint" and meta["calibration"]["tokens"] == 1000
+    x = torch.cat([b for b, _ in stream_vectors(store, store.activation_path(key.activations), 999)])
+    u = unit_directions(x[1000:], torch.tensor(meta["center"]))
+    ref = leader_reference(u, meta["theta"], 256, 3)
+    rows, _ = exemplar_rows(store, key)
+    assert rows == [r + 1000 for r in ref.exemplar_rows] and min(rows) >= 1000
+    assert meta["stop_reason"] == ref.stop_reason and meta["saturation_curve"] == ref.new_per_batch
+    assert int(ref.member_count_K.sum()) == meta["tokens"]
+    shared = build(cfg(percentile=7.0), store, progress=False)
+    shared_meta = json.loads((store.dictionary_dir(DictionaryKey("tiny", "base", 2, 7.0)) / "meta.json").read_text())
+    assert "calibration_prefix" not in shared_meta["build"] and shared["regions"] > 0
+    with pytest.raises(UsageError, match="all in the calibration prefix"):
+        build(cfg(calibration_prefix="disjoint", calibration_tokens=10_000, percentile=9.0), store, progress=False)
 
 
 def test_precisions_give_one_exemplar_table_to_the_bit(store, tmp_path):

@@ -26,7 +26,11 @@ from ep_store.cli.base import (
 @click.option("--percentile", type=float, required=True, help="p of theta_p, in (0, 100).")
 @HOOK
 @click.option("--calibration-tokens", type=int, default=200_000, show_default=True, help="Calibration prefix length.")
-@click.option("--calibration-batch", type=int, default=2048, show_default=True, help="Calibration batch size.")
+@click.option("--calibration-batch", type=int, default=2048, show_default=True,
+              help="Calibration batch size (the authors: one ~16k-token extraction batch).")
+@click.option("--calibration-prefix", type=Registry("ep_store.stages.build", "CALIBRATION_PREFIXES"), default="shared",
+              show_default=True, help="shared: the build streams from row 0, calibration rows included; disjoint: "
+              "from the row after the calibration prefix (the authors' protocol).")
 @click.option("--batch-size", type=int, default=2048, show_default=True, help="Build batch size (saturation unit).")
 @click.option("--saturation-window", type=int, default=1, show_default=True, help="Quiet batches before stopping.")
 @click.option("--max-tokens", type=int, default=None, help="Token budget (default: whole dataset).")
@@ -40,7 +44,8 @@ from ep_store.cli.base import (
 @STORE
 @PROGRESS
 @user_errors
-def build(model, checkpoint, layer, percentile, hook, calibration_tokens, calibration_batch, batch_size,
+def build(model, checkpoint, layer, percentile, hook, calibration_tokens, calibration_batch, calibration_prefix,
+          batch_size,
           saturation_window, max_tokens, precision, skip_nonfinite, overwrite, assign, device, store_path,
           progress) -> None:
     """Calibrate and leader-cluster an activation dataset into an EP dictionary."""
@@ -49,7 +54,8 @@ def build(model, checkpoint, layer, percentile, hook, calibration_tokens, calibr
     from ep_store.store.core import Store
 
     cfg = BuildConfig(model=model, checkpoint=checkpoint, layer=layer, percentile=percentile, hook=hook,
-                      calibration_tokens=calibration_tokens, calibration_batch=calibration_batch, batch_size=batch_size,
+                      calibration_tokens=calibration_tokens, calibration_batch=calibration_batch,
+                      calibration_prefix=calibration_prefix, batch_size=batch_size,
                       saturation_window=saturation_window, max_tokens=max_tokens, device=device,
                       precision=precision, skip_nonfinite=skip_nonfinite, overwrite=overwrite)
     emit(run(cfg=cfg, store=Store(store_path), assign=assign, progress=progress))

@@ -55,12 +55,14 @@ from ep_store.keys import DEFAULT_HOOK, DictionaryKey
 from ep_store.stages.dictionary import assign_dataset
 from ep_store.stages.models import resolve_device
 from ep_store.stages.prefetch import Prefetch
-from ep_store.stages.vectors import BuildInputs, stream_vectors
+from ep_store.stages.vectors import BuildInputs, rows_from, stream_vectors
 from ep_store.store import DictionaryFiles, Store, arrow_to_tensor, vectors_to_arrow
 
 log = logging.getLogger(__name__)
 
 STREAM_ROWS = 16384  # rows per Lance read while building
+CALIBRATION_PREFIXES = ("shared", "disjoint")
+"""Whether the build stream includes the calibration prefix (BuildConfig.calibration_prefix)."""
 
 
 @dataclass
@@ -77,7 +79,12 @@ class BuildConfig:
     calibration_tokens: int = 200_000
     """Calibrate on this many first rows (all if fewer)."""
     calibration_batch: int = 2048
-    """Batch size B_cal of the within-batch distance percentiles."""
+    """Batch size B_cal of the within-batch distance percentiles (the authors: one extraction
+    batch, ~16k tokens; issue 22)."""
+    calibration_prefix: str = "shared"
+    """shared: the build streams from row 0, the calibration prefix included (ours); disjoint:
+    the build streams from the first row after the calibration prefix, as the authors'
+    build_partitions.py does (issue 22). Recorded in meta.json's build parameters when disjoint."""
     batch_size: int = 2048
     """Build batch size: the unit of the saturation rule."""
     saturation_window: int = 1
@@ -107,6 +114,9 @@ class BuildConfig:
             raise UsageError("--calibration-batch must be at least 2: theta is a percentile of pairs within a batch")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise UsageError("--max-tokens must be at least 1")
+        if self.calibration_prefix not in CALIBRATION_PREFIXES:
+            raise UsageError(f"unknown calibration prefix {self.calibration_prefix!r}; use "
+                             f"{', '.join(CALIBRATION_PREFIXES)}")
         if self.precision not in PRECISION_CHOICES:
             raise UsageError(f"unknown precision {self.precision!r}; use {', '.join(PRECISION_CHOICES)}")
 
@@ -116,8 +126,15 @@ class BuildConfig:
 
     def defining(self) -> dict:
         """Parameters that define the dictionary (a continued build must match them)."""
-        return {k: getattr(self, k) for k in ("percentile", "calibration_tokens", "calibration_batch",
-                                               "batch_size", "saturation_window", "skip_nonfinite")}
+        defining = {k: getattr(self, k) for k in ("percentile", "calibration_tokens", "calibration_batch",
+                                                  "batch_size", "saturation_window", "skip_nonfinite")}
+        if self.calibration_prefix != "shared":  # absent when shared: dictionaries built before it continue
+            defining["calibration_prefix"] = self.calibration_prefix
+        return defining
+
+    def first_build_row(self, rows: int) -> int:
+        """The first stored row the build streams: 0, or (disjoint) the row after the calibration prefix."""
+        return 0 if self.calibration_prefix == "shared" else min(self.calibration_tokens, rows)
 
 
 def calibrate_stream(store: Store, path: Path, cfg: BuildConfig, version: int | None = None) -> Calibration:
@@ -237,7 +254,11 @@ def _build_locked(cfg: BuildConfig, store: Store, source: Path, files: Dictionar
         raise options_changed(str(key), previous["build"], cfg.defining())
     device = resolve_device(cfg.device)
     source_info = store.info(source)  # every read below is of this version
-    budget = min(cfg.max_tokens or source_info.rows, source_info.rows)
+    first_row = cfg.first_build_row(source_info.rows)
+    if first_row >= source_info.rows:
+        raise UsageError(f"{key.activations} has {source_info.rows} rows, all in the calibration prefix: a disjoint "
+                         "build has none left; lower --calibration-tokens or harvest more tokens")
+    budget = min(cfg.max_tokens or source_info.rows - first_row, source_info.rows - first_row)
     start = time.perf_counter()
     if previous is None:
         calibration = calibrate_stream(store, source, cfg, source_info.version)
@@ -251,7 +272,8 @@ def _build_locked(cfg: BuildConfig, store: Store, source: Path, files: Dictionar
     calibrated = time.perf_counter()
     builder = LeaderBuilder(calibration.theta, cfg.batch_size, cfg.saturation_window, state, device, cfg.precision)
     consumed_before = state.tokens
-    state, wait_share = _cluster(cfg, store, source, source_info.version, builder, calibration, budget, progress)
+    state, wait_share = _cluster(cfg, store, source, source_info.version, builder, calibration, budget, progress,
+                                 first_row)
     clustered = time.perf_counter()
     version, tag, published = _publish(cfg, store, files, state, calibration, previous, source_info, builder.precision)
     summary = {
@@ -270,17 +292,18 @@ def _build_locked(cfg: BuildConfig, store: Store, source: Path, files: Dictionar
 
 
 def _cluster(cfg: BuildConfig, store: Store, source: Path, source_version: int, builder: LeaderBuilder,
-             calibration: Calibration, budget: int, progress: bool) -> tuple[LeaderState, float]:
-    """Feed the stream (past the rows a previous build consumed) to the builder; its final
-    state and the share of the time it waited on input."""
+             calibration: Calibration, budget: int, progress: bool, first_row: int = 0) -> tuple[LeaderState, float]:
+    """Feed the stream from stored row ``first_row`` (past the rows a previous build consumed)
+    to the builder; its final state and the share of the time it waited on input."""
     consumed_before = builder.state.tokens
     center = calibration.center_D.to(builder.device)
     bar = tqdm(total=budget, initial=consumed_before, unit="tok", desc=f"build {cfg.key}", disable=not progress)
     # Read in large chunks (fewer Lance calls); the builder cuts them at batch boundaries. A
     # reader thread reads, decodes and normalises ahead of the screening (issue 12).
     read_rows = max(cfg.batch_size, STREAM_ROWS)
-    inputs = BuildInputs(stream_vectors(store, source, read_rows, None, cfg.skip_nonfinite, source_version),
-                         center, consumed_before, budget - consumed_before, builder.device)
+    vectors = stream_vectors(store, source, read_rows, None, cfg.skip_nonfinite, source_version)
+    inputs = BuildInputs(rows_from(vectors, first_row), center, consumed_before, budget - consumed_before,
+                         builder.device)
     stopped = False
     with Prefetch(inputs, depth=2) as prefetched:
         for u, rows in prefetched:

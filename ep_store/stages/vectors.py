@@ -56,6 +56,18 @@ def nonfinite_rows(store: Store, path: Path, version: int | None = None) -> list
     return bad
 
 
+def rows_from(vectors: Iterator[tuple[torch.Tensor, torch.Tensor]], first_row: int
+              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The (x_ND, rows_N) batches of ``vectors`` from dataset row ``first_row`` on (a disjoint
+    calibration prefix; issue 22)."""
+    for x, rows in vectors:
+        if first_row <= 0 or bool((rows >= first_row).all()):
+            yield x, rows
+        elif bool((rows >= first_row).any()):
+            keep = rows >= first_row
+            yield x[keep], rows[keep]
+
+
 class BuildInputs:
     """The build's input stream: (u_ND unit directions on ``device``, dataset rows_N).
 
