@@ -12,12 +12,8 @@ Corpus sources (comma-separated in a spec such as ``builtin,notes.jsonl``):
   CRLF and U+2028 kept as they are, so offsets index the file's text; empty rows skipped.
 - ``chat:FILE``: a file of that kind whose texts are in Gemma's chat format, turn markers
   included (the refusal study harvests its chat-formatted prompts this way).
-- ``hf:NAME[:CONFIG][:SPLIT]`` (issue 21, item 5): a Hugging Face dataset streamed with
-  ``datasets.load_dataset(NAME, CONFIG, split=SPLIT or "train", streaming=True)`` (NAME a hub id,
-  or a local folder of data files), its rows in stream order. A stream may be endless, so a
-  harvest reads rows only until their tokens reach its token budget (the rows are tokenized
-  once to count them), and the corpus fingerprint covers exactly the rows read (growing the
-  budget later reads more rows: harvest again with ``--overwrite``).
+- ``hf:NAME[:CONFIG][:SPLIT]``: a Hugging Face dataset streamed through ``datasets``, read only
+  up to the harvest's token budget (ep_store.stages.hub; issue 21, item 5).
 - Pre-tokenized corpora (issue 21, item 5): a record file or ``datasets`` folder whose
   ``--text-field`` holds lists of token ids (``input_ids``, as SAELens activation caches and
   tokenized datasets store them). The ids are harvested as they are, never re-tokenized, after
@@ -58,7 +54,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ep_store.errors import UsageError, require
+from ep_store.errors import UsageError
 from ep_store.stages import readers
 from ep_store.stages.prompts import labelled_spans
 
@@ -122,54 +118,14 @@ def file_texts(path: Path, text_field: str = "text") -> Iterator[tuple[str, str 
         yield row.name, row.text
 
 
-def hub_texts(source: str, text_field: str, budget: TokenBudget | None) -> Iterator[tuple[str, str | tuple]]:
-    """(name, text or ids) of the rows of a streamed ``hf:NAME[:CONFIG][:SPLIT]`` dataset, until
-    their tokens reach ``budget`` (None: every row). UsageError for a dataset that cannot be
-    opened or a row without ``text_field``; EnvError without ``datasets``."""
-    parts = source[len("hf:"):].split(":")
-    if not parts[0] or len(parts) > 3:
-        raise UsageError(f"corpus source {source!r}: expected hf:NAME, hf:NAME:CONFIG or hf:NAME:CONFIG:SPLIT")
-    name, config, split = parts[0], (parts[1] if len(parts) > 1 and parts[1] else None), \
-        (parts[2] if len(parts) > 2 and parts[2] else "train")
-    datasets = require("datasets", "hf", "an hf: corpus")
-    try:
-        rows = iter(datasets.load_dataset(name, config, split=split, streaming=True))
-        first = next(rows, None)
-    except Exception as err:  # noqa: BLE001 - hub, network, format: any failure to open is one line
-        raise UsageError(f"cannot stream {source!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                         " (no hub here? save the dataset to a folder and pass the folder)") from None
-    used = 0
-    for i, row in enumerate(itertools.chain([first] if first is not None else [], rows)):
-        if budget is not None and used >= budget.tokens:
-            return
-        if text_field not in row:
-            raise UsageError(readers.missing_field(f"corpus {source!r} row {i}", text_field, row))
-        value = row[text_field]
-        if isinstance(value, (list, tuple)):
-            value = tuple(value)
-        elif isinstance(value, str):
-            readers.check_string(value, f"corpus {source!r} row {i}")
-        elif value is not None:
-            raise UsageError(f"corpus {source!r} row {i}: field {text_field!r} holds {type(value).__name__}, not text")
-        if budget is not None and value is not None:
-            used += len(value) if isinstance(value, tuple) else len(encode(budget.tokenizer, value)[0])
-        yield f"{source}:{i}", value
-
-
-@dataclass(frozen=True)
-class TokenBudget:
-    """How far an ``hf:`` stream is read: until its rows hold ``tokens`` tokens of ``tokenizer``."""
-
-    tokens: int
-    tokenizer: object
-
-
-def iter_documents(spec: str, text_field: str = "text", budget: TokenBudget | None = None) -> Iterator[Document]:
+def iter_documents(spec: str, text_field: str = "text", budget=None) -> Iterator[Document]:
     """Documents of a corpus spec, in a deterministic order with ordinal ids. ``budget`` bounds
     what an ``hf:`` stream reads (``hub_texts``); other sources are read whole."""
     doc_id = 0
     for source in (s.strip() for s in spec.split(",")):
         if source.startswith("hf:"):
+            from ep_store.stages.hub import hub_texts
+
             texts = hub_texts(source, text_field, budget)
         elif source == "builtin":
             texts = builtin_texts()

@@ -24,13 +24,8 @@ from ep_store.errors import UsageError, options_changed
 from ep_store.keys import DEFAULT_HOOK, ActivationKey, check_hook
 from ep_store.stages import models
 from ep_store.stages.capture import STORAGE_DTYPES, batched, metadata_columns, tokenizer_fingerprint
-from ep_store.stages.corpus import (
-    Context,
-    TokenBudget,
-    iter_contexts,
-    iter_documents,
-    special_prefix,
-)
+from ep_store.stages.corpus import Context, encode, iter_contexts, iter_documents, special_prefix
+from ep_store.stages.hub import TokenBudget
 from ep_store.store import META_KEY, Store, commit_fragments
 from ep_store.store.streams import FINGERPRINT_KEY as CORPUS_FINGERPRINT
 from ep_store.store.streams import corpus_fingerprint
@@ -243,8 +238,10 @@ def plan(cfg: HarvestConfig, store: Store, models_dir: Path) -> HarvestPlan:
     """Read the corpus and validate everything (layers, limits, existing datasets) before
     any weights are loaded or anything is written. Raises UsageError."""
     # read it all first: a bad file fails before any write (an hf: stream up to the token budget)
-    budget = (TokenBudget(cfg.max_tokens, models.load_tokenizer(cfg.model, cfg.checkpoint, models_dir))
-              if "hf:" in cfg.corpus else None)
+    budget = None
+    if "hf:" in cfg.corpus:
+        tokenizer = models.load_tokenizer(cfg.model, cfg.checkpoint, models_dir)
+        budget = TokenBudget(cfg.max_tokens, lambda text: len(encode(tokenizer, text)[0]))
     documents = list(iter_documents(cfg.corpus, cfg.text_field, budget))
     if not documents:
         raise UsageError(f"corpus {cfg.corpus!r} holds no text; pass builtin or a non-empty file")
