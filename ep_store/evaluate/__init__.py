@@ -6,5 +6,7 @@ One module per protocol, each returning a small result dataclass the CLI writes 
 - ``probe``: SAEBench sparse probing (``sparse_probe`` takes pooled feature matrices by name);
 - ``concepts``: AxBench latent concept detection (best region vs difference of means);
 - ``ood``: nearest-exemplar distance as an out-of-distribution score;
-- ``tasks``: built-in offline tasks for all three.
+- ``tasks``: built-in offline tasks for all three;
+- ``protocols``: which protocol made a run (``ours``, or ``paper``: the benchmarks as published;
+  issue 22), ``saebench`` and ``axbench`` the paper protocols' own rules.
 """

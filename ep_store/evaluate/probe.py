@@ -5,7 +5,9 @@ mean-pooled per feature set; for each class a *balanced* one-vs-rest task (negat
 subsampled to the positives' count, seeded); a stratified train/test split; on the train
 split the top-k features by |mean_pos - mean_neg|; an L2 logistic regression (C = 1) on
 those k features, standardised on the train split; accuracy on the test split. The
-baseline is the same probe on all D raw dimensions.
+baseline is the same probe on all D raw dimensions. ``ProbeConfig(protocol="paper")`` runs
+SAEBench as published instead (``ep_store.evaluate.saebench``: negatives spread evenly over
+the other classes, no scaler, raw top-k beside EP top-k, no retention).
 
     from ep_store.evaluate.probe import ProbeConfig, sparse_probe
     result = sparse_probe({"raw": raw_TD, "ep_onehot": occ_TK, "sae": sae_TF}, labels_T, ProbeConfig())
@@ -26,6 +28,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ep_store.errors import UsageError
+from ep_store.evaluate import protocols, saebench
 from ep_store.evaluate.splits import first_by_content
 
 log = logging.getLogger(__name__)
@@ -54,8 +57,11 @@ class ProbeConfig:
     """Seed of the negative subsampling and the split."""
     baseline: str = "raw"
     """Feature set whose all-feature probe is the baseline of the retention ratios."""
+    protocol: str = "ours"
+    """``ours`` or ``paper`` (SAEBench as published); what each implies: ``protocols.PROBE``."""
 
     def __post_init__(self):
+        protocols.check(self.protocol)
         self.ks = tuple(ALL if str(k) == ALL else int(k) for k in self.ks)
         if not self.ks or any(k != ALL and k < 1 for k in self.ks):
             raise UsageError(f"probe ks must be positive integers or 'all', got {self.ks}")
@@ -88,11 +94,14 @@ class ProbeResult:
     names: list[str]
     baseline: str
     config: dict = field(default_factory=dict)
+    retention: bool = True
+    """Add retention_<short> to the records (protocol ``ours``; SAEBench computes none)."""
 
     def records(self) -> list[dict]:
         """Flat dicts: task, k, raw_accuracy (the all-D baseline), raw_topk_accuracy,
         <name>_accuracy, <name>_auroc and retention_<short> (= <name>_accuracy / raw_accuracy,
-        short = name without "ep_") for every other feature set, and the chosen features."""
+        short = name without "ep_"; when ``retention``) for every other feature set, and the
+        chosen features."""
         out = []
         for r in self.rows:
             rec = {"task": r.task, "positive": r.positive, "k": r.k, "n_train": r.n_train, "n_test": r.n_test,
@@ -101,7 +110,7 @@ class ProbeResult:
                 label = f"{name}_topk" if name == self.baseline else name
                 rec[f"{label}_accuracy"] = r.accuracy[name]
                 rec[f"{label}_auroc"] = r.auroc[name]
-                if name != self.baseline:
+                if name != self.baseline and self.retention:
                     rec[f"retention_{name.removeprefix('ep_')}"] = r.accuracy[name] / max(r.baseline_accuracy, 1e-12)
             rec["chosen"] = r.chosen
             out.append(rec)
@@ -155,9 +164,20 @@ def top_k_features(X_TF: np.ndarray, y_T: np.ndarray, k: int | str) -> np.ndarra
     return np.argsort(-gap, kind="stable")[:k]
 
 
+def split_task(labels: np.ndarray, positive: str, cfg: ProbeConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(train, test) rows of the one-vs-rest task of class ``positive``, as ``cfg.protocol`` draws
+    its negatives: at random from all others (``balanced_split``) or evenly (``saebench.even_split``)."""
+    if protocols.PROBE[cfg.protocol].negatives == "even":
+        return saebench.even_split(labels, positive, cfg.test_fraction, cfg.max_train, cfg.max_test, cfg.seed)
+    return balanced_split(labels == positive, cfg)
+
+
 def fit_probe(X_train, y_train, X_test, y_test, cfg: ProbeConfig) -> tuple[float, float]:
-    """(accuracy, AUROC) on the test split of a standardised L2 logistic regression."""
-    probe = make_pipeline(StandardScaler(), LogisticRegression(C=cfg.C, max_iter=cfg.max_iter))
+    """(accuracy, AUROC) on the test split of an L2 logistic regression, standardised on the
+    train split where the protocol says so (ours; SAEBench's ``train_sklearn_probe`` has no scaler)."""
+    probe = LogisticRegression(C=cfg.C, max_iter=cfg.max_iter)
+    if protocols.PROBE[cfg.protocol].scaler:
+        probe = make_pipeline(StandardScaler(), probe)
     probe.fit(X_train, y_train)
     score = probe.decision_function(X_test)
     return float(accuracy_score(y_test, probe.predict(X_test))), float(roc_auc_score(y_test, score))
@@ -195,7 +215,7 @@ def sparse_probe(features: Mapping[str, np.ndarray], labels: Sequence, cfg: Prob
     rows = []
     for positive in binary_tasks(labels):
         y = labels == positive
-        train, test = balanced_split(y, cfg)
+        train, test = split_task(labels, positive, cfg)
         base_X = np.asarray(features[cfg.baseline], np.float64)
         baseline, _ = fit_probe(base_X[train], y[train], base_X[test], y[test], cfg)
         for k in cfg.ks:
@@ -207,7 +227,7 @@ def sparse_probe(features: Mapping[str, np.ndarray], labels: Sequence, cfg: Prob
                 chosen[name] = cols.tolist() if k != ALL else []
             rows.append(ProbeRow(f"{task}/{positive}" if task else positive, positive, k, len(train), len(test),
                                  acc, auc, chosen, baseline))
-    return ProbeResult(rows, names, cfg.baseline, asdict(cfg))
+    return ProbeResult(rows, names, cfg.baseline, asdict(cfg), protocols.PROBE[cfg.protocol].retention)
 
 
 # -- the `ep eval probe` stage --------------------------------------------------------------------
@@ -227,7 +247,7 @@ class ProbeEvalConfig:
     checkpoint: str | None = None
     """Checkpoint to run the texts through (default: the dictionaries')."""
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    """The SAEBench protocol constants."""
+    """The SAEBench protocol constants (and which protocol: ``probe.protocol``)."""
     top_tokens_k: int = 5
     """Report the regions chosen at this k with their top tokens."""
 
@@ -238,9 +258,7 @@ def _plot_by_k(records_by_dict: dict[str, list[dict]], out) -> dict[str, str]:
     images = {}
     for key, means in records_by_dict.items():
         ks = [str(m["k"]) for m in means]
-        series = {name: [m[name] for m in means] for name in ("raw_accuracy", "raw_topk_accuracy",
-                                                               "ep_onehot_accuracy", "ep_signed_accuracy")
-                  if name in means[0]}
+        series = {name: [m[name] for m in means] for name in ACCURACIES if name in means[0]}
         slug = key.replace("/", "~")
         images[key] = plots.lines(ks, series, out / f"accuracy_by_k~{slug}.png", f"{key}: sparse probing",
                                   "k (features)", "mean test accuracy")
@@ -250,7 +268,8 @@ def _plot_by_k(records_by_dict: dict[str, list[dict]], out) -> dict[str, str]:
 def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None, plots_dir=None) -> dict:
     """``ep eval probe``: sparse probing of raw vs EP one-hot vs EP signed for each dictionary.
 
-    Writes ``out``/metrics.json (per task and k, and means per k), accuracy_by_k~<key>.png,
+    Writes ``out``/metrics.json (per task and k, means per k, the protocol and its settings;
+    the DVC metrics file gets the protocol's name beside the headline), accuracy_by_k~<key>.png,
     chosen_regions.json (regions chosen at ``top_tokens_k`` with their top tokens); returns
     the one-line summary. All input checks run before the model is loaded or anything written.
     """
@@ -268,14 +287,17 @@ def run_probe_eval(cfg: ProbeEvalConfig, store, run, out, metrics_path=None, plo
     for d in dicts:
         key = str(d.key)
         records[key], metrics[key], chosen[key], means[key] = probe_dictionary(d, acts, task_list, index, cfg)
-    with evaluation_output(out, metrics_path, plots_dir, metrics) as tmp:
+    proto = protocols.record(protocols.PROBE, cfg.probe.protocol, max_tokens_per_text=run.max_tokens_per_text)
+    with evaluation_output(out, metrics_path, plots_dir, {"protocol": cfg.probe.protocol, **metrics}) as tmp:
         images = _plot_by_k(means, tmp)
-        write_record(tmp, f"Sparse probing: {model}/{checkpoint}", {
-            "records": records, "mean_by_k": means, "metrics": metrics, "model": model, "checkpoint": checkpoint,
-            "texts": len(texts), "tokens": int(len(acts.text_N)), "tasks": {t.name: len(t.texts) for t in task_list}},
+        write_record(tmp, f"Sparse probing ({cfg.probe.protocol} protocol): {model}/{checkpoint}", {
+            "records": records, "mean_by_k": means, "metrics": metrics, **proto, "model": model,
+            "checkpoint": checkpoint, "texts": len(texts), "tokens": int(len(acts.text_N)),
+            "tasks": {t.name: len(t.texts) for t in task_list}},
             cfg, run, images, headline={k: v["all_tasks"] for k, v in metrics.items()})
         (tmp / "chosen_regions.json").write_text(dumps(chosen))
-    return {"dictionaries": [str(d.key) for d in dicts], "model": f"{model}/{checkpoint}", "texts": len(texts),
+    return {"dictionaries": [str(d.key) for d in dicts], "model": f"{model}/{checkpoint}",
+            "protocol": cfg.probe.protocol, "texts": len(texts),
             "tokens": int(len(acts.text_N)), "tasks": len(records[str(dicts[0].key)]) // len(cfg.probe.ks),
             "out": str(out),
             "retention_onehot_k1": {k: v["all_tasks"].get("k1", {}).get("retention_onehot") for k, v in metrics.items()}}
@@ -293,12 +315,18 @@ def check_tasks(task_list: list, min_per_class: int) -> None:
 
 def probe_dictionary(d, acts, task_list: list, index: dict[str, int], cfg: ProbeEvalConfig):
     """Every task probed on one dictionary's pooled features: (records, metrics per task and
-    all tasks, regions chosen at ``top_tokens_k`` with their top tokens, means per k)."""
+    all tasks, regions chosen at ``top_tokens_k`` with their top tokens, means per k). The
+    paper protocol adds the mean-basis one-hot (``saebench.mean_basis_onehot``) where stored."""
     from ep_store.evaluate import features
 
     x = acts.x_ND[d.key.layer]
     pooled = features.dictionary_features(x, acts.text_N, acts.n_texts, d)
     region_N, _ = d.assign(x)
+    regions = {"ep_onehot": region_N, "ep_signed": region_N}  # whose tokens name a chosen region
+    mean = saebench.mean_basis_onehot(x, acts.text_N, acts.n_texts, d) \
+        if protocols.PROBE[cfg.probe.protocol].mean_basis else None
+    if mean is not None:
+        pooled["ep_onehot_mean"], regions["ep_onehot_mean"] = mean
     records, metrics, chosen, results = [], {}, {}, []
     for t in task_list:
         rows = np.array([index[text] for text in t.texts])
@@ -310,15 +338,17 @@ def probe_dictionary(d, acts, task_list: list, index: dict[str, int], cfg: Probe
         for r in result.rows:
             if r.k == cfg.top_tokens_k:
                 chosen[r.task] = {name: [{"region_id": k, "top_tokens": features.top_tokens(
-                    region_N, acts.token_id_N, acts.token_text, k)} for k in r.chosen[name]]
-                    for name in ("ep_onehot", "ep_signed")}
-    means = ProbeResult([r for res in results for r in res.rows], results[0].names, cfg.probe.baseline).mean_by_k()
+                    region, acts.token_id_N, acts.token_text, k)} for k in r.chosen[name]]
+                    for name, region in regions.items()}
+    means = ProbeResult([r for res in results for r in res.rows], results[0].names, cfg.probe.baseline,
+                        retention=results[0].retention).mean_by_k()
     metrics["all_tasks"] = {f"k{m['k']}": _headline(m) for m in means}
     return records, metrics, chosen, means
 
 
-HEADLINE = ("raw_accuracy", "raw_topk_accuracy", "ep_onehot_accuracy", "ep_signed_accuracy",
-            "retention_onehot", "retention_signed")
+ACCURACIES = ("raw_accuracy", "raw_topk_accuracy", "ep_onehot_accuracy", "ep_signed_accuracy",
+              "ep_onehot_mean_accuracy")
+HEADLINE = (*ACCURACIES, "retention_onehot", "retention_signed")
 
 
 def _headline(mean: dict) -> dict:
