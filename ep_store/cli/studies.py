@@ -15,6 +15,7 @@ from ep_store.cli.base import (
     MODELS,
     PROGRESS,
     STORE,
+    HelpFrom,
     Listed,
     Registry,
     emit,
@@ -57,17 +58,56 @@ def generate_cmd(model, checkpoint, prompts_path, text_field, out, chat, max_new
     emit(summary)  # data goes to --out; the summary to stderr
 
 
-@click.command("refusal")
+def protocols_help() -> str:
+    """What each --protocol sets (RefusalConfig's defaults and PROTOCOLS), read when help is asked for."""
+    import dataclasses
+
+    from ep_store.studies.refusal import PROTOCOLS, RefusalConfig
+
+    def shown(value) -> str:
+        if isinstance(value, tuple):
+            return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value) or "''"
+        return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+    ours = {f.name: f.default for f in dataclasses.fields(RefusalConfig)}
+    rows = [f"  --{name.replace('_', '-'):<19} {shown(ours[name]):<14} {shown(paper)}"
+            for name, paper in PROTOCOLS["paper"].items()]
+    return ("\n\n\b\nValues each --protocol sets (options given explicitly override them):\n"
+            f"  {'option':<21} {'ours':<14} paper\n" + "\n".join(rows))
+
+
+PROTOCOL_SET = " [default: the --protocol's, below]"
+
+
+@click.command("refusal", cls=HelpFrom, more=protocols_help)
+@click.option("--protocol", type=Registry("ep_store.studies.refusal", "PROTOCOLS"), default="ours", show_default=True,
+              help="Start from our values or the paper's (listed below); recorded in the metrics.")
 @click.option("--model", default="gemma-3-270m", show_default=True, help="Model under study.")
 @click.option("--checkpoint", default="sft", show_default=True, help="Fine-tuned checkpoint studied.")
 @click.option("--control", default="base", show_default=True, help="Checkpoint the found direction is also ablated in ('' to skip).")
 @click.option("--layers", type=Listed(int), default="6,12", show_default=True, help="Blocks swept, comma-separated.")
-@click.option("--percentiles", type=Listed(float), default="4", show_default=True, help="Percentiles swept, comma-separated.")
-@click.option("--train-harmful", type=int, default=60, show_default=True, help="Harmful training prompts for finding regions.")
-@click.option("--train-benign", type=int, default=60, show_default=True, help="Benign training prompts for finding regions.")
-@click.option("--heldout-harmful", type=int, default=30, show_default=True, help="Held-out harmful prompts for measuring.")
-@click.option("--heldout-benign", type=int, default=30, show_default=True, help="Held-out benign prompts for measuring.")
-@click.option("--max-new-tokens", type=int, default=8, show_default=True, help="Greedy tokens per prompt.")
+@click.option("--percentiles", type=Listed(float), default=None, help="Percentiles swept, comma-separated " + PROTOCOL_SET)
+@click.option("--seeds", type=Listed(int), default=None,
+              help="Stream-order seeds, comma-separated: each shuffles the training prompts before harvest and build "
+              "('': file order)" + PROTOCOL_SET)
+@click.option("--train-harmful", type=int, default=None, help="Harmful training prompts for finding regions " + PROTOCOL_SET)
+@click.option("--train-benign", type=int, default=None, help="Benign training prompts for finding regions " + PROTOCOL_SET)
+@click.option("--heldout-harmful", type=int, default=None, help="Held-out harmful prompts for measuring " + PROTOCOL_SET)
+@click.option("--heldout-benign", type=int, default=None, help="Held-out benign prompts for measuring " + PROTOCOL_SET)
+@click.option("--max-new-tokens", type=int, default=None, help="Greedy tokens per prompt " + PROTOCOL_SET)
+@click.option("--batch-prompts", type=int, default=None,
+              help="Calibration and build batches of this many prompts' tokens " + PROTOCOL_SET)
+@click.option("--saturation-window", type=int, default=None, help="Stop a build after this many batches without a new "
+              "region " + PROTOCOL_SET)
+@click.option("--classifier", type=Registry("ep_store.stages.refusal_classifier", "RULES"), default=None,
+              help="Refusal classifier rules" + PROTOCOL_SET)
+@click.option("--null-size", type=Registry("ep_store.studies.refusal_sweep", "NULL_SIZES"), default=None,
+              help="Null region matched on log10 of last-position prompts or total tokens" + PROTOCOL_SET)
+@click.option("--bases", type=Listed(str), default=None,
+              help="Candidate ablation directions: exemplar, mean, reanchored " + PROTOCOL_SET)
+@click.option("--null-bases", type=Listed(str), default=None, help="Null ablation directions " + PROTOCOL_SET)
+@click.option("--ceiling/--no-ceiling", default=True, show_default=True,
+              help="Also ablate each layer's difference of means (harmful - benign last positions).")
 @click.option("--batch-size", type=int, default=80, show_default=True, help="Prompts per generate call.")
 @click.option("--k-max", type=int, default=5, show_default=True, help="Ablate the top k = 1..k-max candidates.")
 @click.option("--min-members", type=int, default=5, show_default=True, help="Prompts a region needs.")
@@ -90,19 +130,12 @@ def generate_cmd(model, checkpoint, prompts_path, text_field, out, chat, max_new
 @MODELS
 @PROGRESS
 @user_errors
-def refusal_cmd(model, checkpoint, control, layers, percentiles, train_harmful, train_benign, heldout_harmful,
-                heldout_benign, max_new_tokens, batch_size, k_max, min_members, min_rate, null_max_rate, alphas,
-                match_percentile, max_capability_loss, dtype, work_store, metrics, report_dir, device, store_path, models_dir,
-                progress) -> None:
+def refusal_cmd(protocol, work_store, metrics, report_dir, store_path, models_dir, progress, control, **options) -> None:
     """The refusal study: find refusal regions, ablate and steer them, write metrics and a report."""
     from ep_store.studies.refusal import RefusalConfig, refusal_study
 
-    cfg = RefusalConfig(model=model, checkpoint=checkpoint, control=control or None, layers=layers,
-                        percentiles=percentiles, train_harmful=train_harmful, train_benign=train_benign,
-                        heldout_harmful=heldout_harmful, heldout_benign=heldout_benign, max_new_tokens=max_new_tokens,
-                        batch_size=batch_size, k_max=k_max, min_members=min_members, min_rate=min_rate,
-                        null_max_rate=null_max_rate, alphas=alphas, max_capability_loss=max_capability_loss,
-                        match_percentile=match_percentile, device=device, dtype=dtype)
+    given = {name: value for name, value in options.items() if value is not None}  # None: the protocol's value
+    cfg = RefusalConfig.for_protocol(protocol, control=control or None, **given)
     emit(refusal_study(cfg=cfg, work_store=work_store, main_store=store_path, models_dir=models_dir, metrics=metrics,
                        report=report_dir, progress=progress))
 

@@ -103,8 +103,16 @@ def ablation(dictionary, regions: Sequence[int], basis: str = "exemplar") -> Edi
     """Ablate the span of the regions' directions (QR) around the dictionary's center."""
     V = region_directions(dictionary, regions, basis)
     label = f"ablate {dictionary.key}:{','.join(map(str, regions))} ({basis})"
-    return Edit(dictionary.key.layer, "ablate", dictionary.width, Q_DK=orthonormal_basis(V),
-                c_D=dictionary.center.clone(), label=label)
+    return directions_ablation(dictionary.key.layer, V, dictionary.center.clone(), label)
+
+
+def directions_ablation(layer: int, V_KD: torch.Tensor, c_D: torch.Tensor | None = None, label: str = "") -> Edit:
+    """Ablate the span of any directions V_KD (QR) at block ``layer``'s output, around ``c_D``
+    (None: around the origin, ``x - (x Q) Q^T``: Arditi et al.'s directional ablation, which the
+    refusal study's difference-of-means ceiling uses; issue 22)."""
+    V_KD = V_KD.float()
+    c_D = torch.zeros(V_KD.shape[1]) if c_D is None else c_D.float()
+    return Edit(layer, "ablate", V_KD.shape[1], Q_DK=orthonormal_basis(V_KD), c_D=c_D, label=label or "ablate")
 
 
 def steering(dictionary, region: int, alpha: float, scale: float, basis: str = "exemplar") -> Edit:

@@ -23,14 +23,26 @@ Protocol (the paper's refusal experiment, DESIGN.md "How the paper measured its 
    nearest exemplar in the pipeline's sft dictionary, by a join over the ``matches`` view,
    and the same ablation applied to the control checkpoint.
 
+8. the difference-of-means ceiling (issue 22): per layer, the mean of the harmful training
+   prompts' last positions minus the benign ones', ablated like a region: the best any
+   one-direction method can be expected to do there.
+
+Two protocols (``protocol``, issue 22): ``ours`` (the defaults below: file order, harmful
+first; 2,048-row batches; 8 tokens; our classifier) and ``paper``, the authors' values
+(``PROTOCOLS``: seeds 0-3 shuffling the prompt stream, 16-prompt batches, saturation window
+10, 60 tokens, the paper's classifier rules, the null matched on the region's total tokens,
+three bases); options given explicitly override either. The metrics JSON records the protocol.
+
 The study's activations and dictionaries live in their own store (``work_store``, default
-data/store/refusal): the keys stay honest (gemma-3-270m/sft/L6/p8 is a dictionary of that
-model and layer) while the corpus, the training prompts, differs from the pipeline's, and
-the pipeline's store and its SQL views never see them.
+data/store/refusal; one ``seed<s>`` folder in it per seed when seeds are given): the keys stay
+honest (gemma-3-270m/sft/L6/p8 is a dictionary of that model and layer) while the corpus, the
+training prompts, differs from the pipeline's, and the pipeline's store and its SQL views never
+see them.
 
 The study in modules: this one holds the config, the run (``refusal_study``), the match join
 and the control checkpoint; ``refusal_prompts`` the prompt sets and the study's dictionaries;
-``refusal_sweep`` region scoring, the ablation and steering sweep and the recommendation;
+``refusal_protocol`` the stream order, bases and the difference of means; ``refusal_sweep``
+region scoring, the ablation and steering sweep, the ceiling and the recommendation;
 ``refusal_report`` the HTML report.
 """
 
@@ -49,12 +61,22 @@ from ep_store.errors import UsageError, check_output_file, check_output_folder
 from ep_store.keys import DictionaryKey
 from ep_store.stages import models
 from ep_store.stages.dictionary import Dictionary
-from ep_store.stages.refusal_classifier import is_refusal
+from ep_store.stages.refusal_classifier import RULES, is_refusal
 from ep_store.store.core import Store
 from ep_store.studies.generate import prompt_ids
-from ep_store.studies.intervene import ablation
 from ep_store.studies.refusal_prompts import Prompts, build_dictionaries, prompt_sets
-from ep_store.studies.refusal_sweep import ALL, Runner, examples, rates_of, recommend, sweep
+from ep_store.studies.refusal_protocol import STUDY_BASES, region_ablation, reorder, stream_order
+from ep_store.studies.refusal_sweep import (
+    ALL,
+    NULL_SIZES,
+    Runner,
+    ceiling,
+    examples,
+    layer_direction,
+    rates_of,
+    recommend,
+    sweep,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +127,35 @@ class RefusalConfig:
     """auto, cpu or cuda."""
     dtype: str = "float32"
     """Compute dtype of the models (edits run in it too)."""
+    protocol: str = "ours"
+    """Which protocol's values the other fields started from (``PROTOCOLS``); recorded in the metrics."""
+    seeds: tuple[int, ...] = ()
+    """Stream-order seeds: each shuffles the training prompts' order before harvest and build
+    (numpy default_rng(seed), as the authors) and gets its own dictionaries and sweep; () keeps
+    file order, harmful first (paper: 0-3)."""
+    batch_prompts: int | None = None
+    """Calibration and build batches of this many prompts' tokens (rows: prompts x mean prompt
+    length); None: ``calibration_batch`` rows and 2,048-row build batches (paper: 16)."""
+    saturation_window: int | None = None
+    """Stop a build after this many batches without a new region; None: the whole stream (paper: 10)."""
+    classifier: str = "ours"
+    """Refusal classifier rules (ep_store.stages.refusal_classifier): ours or paper (lower-cased)."""
+    null_size: str = "prompts"
+    """Null region matched on log10 of its last-position members (prompts) or of its total
+    member tokens, all positions (tokens, the paper's)."""
+    bases: tuple[str, ...] = ("exemplar", "mean")
+    """Directions the candidates are ablated along (exemplar, mean, reanchored; paper: all three)."""
+    null_bases: tuple[str, ...] = ("exemplar",)
+    """Directions the null region is ablated along (paper: all three)."""
+    ceiling: bool = True
+    """Also ablate each layer's difference of means (harmful - benign last positions; issue 22)."""
+
+    @classmethod
+    def for_protocol(cls, protocol: str = "ours", **options) -> RefusalConfig:
+        """The config of ``protocol``'s values, ``options`` overriding them."""
+        if protocol not in PROTOCOLS:
+            raise UsageError(f"unknown protocol {protocol!r}; use {' or '.join(PROTOCOLS)}")
+        return cls(protocol=protocol, **{**PROTOCOLS[protocol], **options})
 
     def __post_init__(self):
         self.layers = tuple(sorted({int(x) for x in self.layers}))
@@ -124,6 +175,46 @@ class RefusalConfig:
             raise UsageError(f"unknown dtype {self.dtype!r}; use one of {', '.join(models.DTYPES)}")
         if self.control == self.checkpoint:
             raise UsageError("--control must differ from --checkpoint")
+        self.check_protocol_fields()
+
+    def check_protocol_fields(self) -> None:
+        """The protocol options (issue 22): known names, positive sizes, seeds in order given, once."""
+        self.seeds = tuple(dict.fromkeys(int(x) for x in self.seeds))
+        self.bases, self.null_bases = tuple(self.bases), tuple(self.null_bases)
+        checks = {"protocol": (self.protocol, PROTOCOLS), "classifier": (self.classifier, RULES),
+                  "null_size": (self.null_size, NULL_SIZES)}
+        checks |= {f"bases {b!r}": (b, STUDY_BASES) for b in (*self.bases, *self.null_bases)}
+        for name, (value, known) in checks.items():
+            if value not in known:
+                raise UsageError(f"--{name.split()[0].replace('_', '-')}: unknown {value!r}; use {', '.join(known)}")
+        if not self.bases:
+            raise UsageError("--bases needs one or more of " + ", ".join(STUDY_BASES))
+        if any(s < 0 for s in self.seeds):
+            raise UsageError("--seeds must be non-negative integers")
+        for name in ("batch_prompts", "saturation_window"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+PROTOCOLS: dict[str, dict] = {
+    "ours": {},
+    "paper": {  # the authors' scripts/exp_behavioral.py, make_fig_refusal.py, aggregate_reanchor.py
+        "percentiles": (5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0),  # make_fig_refusal.py's sweep (p = 8 default)
+        "seeds": (0, 1, 2, 3),  # aggregate_reanchor.py SEEDS
+        "train_harmful": 224,  # paper 300 + 300; chat_train.jsonl holds 224 harmful prompts
+        "train_benign": 300,
+        "heldout_harmful": 50,  # --n-held-out-harmful 50
+        "heldout_benign": 50,  # --n-held-out-benign 50 (the steering prompts)
+        "max_new_tokens": 60,  # --max-new-tokens 60, greedy
+        "batch_prompts": 16,  # --prompt-batch-size 16: calibration and build batches
+        "saturation_window": 10,  # discover(saturation_window=10)
+        "classifier": "paper",  # _is_refusal: lower-cased, first 300 characters, 24 phrases
+        "null_size": "tokens",  # null matched on log10(member_count), all positions
+        "bases": ("mean", "exemplar", "reanchored"),  # bases_to_try
+        "null_bases": ("mean", "exemplar", "reanchored"),
+    },
+}
+"""Each protocol's values for RefusalConfig fields; ``ours`` is the fields' defaults."""
 
 
 def match_status(cfg: RefusalConfig, main: Store, work: Store, best: dict) -> dict:
@@ -157,11 +248,17 @@ def control(cfg: RefusalConfig, work: Store, best: dict, heldout: Prompts, model
     heldout = Prompts(heldout.texts, prompt_ids(tokenizer, heldout.texts, chat=True), heldout.harmful)
     plain = runner.complete(heldout.inputs, f"{cfg.control} unhooked")
     benign_ref = [pc for pc, h in zip(plain, heldout.harmful) if not h]
-    unhooked = {**rates_of(runner.text(plain), heldout.harmful), "capability_loss": runner.loss(benign_ref)}
-    edit = ablation(Dictionary.load(work, best["dictionary"]), best["regions"], best["basis"])
+    unhooked = {**rates_of(runner.text(plain), heldout.harmful, cfg.classifier),
+                "capability_loss": runner.loss(benign_ref)}
+    edit = region_ablation(work, Dictionary.load(work, best["dictionary"]), best["regions"], best["basis"])
     ablated = runner.measure(heldout, [edit], benign_ref, f"{cfg.control} ablated")
     ablated["capability_ratio"] = ablated["capability_loss"] / unhooked["capability_loss"]
     return {"checkpoint": cfg.control, "unhooked": unhooked, "ablated": ablated}
+
+
+def seed_store(work_store: Path, seed: int | None) -> Store:
+    """The work store of one stream order: ``work_store`` itself for file order, else ``seed<s>`` in it."""
+    return Store(work_store if seed is None else work_store / f"seed{seed}")
 
 
 def refusal_study(cfg: RefusalConfig, work_store: Path, main_store: Path, models_dir: Path, metrics: Path,
@@ -172,29 +269,39 @@ def refusal_study(cfg: RefusalConfig, work_store: Path, main_store: Path, models
     net, tokenizer = models.load(cfg.model, cfg.checkpoint, models_dir, cfg.device, cfg.dtype)
     train, heldout = prompt_sets(cfg, tokenizer)
     runner = Runner(net, tokenizer, cfg, progress)
-    refused_N, benign_reference, unhooked = label_and_unhooked(runner, train, heldout)
-    labelled = time.perf_counter()
-    work = Store(work_store)
-    keys = build_dictionaries(cfg, work, train, tokenizer, models_dir, progress)
-    built = time.perf_counter()
-    sweeps = [sweep(cfg, runner, work, key, refused_N, heldout, benign_reference, unhooked["capability_loss"])
-              for key in keys]
+    refused_N, benign_reference, unhooked = label_and_unhooked(runner, train, heldout, cfg.classifier)
+    seconds = {"label_and_unhooked": time.perf_counter() - start, "harvest_and_build": 0.0, "sweeps": 0.0}
+    sweeps, ceilings, directions = [], [], {}
+    for seed in cfg.seeds or (None,):
+        tick = time.perf_counter()
+        order = stream_order(len(train.texts), seed)
+        stream, work = reorder(train, order), seed_store(work_store, seed)
+        keys = build_dictionaries(cfg, work, stream, tokenizer, models_dir, progress)
+        built = time.perf_counter()
+        if cfg.ceiling and not directions:  # one set of prompts: the same means for every order
+            directions = {L: layer_direction(cfg, work, L, stream.harmful) for L in cfg.layers}
+            ceilings = [ceiling(runner, L, directions[L], heldout, benign_reference, unhooked["capability_loss"])
+                        for L in cfg.layers]
+        sweeps += [sweep(cfg, runner, work, key, [refused_N[i] for i in order], heldout, benign_reference,
+                         unhooked["capability_loss"], seed, directions.get(key.layer)) for key in keys]
+        seconds["harvest_and_build"] += built - tick
+        seconds["sweeps"] += time.perf_counter() - built
     best = recommend(sweeps, unhooked, cfg.max_capability_loss)
     swept = time.perf_counter()
     del net, runner
-    result = {"model": cfg.model, "checkpoint": cfg.checkpoint, "unhooked": unhooked, "sweeps": sweeps,
-              "best": best, "match": None, "control": None}
+    result = {"model": cfg.model, "checkpoint": cfg.checkpoint, "protocol": cfg.protocol, "unhooked": unhooked,
+              "sweeps": sweeps, "ceiling": ceilings, "best": best, "match": None, "control": None}
     if best is not None:
+        work = seed_store(work_store, best["seed"])
         result["match"] = match_status(cfg, Store(main_store), work, best)
         if cfg.control is not None:
             result["control"] = control(cfg, work, best, heldout, models_dir, progress)
-    seconds = time.perf_counter() - start
-    result["seconds"] = {"total": seconds, "label_and_unhooked": labelled - start, "harvest_and_build": built - labelled,
-                         "sweeps": swept - built, "control": time.perf_counter() - swept}
+    total = time.perf_counter() - start
+    result["seconds"] = {"total": total, **seconds, "control": time.perf_counter() - swept}
     result["config"] = asdict(cfg)
     write_outputs(jsonio.clean(result), metrics, report)
-    return {"metrics": str(metrics), "best": best, "unhooked_harmful_refusal": unhooked["heldout_harmful_refusal"],
-            "seconds": round(seconds, 1)}
+    return {"metrics": str(metrics), "protocol": cfg.protocol, "best": best,
+            "unhooked_harmful_refusal": unhooked["heldout_harmful_refusal"], "seconds": round(total, 1)}
 
 
 def check_inputs(cfg: RefusalConfig, work_store: Path, models_dir: Path, metrics: Path, report: Path | None) -> None:
@@ -212,15 +319,16 @@ def check_inputs(cfg: RefusalConfig, work_store: Path, models_dir: Path, metrics
     models.resolve_device(cfg.device)
 
 
-def label_and_unhooked(runner: Runner, train: Prompts, heldout: Prompts) -> tuple[list[bool], list, dict]:
-    """Label each training prompt by whether the unhooked model refuses it, and measure the
-    unhooked model on the held-out prompts: (refused_N, the benign (prompt, completion) pairs
-    the capability loss is measured on, the unhooked rates and loss)."""
+def label_and_unhooked(runner: Runner, train: Prompts, heldout: Prompts,
+                       rules: str = "ours") -> tuple[list[bool], list, dict]:
+    """Label each training prompt by whether the unhooked model refuses it (classifier ``rules``),
+    and measure the unhooked model on the held-out prompts: (refused_N in file order, the benign
+    (prompt, completion) pairs the capability loss is measured on, the unhooked rates and loss)."""
     train_answers = runner.text(runner.complete(train.inputs, "label training prompts"))
-    refused_N = [is_refusal(a) for a in train_answers]
+    refused_N = [is_refusal(a, rules) for a in train_answers]
     plain = runner.complete(heldout.inputs, "held-out unhooked")
     benign_reference = [pc for pc, h in zip(plain, heldout.harmful) if not h]
-    unhooked = {**rates_of(runner.text(plain), heldout.harmful),
+    unhooked = {**rates_of(runner.text(plain), heldout.harmful, rules),
                 "train_harmful_refusal": float(np.mean([r for r, h in zip(refused_N, train.harmful) if h])),
                 "train_benign_refusal": float(np.mean([r for r, h in zip(refused_N, train.harmful) if not h])),
                 "capability_loss": runner.loss(benign_reference),

@@ -85,6 +85,12 @@ def harvest_documents(tokenizer, train: Prompts) -> StudyCorpus:
     return StudyCorpus(docs, policy, chat)
 
 
+def prompt_batch_rows(lengths: list[int], prompts_per_batch: int) -> int:
+    """Rows in a batch of ``prompts_per_batch`` prompts of mean length (at least 2: theta is a
+    percentile of pairs within a batch). Our build cuts batches by rows, the authors' by prompts."""
+    return max(2, round(prompts_per_batch * sum(lengths) / len(lengths)))
+
+
 def build_dictionaries(cfg: RefusalConfig, work: Store, train: Prompts, tokenizer, models_dir: Path,
                        progress: bool) -> list[DictionaryKey]:
     """Harvest the training prompts (all positions, chat-formatted, BOS left out as always) and
@@ -98,11 +104,15 @@ def build_dictionaries(cfg: RefusalConfig, work: Store, train: Prompts, tokenize
     harvest(HarvestConfig(cfg.model, cfg.checkpoint, cfg.layers, corpus=spec, max_tokens=sum(lengths), ctx=max(lengths),
                           batch_size=32, device=cfg.device, dtype=cfg.dtype, overwrite=True, bos=study.bos),
             work, models_dir, progress)
+    sizes = {"calibration_batch": cfg.calibration_batch}  # and the build's 2,048-row batches (ours)
+    if cfg.batch_prompts is not None:  # the paper's: batches of 16 prompts' tokens (issue 22)
+        rows = prompt_batch_rows(lengths, cfg.batch_prompts)
+        sizes = {"calibration_batch": rows, "batch_size": rows}
     keys = []
     for layer in cfg.layers:
         for p in cfg.percentiles:
-            build(BuildConfig(cfg.model, cfg.checkpoint, layer, p, calibration_batch=cfg.calibration_batch,
-                              saturation_window=10**9, skip_nonfinite=True, overwrite=True, device=cfg.device),
+            build(BuildConfig(cfg.model, cfg.checkpoint, layer, p, **sizes, saturation_window=cfg.saturation_window or 10**9,
+                              skip_nonfinite=True, overwrite=True, device=cfg.device),
                   work, assign=True, progress=progress)
             keys.append(DictionaryKey(cfg.model, cfg.checkpoint, layer, p))
     return keys

@@ -3,7 +3,9 @@
 Written by ``ep refusal`` from its metrics (ep_store.studies.refusal): the refusal table per
 dictionary (unhooked; ablation of the top k = 1..5 regions, exemplar and mean bases; the
 null region; steering), a plot of held-out harmful refusal against k, the recommended
-condition, the base-vs-fine-tuned match status of its regions and the control ablation.
+condition, the base-vs-fine-tuned match status of its regions and the control ablation; with
+issue 22's options, the re-anchored basis, one sweep per stream-order seed (dictionaries named
+``KEY seed S``) and each layer's difference-of-means ceiling.
 """
 
 from __future__ import annotations
@@ -16,19 +18,31 @@ from ep_store.analysis.report import environment
 
 def refusal_curves(sweep: dict, unhooked: float, path: Path) -> str | None:
     """Held-out harmful refusal against k for exemplar, mean and null ablation."""
-    by = {b: {c["k"]: c["heldout_harmful_refusal"] for c in sweep["conditions"] if c["basis"] == b}
-          for b in ("exemplar", "mean", "null")}
-    ks = sorted(by["exemplar"])
+    by: dict[str, dict] = {}
+    for c in sweep["conditions"]:
+        by.setdefault(condition(c), {})[c["k"]] = c["heldout_harmful_refusal"]
+    ks = sorted({k for name, rates in by.items() if not name.startswith("null") for k in rates})
     if not ks:
         return None
-    series = {"exemplar": [by["exemplar"][k] for k in ks], "mean": [by["mean"].get(k) for k in ks],
-              "unhooked": [unhooked] * len(ks)}
-    if by["null"]:
-        series["null (k=1)"] = [by["null"][1]] * len(ks)
-    styles = {"unhooked": {"ls": "--", "color": "gray", "lw": 2.5},
-              "null (k=1)": {"ls": ":", "marker": "x", "color": "C3"}}
+    series = {name: [rates.get(k) for k in ks] for name, rates in by.items() if not name.startswith("null")}
+    series["unhooked"] = [unhooked] * len(ks)
+    styles = {"unhooked": {"ls": "--", "color": "gray", "lw": 2.5}}
+    for i, (name, rates) in enumerate((n, r) for n, r in by.items() if n.startswith("null")):
+        series[f"{name} (k=1)"] = [rates[1]] * len(ks)
+        styles[f"{name} (k=1)"] = {"ls": ":", "marker": "x", "color": f"C{3 + i}"}
     return plots.lines(ks, series, path, f"{sweep['dictionary']}: ablation", "k (regions ablated)",
                        "held-out harmful refusal", styles)
+
+
+def condition(c: dict) -> str:
+    """A condition's name: its basis, and a null region's direction unless it is the exemplar."""
+    direction = c.get("direction", "exemplar")
+    return c["basis"] if c["basis"] != "null" or direction == "exemplar" else f"null ({direction})"
+
+
+def named(sweep: dict) -> str:
+    """A sweep's dictionary, with its stream-order seed when it has one."""
+    return sweep["dictionary"] if sweep.get("seed") is None else f"{sweep['dictionary']} seed {sweep['seed']}"
 
 
 def table_rows(result: dict) -> list[dict]:
@@ -38,21 +52,29 @@ def table_rows(result: dict) -> list[dict]:
              "benign": u["heldout_benign_refusal"], "capability": 1.0}]
     for s in result["sweeps"]:
         for c in s["conditions"]:
-            rows.append({"dictionary": s["dictionary"], "condition": c["basis"], "k": c["k"],
+            rows.append({"dictionary": s["dictionary"], "condition": condition(c), "k": c["k"],
                          "regions": ",".join(map(str, c["regions"])), "harmful": c["heldout_harmful_refusal"],
                          "benign": c["heldout_benign_refusal"], "capability": c["capability_ratio"]})
         for st in s["steering"]:
             rows.append({"dictionary": s["dictionary"], "condition": f"steer alpha={st['alpha']:g}", "k": 1,
                          "regions": str(st["region_id"]), "harmful": None, "benign": st["heldout_benign_refusal"],
                          "capability": None})
+    for c in result.get("ceiling") or []:
+        rows.append({"dictionary": f"L{c['layer']}", "condition": "diff-of-means ceiling", "k": 1, "regions": "",
+                     "harmful": c["heldout_harmful_refusal"], "benign": c["heldout_benign_refusal"],
+                     "capability": c["capability_ratio"]})
     return rows
 
 
 def refusal_report(result: dict, out: Path) -> dict:
+    # Sweeps of several seeds share dictionary keys: the report names them with their seed.
+    result = {**result, "sweeps": [{**s, "dictionary": named(s)} for s in result["sweeps"]]}
+    if result.get("best"):
+        result["best"] = {**result["best"], "dictionary": named(result["best"])}
     out.mkdir(parents=True, exist_ok=True)
     images = {}
     for s in result["sweeps"]:
-        name = s["dictionary"].replace("/", "~") + ".png"
+        name = s["dictionary"].replace("/", "~").replace(" ", "~") + ".png"
         image = refusal_curves(s, result["unhooked"]["heldout_harmful_refusal"], out / name)
         if image:
             images[s["dictionary"]] = image

@@ -1,6 +1,7 @@
 """The refusal study's sweep (issue 9; ep_store.studies.refusal runs the study): score the regions
 of the training prompts' last positions (pure), pick candidates and the null region, ablate and
-steer them with the model loaded (``Runner``), and recommend one condition.
+steer them with the model loaded (``Runner``), measure the difference-of-means ceiling of a layer
+(issue 22), and recommend one condition.
 """
 
 from __future__ import annotations
@@ -12,21 +13,35 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from ep_store.keys import DictionaryKey
+from ep_store.keys import ActivationKey, DictionaryKey
 from ep_store.stages.dictionary import Dictionary
 from ep_store.stages.refusal_classifier import is_refusal
 from ep_store.store.core import Store
 from ep_store.studies.finetune import response_loss
 from ep_store.studies.generate import greedy_tokens
-from ep_store.studies.intervene import Edit, ablation, intervene, steering, steering_scale
+from ep_store.studies.intervene import (
+    Edit,
+    directions_ablation,
+    intervene,
+    steering,
+    steering_scale,
+)
 from ep_store.studies.refusal_prompts import Prompts
+from ep_store.studies.refusal_protocol import (
+    basis_directions,
+    ceiling_edit,
+    diff_of_means,
+    last_positions,
+)
 
 if TYPE_CHECKING:
     from ep_store.studies.refusal import RefusalConfig
 
 log = logging.getLogger(__name__)
 ALL = 2**31 - 1  # "every row" for a question's --limit
-
+NULL_SIZES = ("prompts", "tokens")
+"""What the null region is matched on beside coherence: log10 of its last-position members
+(prompts, ours) or of its build members over all positions (tokens, the paper)."""
 
 
 # -- region scoring (pure) ------------------------------------------------------------------------
@@ -37,10 +52,13 @@ class RegionScore(NamedTuple):
     refusal_rate: float
     coherence: float
     score: float  # refusal_rate x members
+    tokens: int = 0  # the region's build members over all positions (0: not known)
 
 
-def score_regions(region_N, refused_N, coherence: dict[int, float]) -> list[RegionScore]:
-    """Per region of the prompts' last positions: members, refusal rate, coherence, rate x members.
+def score_regions(region_N, refused_N, coherence: dict[int, float],
+                  tokens: dict[int, int] | None = None) -> list[RegionScore]:
+    """Per region of the prompts' last positions: members, refusal rate, coherence, rate x members,
+    and the region's member tokens (all positions) from ``tokens``.
 
     ``region_N`` holds each training prompt's region (-1 = unassigned, left out), ``refused_N``
     its label. Sorted by score, then members, then region id.
@@ -50,7 +68,8 @@ def score_regions(region_N, refused_N, coherence: dict[int, float]) -> list[Regi
     for r in np.unique(region_N[region_N >= 0]):
         mask = region_N == r
         n, k = int(mask.sum()), int(refused_N[mask].sum())
-        scores.append(RegionScore(int(r), n, k, k / n, float(coherence.get(int(r), float("nan"))), k))
+        scores.append(RegionScore(int(r), n, k, k / n, float(coherence.get(int(r), float("nan"))), k,
+                                  int((tokens or {}).get(int(r), 0))))
     return sorted(scores, key=lambda s: (-s.score, -s.members, s.region_id))
 
 
@@ -60,17 +79,23 @@ def candidates(scores: list[RegionScore], min_members: int = 5, min_rate: float 
 
 
 def null_region(scores: list[RegionScore], top: RegionScore, min_members: int = 5,
-                max_rate: float = 0.05, exclude: set[int] = frozenset()) -> RegionScore | None:
+                max_rate: float = 0.05, exclude: set[int] = frozenset(), size: str = "prompts") -> RegionScore | None:
     """The control region: rate <= max_rate, >= min_members, not excluded, nearest ``top`` in
-    (log10 members, coherence) (Euclidean; ties by region id). None when no region qualifies."""
+    (log10 size, coherence) (Euclidean; ties by region id), size being the last-position
+    ``members`` (``size="prompts"``) or the region's ``tokens`` over all positions (``"tokens"``,
+    the paper's, at least 1 as in the authors' code). None when no region qualifies."""
+    if size not in NULL_SIZES:
+        raise ValueError(f"unknown null size {size!r}; use {' or '.join(NULL_SIZES)}")
     pool = [s for s in scores if s.members >= min_members and s.refusal_rate <= max_rate
             and s.region_id not in exclude and s.region_id != top.region_id]
     if not pool:
         return None
 
+    def log_size(s: RegionScore) -> float:
+        return math.log10(s.members if size == "prompts" else max(s.tokens, 1))
+
     def distance(s: RegionScore) -> float:
-        return math.hypot(math.log10(s.members) - math.log10(top.members),
-                          np.nan_to_num(s.coherence - top.coherence, nan=0.0))
+        return math.hypot(log_size(s) - log_size(top), np.nan_to_num(s.coherence - top.coherence, nan=0.0))
 
     return min(pool, key=lambda s: (distance(s), s.region_id))
 
@@ -118,12 +143,12 @@ class Runner:
         with intervene(self.net, edits):
             answers = self.text(self.complete(heldout.inputs, name))
             loss = self.loss(benign_reference)
-        rates = rates_of(answers, heldout.harmful)
+        rates = rates_of(answers, heldout.harmful, self.cfg.classifier)
         return {**rates, "capability_loss": loss, "examples": examples(heldout, answers)}
 
 
-def rates_of(answers: list[str], harmful: list[bool]) -> dict:
-    refused = [is_refusal(a) for a in answers]
+def rates_of(answers: list[str], harmful: list[bool], rules: str = "ours") -> dict:
+    refused = [is_refusal(a, rules) for a in answers]
     h = [r for r, x in zip(refused, harmful) if x]
     b = [r for r, x in zip(refused, harmful) if not x]
     return {"heldout_harmful_refusal": sum(h) / len(h) if h else None,
@@ -137,54 +162,93 @@ def examples(p: Prompts, answers: list[str], n: int = 2) -> list[dict]:
 
 
 # -- one dictionary ----------------------------------------------------------------------------------
-def last_position_regions(work: Store, key: DictionaryKey, n: int) -> tuple[np.ndarray, dict[int, float]]:
-    """(region of each training prompt's last position, -1 if none; coherence per region)."""
+def last_position_regions(work: Store, key: DictionaryKey, n: int) -> tuple[np.ndarray, dict[int, float], dict[int, int]]:
+    """(region of each training prompt's last position, -1 if none; coherence per region; build
+    members per region, all positions)."""
     from ep_store.sql.db import StoreDB, ask
 
     rows = ask(StoreDB(work), key, "last_token_regions", limit=ALL).to_pylist()
     region_N = np.full(n, -1)
-    coherence = {}
+    coherence, tokens = {}, {}
     for r in rows:
         region_N[r["doc_id"]] = r["region_id"]
         coherence[r["region_id"]] = r["coherence"]
-    return region_N, coherence
+        tokens[r["region_id"]] = r["member_count"]
+    return region_N, coherence, tokens
 
 
 def sweep(cfg: RefusalConfig, runner: Runner, work: Store, key: DictionaryKey, refused_N: list[bool],
-          heldout: Prompts, benign_reference, unhooked_loss: float) -> dict:
-    """Candidates, null region, ablations k = 1..k_max in both bases, null, steering: one dictionary."""
+          heldout: Prompts, benign_reference, unhooked_loss: float, seed: int | None = None,
+          direction_D: torch.Tensor | None = None) -> dict:
+    """Candidates, null region, ablations k = 1..k_max in each of ``cfg.bases``, the null region in
+    each of ``cfg.null_bases``, steering: one dictionary (of the stream order of ``seed``).
+    ``direction_D``, the layer's difference of means, gives each candidate's exemplar cosine to it."""
     d = Dictionary.load(work, key)
-    region_N, coherence = last_position_regions(work, key, len(refused_N))
-    scores = score_regions(region_N, refused_N, coherence)
+    region_N, coherence, tokens = last_position_regions(work, key, len(refused_N))
+    scores = score_regions(region_N, refused_N, coherence, tokens)
     cands = candidates(scores, cfg.min_members, cfg.min_rate)
-    result = {"dictionary": str(key), "layer": key.layer, "percentile": key.percentile, "regions": len(d),
-              "theta": d.theta, "scale": steering_scale(work, d), "last_positions": int((region_N >= 0).sum()),
-              "occupied_regions": len(scores), "candidates": [s._asdict() for s in cands[: cfg.k_max]],
-              "null": None, "conditions": [], "steering": []}
+    result = {"dictionary": str(key), "seed": seed, "layer": key.layer, "percentile": key.percentile,
+              "regions": len(d), "theta": d.theta, "scale": steering_scale(work, d),
+              "batch_rows": d.meta.get("build", {}).get("batch_size"), "stop_reason": d.meta.get("stop_reason"),
+              "last_positions": int((region_N >= 0).sum()), "occupied_regions": len(scores),
+              "candidates": [s._asdict() for s in cands[: cfg.k_max]], "null": None, "conditions": [], "steering": []}
     if not cands:
         log.warning("%s: no candidate region (>= %d members, rate >= %.2f)", key, cfg.min_members, cfg.min_rate)
         return result
-    null = null_region(scores, cands[0], cfg.min_members, cfg.null_max_rate, {c.region_id for c in cands})
+    if direction_D is not None:
+        unit = direction_D / direction_D.norm().clamp_min(1e-12)
+        for c in result["candidates"]:
+            c["diff_of_means_cosine"] = float(d.exemplars[c["region_id"]] @ unit)
+    null = null_region(scores, cands[0], cfg.min_members, cfg.null_max_rate, {c.region_id for c in cands},
+                       cfg.null_size)
     result["null"] = null._asdict() if null else None
-    conditions = [(basis, k, [c.region_id for c in cands[:k]]) for basis in ("exemplar", "mean")
-                  for k in range(1, min(cfg.k_max, len(cands)) + 1)]
-    if null is not None:
-        conditions.append(("null", 1, [null.region_id]))
-    for basis, k, ids in conditions:
-        edit = ablation(d, ids, "exemplar" if basis == "null" else basis)
-        m = runner.measure(heldout, [edit], benign_reference, f"{key} {basis} k={k}")
-        m["capability_ratio"] = m["capability_loss"] / unhooked_loss if unhooked_loss else None
-        result["conditions"].append({"basis": basis, "k": k, "regions": ids, **m})
+    top = [c.region_id for c in cands[: cfg.k_max]]
+    measured = [("", basis, top) for basis in cfg.bases] + [("null", basis, [null.region_id])
+                                                            for basis in (cfg.null_bases if null else ())]
+    for kind, basis, ids in measured:
+        V = basis_directions(work, d, ids, basis)
+        for k in range(1, len(ids) + 1):
+            name = kind or basis
+            label = f"{key} {name}{f' ({basis})' if kind else ''} k={k}"
+            edit = directions_ablation(key.layer, V[:k], d.center.clone(), label)
+            m = runner.measure(heldout, [edit], benign_reference, label)
+            m["capability_ratio"] = m["capability_loss"] / unhooked_loss if unhooked_loss else None
+            extra = {"direction": basis} if kind else {}
+            result["conditions"].append({"basis": name, "k": k, "regions": ids[:k], **extra, **m})
+    result["steering"] = steer(cfg, runner, d, cands[0].region_id, result["scale"], heldout, str(key))
+    return result
+
+
+def steer(cfg: RefusalConfig, runner: Runner, d: Dictionary, region: int, scale: float, heldout: Prompts,
+          name: str) -> list[dict]:
+    """Add the region's exemplar direction at each of ``cfg.alphas`` on the held-out benign prompts."""
     benign = Prompts(*[[x for x, h in zip(col, heldout.harmful) if not h]
                        for col in (heldout.texts, heldout.inputs, heldout.harmful)])
+    out = []
     for alpha in cfg.alphas:
-        edit = steering(d, cands[0].region_id, alpha, result["scale"])
-        with intervene(runner.net, [edit]):
-            answers = runner.text(runner.complete(benign.inputs, f"{key} steer {alpha:g}"))
-        result["steering"].append({"region_id": cands[0].region_id, "alpha": alpha,
-                                   "heldout_benign_refusal": rates_of(answers, benign.harmful)["heldout_benign_refusal"],
-                                   "examples": examples(benign, answers)})
-    return result
+        with intervene(runner.net, [steering(d, region, alpha, scale)]):
+            answers = runner.text(runner.complete(benign.inputs, f"{name} steer {alpha:g}"))
+        rate = rates_of(answers, benign.harmful, cfg.classifier)["heldout_benign_refusal"]
+        out.append({"region_id": region, "alpha": alpha, "heldout_benign_refusal": rate,
+                    "examples": examples(benign, answers)})
+    return out
+
+
+def layer_direction(cfg: RefusalConfig, work: Store, layer: int, harmful_N: list[bool]) -> torch.Tensor:
+    """The layer's difference of means over the training prompts' last positions (``harmful_N`` in
+    the work store's doc_id order)."""
+    x_ND = last_positions(work, ActivationKey(cfg.model, cfg.checkpoint, layer), len(harmful_N))
+    return diff_of_means(x_ND, harmful_N)
+
+
+def ceiling(runner: Runner, layer: int, direction_D: torch.Tensor, heldout: Prompts, benign_reference,
+            unhooked_loss: float) -> dict:
+    """The difference-of-means ceiling at ``layer``: held-out refusal and capability with the
+    direction ablated (every position and step, around the origin)."""
+    name = f"L{layer} diff-of-means"
+    m = runner.measure(heldout, [ceiling_edit(layer, direction_D)], benign_reference, name)
+    m["capability_ratio"] = m["capability_loss"] / unhooked_loss if unhooked_loss else None
+    return {"layer": layer, "norm": float(direction_D.norm()), **m}
 
 
 def recommend(sweeps: list[dict], unhooked: dict, max_capability_loss: float) -> dict | None:
@@ -198,7 +262,8 @@ def recommend(sweeps: list[dict], unhooked: dict, max_capability_loss: float) ->
               and c["capability_ratio"] <= 1 + max_capability_loss]
     s, c = min(within or pool, key=lambda sc: (sc[1]["heldout_harmful_refusal"], sc[1]["k"],
                                                sc[1]["basis"] != "exemplar", sc[1]["capability_ratio"] or 0))
-    return {"dictionary": s["dictionary"], "regions": c["regions"], "basis": c["basis"], "k": c["k"],
+    return {"dictionary": s["dictionary"], "seed": s.get("seed"), "regions": c["regions"], "basis": c["basis"],
+            "k": c["k"],
             "heldout_harmful_refusal": c["heldout_harmful_refusal"],
             "heldout_benign_refusal": c["heldout_benign_refusal"], "capability_ratio": c["capability_ratio"],
             "unhooked_harmful_refusal": unhooked["heldout_harmful_refusal"],
