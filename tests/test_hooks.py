@@ -179,8 +179,62 @@ def test_build_sql_and_export_at_a_hook_point(layouts_dir, tmp_path):
         stats[key] = [json.loads(line) for line in out.stdout.splitlines()]
         assert sum(r["assigned_tokens"] for r in stats[key]) <= 1500
     assert stats["gemma/base/L1/p10"] != stats["gemma/base/L1.attn_out/p10"]
+    _steering_edits_the_hook_point(layouts_dir, Store(store_root))
     exported = run.invoke(cli, ["export", "saelens", "gemma/base/L1.attn_out/p10", "--out", str(tmp_path / "sae"),
                                 *common])
     assert exported.exit_code == 0, exported.output
     cfg = json.loads((tmp_path / "sae" / "cfg.json").read_text())
     assert cfg["metadata"]["hook_name"] == "blocks.1.hook_attn_out"
+
+
+def _steering_edits_the_hook_point(layouts_dir, store):
+    """Steering along a region of an attn_out dictionary shifts the attention output (what the
+    block adds to the stream) by alpha * scale * d at every position, and nothing before it."""
+    from transformers import AutoModelForCausalLM
+
+    from ep_store.stages.dictionary import Dictionary
+    from ep_store.studies.intervene import intervene, steering
+
+    d = Dictionary.load(store, "gemma/base/L1.attn_out/p10")
+    edit = steering(d, 0, alpha=2.0, scale=3.0)
+    assert edit.hook == "attn_out"
+    net = AutoModelForCausalLM.from_pretrained(layouts_dir / "gemma" / "base").eval()
+    block = net.model.layers[1]
+    seen = []
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        for steer_on in (False, True):
+            if steer_on:
+                with intervene(net, [edit]):
+                    handle = block.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.append(out))
+                    net(input_ids=ids)
+            else:
+                handle = block.post_attention_layernorm.register_forward_hook(lambda m, a, out: seen.append(out))
+                net(input_ids=ids)
+            handle.remove()
+    shift = (seen[1] - seen[0])[0]
+    want = 6.0 * d.exemplars[0] / d.exemplars[0].norm()
+    torch.testing.assert_close(shift, want.expand_as(shift), rtol=1e-4, atol=1e-4)
+
+
+def test_rewrite_replaces_the_block_input_and_refuses_resid_mid(layouts_dir):
+    from transformers import AutoModelForCausalLM
+
+    from ep_store.stages import hookpoints
+
+    net = AutoModelForCausalLM.from_pretrained(layouts_dir / "llama" / "base").eval()
+    block = net.model.layers[1]
+    seen = {}
+    handles = [hookpoints.rewrite(block, "resid_pre", lambda x: torch.full_like(x, 0.5)),
+               hookpoints.attach(block, "resid_pre", lambda x: seen.setdefault("pre", x)),
+               hookpoints.attach(block, "resid_post", lambda x: seen.setdefault("post", x))]
+    try:
+        with torch.no_grad():
+            net(input_ids=torch.tensor([[5, 17, 42]]))
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(seen["pre"], torch.full_like(seen["pre"], 0.5))
+    assert not torch.equal(seen["post"], seen["pre"])
+    with pytest.raises(UsageError, match="resid_mid"):
+        hookpoints.rewrite(block, "resid_mid", lambda x: x)

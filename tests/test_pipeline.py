@@ -76,8 +76,9 @@ def edited(params: dict) -> dict:
     p["build"]["percentiles"] = [2]
     model = p["finetune"]["model"]
     names = finetune_checkpoints(p)
-    p["harvest"]["targets"] = [{"model": model, "checkpoint": "base"}] + \
-        [{"model": model, "checkpoint": n} for n in names] + [{"model": "smollm2-135m", "checkpoint": "instruct"}]
+    p["harvest"]["targets"] = [{"model": model, "checkpoint": "base", "max_tokens": 300}] + \
+        [{"model": model, "checkpoint": n, "max_tokens": 200} for n in names] + \
+        [{"model": "smollm2-135m", "checkpoint": "instruct", "max_tokens": 200}]
     p["match"]["finetuned"] = names
     p["match"]["cross"] = [{"name": "models-L3", "a": {"model": model, "checkpoint": "base", "layer": 3},
                             "b": {"model": "smollm2-135m", "checkpoint": "instruct", "layer": 3}}]
@@ -115,6 +116,8 @@ def test_edited_params_give_the_stage_set_they_ask_for(edited_repo):
     harvests = {k: v for k, v in stages.items() if k.startswith("harvest@")}
     assert len(harvests) == 4
     assert all(" --layers 3 " in v["cmd"] and "--layers 6" not in v["cmd"] for v in harvests.values())
+    # each target's own token budget (issue 22: the evaluated checkpoints stream more)
+    assert sorted(v["cmd"].split("--max-tokens ")[1].split()[0] for v in harvests.values()) == ["200"] * 3 + ["300"]
     assert {d for v in harvests.values() for d in v["deps"] if d.startswith("data/models/gemma")} == \
         {"data/models/gemma-3-270m/base", "data/models/gemma-3-270m/sft-step1", "data/models/gemma-3-270m/sft"}
     # build/assign/report: targets x layers x percentiles

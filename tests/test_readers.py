@@ -305,3 +305,17 @@ def test_a_datasets_folder_and_arrow_shards_are_corpora(tmp_path, models_dir):
                                         columns=["doc_id", "pos", "token"])
         summaries.append(table.to_pylist())
     assert summaries[0] == summaries[1] and len(summaries[0]) > 10
+
+
+def test_stdlib_source_takes_each_package_in_turn():
+    """The ``stdlib`` corpus source (issue 22): the evaluation packages' source, one file of each
+    package in turn, so a token budget's prefix covers every package; test folders left out."""
+    from ep_store.stages.corpus import STDLIB_PACKAGES, iter_documents
+
+    docs = list(iter_documents("chat,stdlib"))
+    source = [d for d in docs if d.name.startswith("source:")]
+    first = [d.name.split(":", 1)[1].split("/")[0] for d in source[: len(STDLIB_PACKAGES)]]
+    assert first == list(STDLIB_PACKAGES)
+    assert all(d.name.split(":", 1)[1].split("/")[0] in STDLIB_PACKAGES for d in source)
+    assert not any("/test/" in d.name or "/tests/" in d.name for d in source)
+    assert [d.doc_id for d in docs] == list(range(len(docs))) and len(source) > 50

@@ -31,7 +31,7 @@ from ep_store.cli.base import (
 @CHECKPOINT
 @click.option("--layers", type=Listed(int), required=True, multiple=True,
               help="0-based blocks, comma-separated and/or repeated: 6,12 or --layers 6 --layers 12.")
-@click.option("--corpus", default="builtin", show_default=True, help="Comma-separated sources: builtin, chat (the held-out chat prompts), .txt/.jsonl/.csv/.parquet/.arrow files, "
+@click.option("--corpus", default="builtin", show_default=True, help="Comma-separated sources: builtin, chat (the held-out chat prompts), stdlib (source of the evaluation packages), hf:NAME[:CONFIG][:SPLIT] (a streamed Hugging Face dataset), .txt/.jsonl/.csv/.parquet/.arrow files, "
               "Hugging Face datasets folders (save_to_disk), "
               "and chat:FILE (a file in Gemma's chat format: its turn markers become control tokens).")
 @click.option("--text-field", default="text", show_default=True,

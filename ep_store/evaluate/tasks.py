@@ -31,11 +31,12 @@ import numpy as np
 
 from ep_store.errors import UsageError
 from ep_store.stages import readers
+from ep_store.stages.corpus import STDLIB_PACKAGES
 
 log = logging.getLogger(__name__)
 
 SEED = 0
-TOPIC_PACKAGES = ("asyncio", "email", "xml", "importlib", "logging", "http")
+TOPIC_PACKAGES = STDLIB_PACKAGES  # the harvest's ``stdlib`` source reads the same packages
 MIN_DOCSTRING_CHARS = 120
 CODE_LINES = 12
 

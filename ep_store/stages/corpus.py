@@ -4,6 +4,9 @@ Corpus sources (comma-separated in a spec such as ``builtin,notes.jsonl``):
 - ``builtin``: real English prose that every Python install carries, read at run time:
   the interpreter's help topics (``pydoc_data.topics``), then standard-library module
   docstrings read with ``ast`` (nothing is imported).
+- ``stdlib``: the Python source (code and docstrings) of the standard-library packages the
+  built-in evaluation tasks are about (``STDLIB_PACKAGES``), one file of each package in turn,
+  so any prefix of the source holds every package (issue 22: a stream that covers the tasks).
 - ``chat``: the project's held-out chat prompts with their target responses, in Gemma's
   chat format (ep_store.stages.prompts); put it first (``chat,builtin``) so a token budget keeps it.
 - ``*.txt`` (one document per file), ``*.jsonl``, ``*.csv``, ``*.parquet``, ``*.arrow`` and
@@ -100,6 +103,23 @@ def builtin_texts() -> Iterator[tuple[str, str]]:
             yield f"module:{path.stem}", doc
 
 
+STDLIB_PACKAGES = ("asyncio", "email", "xml", "importlib", "logging", "http")
+"""Standard-library packages of the ``stdlib`` source and of the built-in stdlib_topic tasks."""
+
+
+def stdlib_texts() -> Iterator[tuple[str, str]]:
+    """(name, source) of the ``STDLIB_PACKAGES`` ``.py`` files (tests left out), round-robin over
+    the packages in sorted file order; files that are not UTF-8 are skipped."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    files = [[p for p in sorted((stdlib / pkg).rglob("*.py")) if not {"test", "tests"} & set(p.parts)]
+             for pkg in STDLIB_PACKAGES]
+    for path in (p for group in itertools.zip_longest(*files) for p in group if p is not None):
+        try:
+            yield f"source:{path.relative_to(stdlib)}", path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+
+
 def chat_texts() -> Iterator[tuple[str, str]]:
     from ep_store.stages.prompts import chat_stream_texts
 
@@ -131,6 +151,8 @@ def iter_documents(spec: str, text_field: str = "text", budget=None) -> Iterator
             texts = builtin_texts()
         elif source == "chat":
             texts = chat_texts()
+        elif source == "stdlib":
+            texts = stdlib_texts()
         elif source.startswith("chat:"):
             path = source[len("chat:"):].strip()
             if not path:

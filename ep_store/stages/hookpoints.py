@@ -16,6 +16,7 @@ parallel residual (GPT-NeoX/Pythia, Phi) have no ``resid_mid``: asking for it is
 rather than silently reading the block input.
 
     handle = attach(block, "attn_out", keep)   # keep(x_BTD) is called on every forward
+    handle = rewrite(block, "attn_out", edit)  # the block goes on with edit(x_BTD) (interventions)
     handle.remove()
 """
 
@@ -84,5 +85,28 @@ def attach(block: torch.nn.Module, hook: str, keep: Callable[[torch.Tensor], Non
 
     def on_input(_module, args, kwargs):
         keep(args[0] if args else kwargs["hidden_states"])
+
+    return module.register_forward_pre_hook(on_input, with_kwargs=True)
+
+
+def rewrite(block: torch.nn.Module, hook: str, edit: Callable[[torch.Tensor], torch.Tensor]):
+    """Replace hook point ``hook`` of ``block`` by ``edit(x_BTD)`` on every forward (an
+    intervention at the point a dictionary was harvested at); returns the handle. UsageError for
+    ``resid_mid``: it is the input of a norm, so editing it would change only what the MLP
+    reads, not the stream."""
+    if hook == "resid_mid":
+        raise UsageError("an edit at resid_mid would change only the MLP's input, not the residual stream; "
+                         "intervene with a dictionary of resid_pre, attn_out, mlp_out or resid_post")
+    module, side = site(block, hook)
+    if side == "output":
+        def on_output(_module, _args, output):
+            return (edit(output[0]), *output[1:]) if isinstance(output, tuple) else edit(output)
+
+        return module.register_forward_hook(on_output)
+
+    def on_input(_module, args, kwargs):
+        if args:
+            return (edit(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": edit(kwargs["hidden_states"])}
 
     return module.register_forward_pre_hook(on_input, with_kwargs=True)

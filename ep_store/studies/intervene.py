@@ -8,9 +8,10 @@ ep_store.kernels.edits (shapes: B batch, T positions, D width, K directions):
     steer(x_BTD, d_D, alpha, scale) = x + alpha * scale * d         d: unit direction
 
 This module binds edits to a dictionary's regions and a layer (``ablation``, ``steering``), and
-``intervene(net, edits)`` is a context manager that registers one forward hook per edit
-on decoder block ``edit.layer`` (the point harvest reads: TransformerLens
-``blocks.L.hook_resid_post``), so the edit applies at every position and every generation
+``intervene(net, edits)`` is a context manager that registers one hook per edit at the point
+its dictionary was harvested: decoder block ``edit.layer``'s output (TransformerLens
+``blocks.L.hook_resid_post``) or another hook point (``edit.hook``: resid_pre, attn_out,
+mlp_out; ep_store.stages.hookpoints.rewrite; resid_mid is refused), so the edit applies at every position and every generation
 step, and removes every handle in ``finally``. Edits compose: several dictionaries and
 layers at once; edits on one block apply in the order given. Edits run in the model's own
 dtype and on its device.
@@ -38,6 +39,8 @@ import torch
 from ep_store.errors import UsageError
 from ep_store.kernels.calibrate import centered_norms, median_norm
 from ep_store.kernels.edits import ablate, orthonormal_basis, steer
+from ep_store.keys import DEFAULT_HOOK
+from ep_store.stages import hookpoints
 from ep_store.stages.models import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,8 @@ BASES = ("exemplar", "mean")
 # -- edits bound to a layer -----------------------------------------------------------------------
 @dataclass
 class Edit:
-    """One intervention at the output of decoder block ``layer``.
+    """One intervention at hook point ``hook`` of decoder block ``layer`` (the block output
+    unless the dictionary was harvested elsewhere: ep_store.stages.hookpoints; issue 21).
 
     ``kind`` is "ablate" (uses ``Q_DK`` and ``c_D``) or "steer" (``d_D``, ``alpha``, ``scale``).
     """
@@ -63,6 +67,7 @@ class Edit:
     alpha: float = 0.0
     scale: float = 1.0
     label: str = ""
+    hook: str = DEFAULT_HOOK
     _cast: dict = field(default_factory=dict, repr=False)
 
     def tensors(self, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -103,16 +108,18 @@ def ablation(dictionary, regions: Sequence[int], basis: str = "exemplar") -> Edi
     """Ablate the span of the regions' directions (QR) around the dictionary's center."""
     V = region_directions(dictionary, regions, basis)
     label = f"ablate {dictionary.key}:{','.join(map(str, regions))} ({basis})"
-    return directions_ablation(dictionary.key.layer, V, dictionary.center.clone(), label)
+    return directions_ablation(dictionary.key.layer, V, dictionary.center.clone(), label, dictionary.key.hook)
 
 
-def directions_ablation(layer: int, V_KD: torch.Tensor, c_D: torch.Tensor | None = None, label: str = "") -> Edit:
+def directions_ablation(layer: int, V_KD: torch.Tensor, c_D: torch.Tensor | None = None, label: str = "",
+                        hook: str = DEFAULT_HOOK) -> Edit:
     """Ablate the span of any directions V_KD (QR) at block ``layer``'s output, around ``c_D``
     (None: around the origin, ``x - (x Q) Q^T``: Arditi et al.'s directional ablation, which the
     refusal study's difference-of-means ceiling uses; issue 22)."""
     V_KD = V_KD.float()
     c_D = torch.zeros(V_KD.shape[1]) if c_D is None else c_D.float()
-    return Edit(layer, "ablate", V_KD.shape[1], Q_DK=orthonormal_basis(V_KD), c_D=c_D, label=label or "ablate")
+    return Edit(layer, "ablate", V_KD.shape[1], Q_DK=orthonormal_basis(V_KD), c_D=c_D, label=label or "ablate",
+                hook=hook)
 
 
 def steering(dictionary, region: int, alpha: float, scale: float, basis: str = "exemplar") -> Edit:
@@ -127,7 +134,7 @@ def steering(dictionary, region: int, alpha: float, scale: float, basis: str = "
     d = region_directions(dictionary, [region], basis)[0]
     d = d / d.norm().clamp_min(1e-12)
     return Edit(dictionary.key.layer, "steer", dictionary.width, d_D=d, alpha=alpha, scale=float(scale),
-                label=f"steer {dictionary.key}:{region}={alpha:g} ({basis})")
+                label=f"steer {dictionary.key}:{region}={alpha:g} ({basis})", hook=dictionary.key.hook)
 
 
 def steering_scale(store, dictionary) -> float:
@@ -164,15 +171,6 @@ def check_edits(config, edits: Sequence[Edit]) -> None:
                              f"model's width {width} at layer {edit.layer}")
 
 
-def _hook(edit: Edit):
-    def rewrite(module, args, output):
-        if isinstance(output, tuple):
-            return (edit.apply(output[0]), *output[1:])
-        return edit.apply(output)
-
-    return rewrite
-
-
 @contextlib.contextmanager
 def intervene(net: torch.nn.Module, edits: Sequence[Edit]) -> Iterator[torch.nn.Module]:
     """Apply ``edits`` to ``net`` inside the block; every hook comes off on exit, also on error."""
@@ -181,7 +179,7 @@ def intervene(net: torch.nn.Module, edits: Sequence[Edit]) -> Iterator[torch.nn.
     handles = []
     try:
         for edit in edits:
-            handles.append(blocks[edit.layer].register_forward_hook(_hook(edit)))
+            handles.append(hookpoints.rewrite(blocks[edit.layer], edit.hook, edit.apply))
         yield net
     finally:
         for handle in handles:
