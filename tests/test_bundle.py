@@ -188,7 +188,7 @@ def pulled_key():
 
 
 def test_publish_refuses_other_hub_forms_and_dedupes_keys(source, tmp_path):
-    for dest in ("hf://models/x/y", "hf:/datasets/x/y", "s3://bucket/x"):
+    for dest in ("hf://models/x/y", "hf:/datasets/x/y", "ftp://host/x"):
         done = ep("publish", KEY, "--to", dest, "--store", source.root)
         assert done.exit_code == 2 and "hf://datasets/ORG/REPO" in done.stderr, done.output
     assert not (tmp_path / "hf:").exists() and not list(tmp_path.iterdir())
@@ -196,3 +196,23 @@ def test_publish_refuses_other_hub_forms_and_dedupes_keys(source, tmp_path):
     assert done.exit_code == 0, done.output
     assert len(json.loads((tmp_path / "b" / "manifest.json").read_text())["dictionaries"]) == 1
     assert (tmp_path / "b").stat().st_mode & 0o055 == 0o055  # readable like any folder, not mkdtemp's 0700
+
+
+def test_object_store_round_trip_through_a_file_uri(source, tmp_path):
+    """An object-store URI (issue 21, item 2), here ``file://`` (no network): publish uploads the
+    checked bundle through Arrow's filesystems, pull downloads and checks it like a folder."""
+    uri = (tmp_path / "bucket" / "ep" / "tiny").as_uri()
+    done = ep("publish", KEY, "--to", uri, "--store", source.root)
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "bucket" / "ep" / "tiny" / "manifest.json").is_file()
+    again = ep("publish", KEY, "--to", uri, "--store", source.root)
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    target = tmp_path / "mine"
+    pulled = ep("pull", uri, "--store", target)
+    assert pulled.exit_code == 0, pulled.output
+    key = pulled_key()
+    manifest = json.loads((tmp_path / "bucket" / "ep" / "tiny" / "manifest.json").read_text())
+    assert digest(Store(target).dictionary_files(key).folder)["digest"] == manifest["dictionaries"][0]["digest"]
+    missing = ep("pull", (tmp_path / "nowhere").as_uri(), "--store", tmp_path / "other")
+    assert missing.exit_code == 2 and "holds no bundle" in missing.stderr
+    assert not (tmp_path / "other").exists()

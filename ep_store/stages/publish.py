@@ -5,9 +5,10 @@
     ep pull bundles/gemma-L6 --store my_store
     ep stats --dictionary gemma-3-270m/base/L6/p1 --store my_store
 
-``DEST``/``SRC`` is a folder or ``hf://datasets/ORG/REPO[/PATH]``: a bundle is written to a
-temporary folder and uploaded with ``huggingface_hub`` (publish), or downloaded and then
-checked like a folder (pull). A pulled dictionary answers every query a built one does, keeps
+``DEST``/``SRC`` is a folder, ``hf://datasets/ORG/REPO[/PATH]`` or an object-store URI
+(``s3://``, ``gs://``, ``abfs://``, ``hdfs://``, ``file://``: ep_store.store.remote): a bundle is
+written to a temporary folder and uploaded (``huggingface_hub``, or Arrow's filesystems) on
+publish, or downloaded and then checked like a folder on pull. A pulled dictionary answers every query a built one does, keeps
 its region ids, Lance versions and tags, and its digest equals the manifest's.
 """
 
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from ep_store.errors import EnvError, UsageError, require
 from ep_store.keys import DEFAULT_HOOK, DictionaryKey, hook_name
-from ep_store.store import Store
+from ep_store.store import Store, remote
 from ep_store.store.bundle import pull_bundle, write_bundle
 
 HF_PREFIX = "hf://datasets/"
@@ -59,8 +60,9 @@ class PullConfig:
 def hub_location(uri: str) -> tuple[str, str] | None:
     """(repo id, path in repo) of an ``hf://datasets/ORG/REPO[/PATH]`` URI; None for a folder."""
     if not uri.startswith(HF_PREFIX):
-        if uri.startswith("hf:") or "://" in uri:
-            raise UsageError(f"{uri}: use a folder or hf://datasets/ORG/REPO[/PATH] (bundles live in dataset repos)")
+        if uri.startswith("hf:") or ("://" in uri and not remote.is_object_uri(uri)):
+            raise UsageError(f"{uri}: use a folder, hf://datasets/ORG/REPO[/PATH] (bundles live in dataset repos) "
+                             f"or an object-store URI ({', '.join(remote.SCHEMES)})")
         return None
     parts = uri.removeprefix(HF_PREFIX).strip("/").split("/")
     if len(parts) < 2 or not all(parts[:2]):
@@ -94,6 +96,11 @@ def model_card(entries: list[dict]) -> str:
 def publish(cfg: PublishConfig, store: Store) -> dict:
     """Write the bundle (and upload it for an hf:// destination); returns the summary."""
     hub = hub_location(cfg.to)
+    if remote.is_object_uri(cfg.to):
+        with tempfile.TemporaryDirectory() as tmp:
+            manifest = write_bundle(store, cfg.keys, Path(tmp) / "bundle", cfg.assignments, model_card)
+            remote.upload(Path(tmp) / "bundle", cfg.to)
+        return _summary(manifest, cfg.to)
     if hub is None:
         manifest = write_bundle(store, cfg.keys, Path(cfg.to), cfg.assignments, model_card)
         return _summary(manifest, cfg.to)
@@ -111,6 +118,10 @@ def publish(cfg: PublishConfig, store: Store) -> dict:
 def pull(cfg: PullConfig, store: Store) -> dict:
     """Check and copy a bundle's dictionaries into ``store``; returns the summary."""
     hub = hub_location(cfg.source)
+    if remote.is_object_uri(cfg.source):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = remote.download(cfg.source, Path(tmp) / "bundle")
+            return _pulled(cfg.source, pull_bundle(local, store, cfg.dictionaries, cfg.overwrite))
     if hub is None:
         if not Path(cfg.source).is_dir():
             raise UsageError(f"{cfg.source} is not a folder; give the folder ep publish wrote or an hf:// URI")
