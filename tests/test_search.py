@@ -278,9 +278,16 @@ def test_saved_search_joins_in_sql(tiny_dict_store, tmp_path):
     db = StoreDB(root)
     joined = db.query(
         "SELECT s.rank, s.region_id, a.region_id AS assigned, t.token = s.token AS same_token "
-        "FROM searches s JOIN assignments a USING (model, checkpoint, layer, percentile, doc_id, pos) "
-        "JOIN tokens t USING (model, checkpoint, layer, doc_id, pos) WHERE s.search = 'boundary2' ORDER BY s.rank")
+        "FROM searches s JOIN assignments a USING (model, checkpoint, layer, hook, percentile, doc_id, pos) "
+        "JOIN tokens t USING (model, checkpoint, layer, hook, doc_id, pos) WHERE s.search = 'boundary2' ORDER BY s.rank")
     assert joined.num_rows == 10
+    # A search saved before hook points (no hook column) reads as the block output (issue 21, item 4).
+    store = Store(root)
+    path = next(p for p in (root / "searches").iterdir() if p.name.startswith("boundary2"))
+    old = store.read_table(path).drop_columns(["hook"])
+    store.write_table(path, old)
+    hooks = StoreDB(root).query("SELECT DISTINCT hook FROM searches").column("hook").to_pylist()
+    assert hooks == ["resid_post"]
     assert joined.column("region_id").to_pylist() == joined.column("assigned").to_pylist()
     assert 2 not in joined.column("assigned").to_pylist()
     assert all(joined.column("same_token").to_pylist())

@@ -319,7 +319,7 @@ def save_result(store: Store, cfg: SearchConfig, key: DictionaryKey, query: Quer
     keyed = pa.table({
         "search": pa.array([cfg.save] * n, pa.string()), "model": pa.array([key.model] * n, pa.string()),
         "checkpoint": pa.array([key.checkpoint] * n, pa.string()), "layer": pa.array([key.layer] * n, pa.int32()),
-        "percentile": pa.array([float(key.percentile)] * n, pa.float64()),
+        "hook": pa.array([key.hook] * n, pa.string()), "percentile": pa.array([float(key.percentile)] * n, pa.float64()),
         "query": pa.array([query.label] * n, pa.string()), "query_region": pa.array([query.region] * n, pa.int32()),
         **{name: table.column(name) for name in table.column_names},
     })

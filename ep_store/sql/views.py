@@ -239,8 +239,13 @@ class Views:
         self.con.execute(SAE_FEATURES_VIEW)
 
     def _register_searches(self):
-        parts = [f"SELECT * FROM {self._relation(self.store.dataset(path))}"
-                 for path in list_searches(self.store)]
+        parts = []
+        for path in list_searches(self.store):
+            ds = self.store.dataset(path)
+            # searches saved before hook points (issue 21, item 4) read the block output
+            hook, skip = ("hook", ", hook") if "hook" in ds.schema.names else ("'resid_post'", "")
+            parts.append(f"SELECT search, model, checkpoint, layer, {hook} AS hook, "
+                         f"* EXCLUDE (search, model, checkpoint, layer{skip}) FROM {self._relation(ds)}")
         self.con.execute("CREATE VIEW searches AS " + _union(parts, SEARCHES_EMPTY))
 
 
@@ -310,6 +315,7 @@ def _failing_part(meta: dict, why: str, columns: tuple) -> str:
 
 SEARCHES_EMPTY = (
     "SELECT NULL::VARCHAR AS search, NULL::VARCHAR AS model, NULL::VARCHAR AS checkpoint, NULL::INTEGER AS layer, "
+    "NULL::VARCHAR AS hook, "
     "NULL::DOUBLE AS percentile, NULL::VARCHAR AS query, NULL::INTEGER AS query_region, NULL::INTEGER AS rank, "
     "NULL::BIGINT AS doc_id, NULL::INTEGER AS pos, NULL::VARCHAR AS token, NULL::DOUBLE AS similarity, "
     "NULL::INTEGER AS region_id, NULL::VARCHAR AS context LIMIT 0"
