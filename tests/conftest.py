@@ -76,6 +76,21 @@ def tiny_store(tmp_path_factory, models_dir) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def built_store(tiny_store, tmp_path_factory) -> Path:
+    """A copy of the tiny store with dictionary tiny/base/L1/p10 built (one per test module)."""
+    import shutil
+
+    from ep_store.stages.build import BuildConfig, build
+    from ep_store.store.core import Store
+
+    root = tmp_path_factory.mktemp("built") / "store"
+    shutil.copytree(tiny_store, root)
+    build(BuildConfig("tiny", "base", 1, 10, calibration_batch=512, batch_size=512, device="cpu"), Store(root),
+          progress=False)
+    return root
+
+
 def offline_models_dir(tmp_path_factory, name: str, checkpoint: str) -> Path:
     """A models dir holding the offline model ``name``: data/models from the pipeline if it
     has it, else one shared folder of this session's imports (each model imported once)."""

@@ -4,7 +4,6 @@ assignments, AxBench vs plain formats, bad input; OOD ordering on the real Gemma
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -25,15 +24,6 @@ from tests.conftest import tree_snapshot
 from tests.test_cli_errors import assert_refused, run_cli
 
 KEY = "tiny/base/L1/p10"
-
-
-@pytest.fixture(scope="module")
-def built_store(tiny_store, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval") / "store"
-    shutil.copytree(tiny_store, root)
-    build(BuildConfig("tiny", "base", 1, 10, calibration_batch=512, batch_size=512, device="cpu"), Store(root),
-          progress=False)
-    return root
 
 
 def test_forward_reproduces_harvested_vectors(tiny_store, models_dir):

@@ -19,10 +19,9 @@ from ep_store.evaluate.features import TokenActivations, occupancy_per_text
 from ep_store.evaluate.probe import ProbeConfig, balanced_split, fit_probe, sparse_probe
 from ep_store.evaluate.tasks import HARD, NEGATIVE, POSITIVE, ConceptRow
 from ep_store.keys import DictionaryKey
-from ep_store.stages.build import BuildConfig, build
 from ep_store.stages.corpus import encode
 from ep_store.stages.dictionary import Dictionary
-from ep_store.store import Store, vectors_to_arrow
+from ep_store.store import vectors_to_arrow
 from tests.test_cli_errors import assert_refused, run_cli
 from tests.test_evaluate import concept_files
 
@@ -170,15 +169,6 @@ def test_mean_basis_one_hot_follows_the_mean_directions():
 
 
 # -- the CLI on the tiny model: the protocol in every metrics file ----------------------------------
-@pytest.fixture(scope="module")
-def built_store(tiny_store, tmp_path_factory):
-    root = tmp_path_factory.mktemp("protocols") / "store"
-    shutil.copytree(tiny_store, root)
-    build(BuildConfig("tiny", "base", 1, 10, calibration_batch=512, batch_size=512, device="cpu"), Store(root),
-          progress=False)
-    return root
-
-
 @pytest.fixture(scope="module")
 def chat_models_dir(models_dir, tmp_path_factory):
     """The tiny model with a chat template (the same weights and vocabulary)."""
