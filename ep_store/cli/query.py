@@ -1,5 +1,6 @@
 """``ep sql`` (read-only SQL over the store's views), ``ep stats`` (canned questions) and
-``ep report`` (static HTML reports): ep_store.sql and ep_store.analysis.report."""
+``ep report`` (static reports: the region browser, the paper table): ep_store.sql, ep_store.analysis.report
+and ep_store.analysis.paper."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def stats(dictionary_key, question, against, limit, context, per_region, top, to
 
 @click.group()
 def report() -> None:
-    """Static HTML reports (open from disk, no server)."""
+    """Static reports (open from disk, no server): a dictionary's region browser, the paper table."""
 
 
 @report.command("dictionary")
@@ -98,3 +99,33 @@ def report_dictionary(dictionary_key, out, context, per_region, as_of, store_pat
 
     emit(dictionary_report(store=store_path, key=dictionary_key, out=out, context=context, per_region=per_region,
                            as_of=as_of))
+
+
+def metrics_file(name: str, what: str):
+    """An optional metrics JSON input of ``ep report paper`` (a missing file makes its rows say so)."""
+    return click.option(f"--{name}", name.replace("-", "_"), type=click.Path(path_type=Path), default=None, help=what)
+
+
+@report.command("paper")
+@metrics_file("refusal", "ep refusal metrics JSON (our protocol), e.g. data/metrics/refusal.json.")
+@metrics_file("refusal-paper", "ep refusal --protocol paper metrics JSON.")
+@metrics_file("probe", "ep eval probe metrics JSON (our protocol).")
+@metrics_file("probe-paper", "ep eval probe --protocol paper metrics JSON.")
+@metrics_file("concepts", "ep eval concepts metrics JSON (our protocol).")
+@metrics_file("concepts-paper", "ep eval concepts --protocol paper metrics JSON.")
+@metrics_file("ood", "ep eval ood metrics JSON.")
+@metrics_file("sae", "ep sae summary JSON, e.g. data/metrics/sae_compare.json.")
+@click.option("--store", "store_path", type=click.Path(path_type=Path), default=None,
+              help="Store of the evaluated dictionaries, for their token counts.")
+@click.option("--refusal-store", type=click.Path(path_type=Path), default=None,
+              help="ep refusal --work-store of the --refusal run, for its dictionaries' token counts.")
+@click.option("--refusal-paper-store", type=click.Path(path_type=Path), default=None,
+              help="ep refusal --work-store of the --refusal-paper run.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to write README.md into.")
+@click.option("--metrics", type=click.Path(path_type=Path), default=None, help="Also write every claim's numbers here.")
+@user_errors
+def report_paper(out, metrics, store_path, **inputs) -> None:
+    """The paper's claims beside ours (published protocol and ours), one Markdown table."""
+    from ep_store.analysis.paper import PaperConfig, paper_report
+
+    emit(paper_report(PaperConfig(out=out, metrics=metrics, store=store_path, **inputs)))
