@@ -61,7 +61,8 @@ def probe_comparison(key: DictionaryKey, center_D: torch.Tensor, theta: float, e
     index = {text: i for i, text in enumerate(texts)}
     run = features.TextRun(models_dir=Path(models_dir), device=device, progress=progress)
     acts = features.token_activations(key.model, key.checkpoint, [key.layer], texts, run.models_dir,
-                                      run.max_tokens_per_text, run.batch_size, run.device, progress=progress)
+                                      run.max_tokens_per_text, run.batch_size, run.device, progress=progress,
+                                      hook=key.hook)
     x = np.nan_to_num(acts.x_ND[key.layer].astype(np.float32))
     ep = Dictionary(key, {"center": center_D.tolist(), "theta": theta},
                     pa.table({"exemplar": vectors_to_arrow(exemplars_KD.numpy(), np.float32)}))
