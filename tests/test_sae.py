@@ -103,7 +103,7 @@ def test_sql_f1_equals_brute_force(tmp_path):
     store.write_json(folder / "meta.json", {})
     db = StoreDB(store)
     for top_n, min_pos in ((10, 5), (100, 20)):
-        params = {"model": "toy", "checkpoint": "base", "layer": 1, "percentile": 10.0, "top_n": top_n, "min_positives": min_pos}
+        params = {"model": "toy", "checkpoint": "base", "layer": 1, "hook": "resid_post", "percentile": 10.0, "top_n": top_n, "min_positives": min_pos}
         got = db.query(questions()["sae_f1"].sql, params).to_pylist()
         sql = {(r["region_id"], r["feature_id"]): r["f1"] for r in got}
         f32 = lambda rows: [(f, d, p, float(np.float32(v))) for f, d, p, v in rows]  # noqa: E731 - as stored

@@ -13,11 +13,13 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 def test_sae_params_point_at_built_data():
     sae, harvest, build = PARAMS["sae"], PARAMS["harvest"], PARAMS["build"]
-    assert sae["target"] in harvest["targets"]
+    harvested = {(t["model"], t["checkpoint"]): t["max_tokens"] for t in harvest["targets"]}
+    target = (sae["target"]["model"], sae["target"]["checkpoint"])
+    assert target in harvested
     assert set(sae["layers"]) <= set(PARAMS["blocks"]["layers"])  # blocks harvested and built
     assert sae["percentile"] in build["percentiles"]
     # the SAE trains on the first max_tokens - heldout_tokens rows; compare needs top_n held-out tokens
-    assert sae["top_n"] <= sae["heldout_tokens"] < harvest["max_tokens"] - sae["batch_size"]
+    assert sae["top_n"] <= sae["heldout_tokens"] < harvested[target] - sae["batch_size"]
     assert sae["min_positives"] <= sae["top_n"] and sae["k"] <= sae["width"]
 
 
