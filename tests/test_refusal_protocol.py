@@ -179,6 +179,7 @@ def test_ceiling_is_the_difference_of_independent_means(run, train, chat_models)
     (entry,) = result["ceiling"]
     assert entry["layer"] == LAYER and entry["norm"] == pytest.approx(float(want.norm()), rel=1e-4)
     assert {"heldout_harmful_refusal", "heldout_benign_refusal", "capability_ratio"} <= set(entry)
+    assert {"heldout_harmful_refusal", "heldout_benign_refusal", "capability_ratio"} <= set(entry["uncentered"])
 
 
 def test_last_positions_do_not_depend_on_read_batches(run, monkeypatch):
@@ -236,3 +237,26 @@ def test_reanchored_exemplar_is_the_member_nearest_the_region_mean(run, monkeypa
         brute = members[int((members @ mean).argmax())]
         torch.testing.assert_close(got[k], brute)
         assert float(got[k] @ mean) >= float(d.exemplars[r] @ mean) - 1e-6  # never further than the exemplar
+
+
+def test_centered_ceiling_sets_the_component_to_the_centers(chat_models, train):  # noqa: F811
+    """The centered ceiling (EP's ablation form): the component along the direction becomes the
+    center's, everything orthogonal to it stays."""
+    net = models.load("tiny", "base", chat_models, "cpu")[0]
+    gen = torch.Generator().manual_seed(1)
+    d, c = torch.randn(net.config.hidden_size, generator=gen), torch.randn(net.config.hidden_size, generator=gen)
+    unit = d / d.norm()
+    ids = torch.tensor([train.inputs[0]])
+    block = models.decoder_layers(net)[LAYER]
+    outs = []
+    for edits in ([], [ceiling_edit(LAYER, d, c)]):
+        with intervene(net, edits):
+            handle = block.register_forward_hook(lambda m, a, out: outs.append(out[0] if isinstance(out, tuple) else out))
+            try:
+                with torch.no_grad():
+                    net(input_ids=ids)
+            finally:
+                handle.remove()
+    plain, seen = outs
+    torch.testing.assert_close(seen @ unit, torch.full_like(seen @ unit, float(c @ unit)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(seen - plain, ((c - plain) @ unit)[..., None] * unit, atol=1e-4, rtol=1e-4)

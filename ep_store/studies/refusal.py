@@ -72,6 +72,7 @@ from ep_store.studies.refusal_sweep import (
     Runner,
     ceiling,
     examples,
+    layer_center,
     layer_direction,
     rates_of,
     recommend,
@@ -280,8 +281,8 @@ def refusal_study(cfg: RefusalConfig, work_store: Path, main_store: Path, models
         built = time.perf_counter()
         if cfg.ceiling and not directions:  # one set of prompts: the same means for every order
             directions = {L: layer_direction(cfg, work, L, stream.harmful) for L in cfg.layers}
-            ceilings = [ceiling(runner, L, directions[L], heldout, benign_reference, unhooked["capability_loss"])
-                        for L in cfg.layers]
+            ceilings = [ceiling(runner, L, directions[L], layer_center(cfg, work, L), heldout, benign_reference,
+                                unhooked["capability_loss"]) for L in cfg.layers]
         sweeps += [sweep(cfg, runner, work, key, [refused_N[i] for i in order], heldout, benign_reference,
                          unhooked["capability_loss"], seed, directions.get(key.layer)) for key in keys]
         seconds["harvest_and_build"] += built - tick

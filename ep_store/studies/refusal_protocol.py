@@ -133,6 +133,9 @@ def diff_of_means(x_ND: torch.Tensor, harmful_N: Sequence[bool]) -> torch.Tensor
     return (x[mask].mean(dim=0) - x[~mask].mean(dim=0)).float()
 
 
-def ceiling_edit(layer: int, direction_D: torch.Tensor) -> Edit:
-    """Ablate the difference-of-means direction at ``layer``, around the origin."""
-    return directions_ablation(layer, direction_D[None, :], None, f"ablate L{layer} diff-of-means")
+def ceiling_edit(layer: int, direction_D: torch.Tensor, center_D: torch.Tensor | None = None) -> Edit:
+    """Ablate the difference-of-means direction at ``layer``: around ``center_D`` (EP's own
+    centered form, ``ablate``: the component along the direction set to the center's), or around
+    the origin when None (Arditi et al.: the component removed, massive activations included)."""
+    where = "centered" if center_D is not None else "around the origin"
+    return directions_ablation(layer, direction_D[None, :], center_D, f"ablate L{layer} diff-of-means ({where})")

@@ -60,9 +60,11 @@ def table_rows(result: dict) -> list[dict]:
                          "regions": str(st["region_id"]), "harmful": None, "benign": st["heldout_benign_refusal"],
                          "capability": None})
     for c in result.get("ceiling") or []:
-        rows.append({"dictionary": f"L{c['layer']}", "condition": "diff-of-means ceiling", "k": 1, "regions": "",
-                     "harmful": c["heldout_harmful_refusal"], "benign": c["heldout_benign_refusal"],
-                     "capability": c["capability_ratio"]})
+        for name, m in (("centered", c), ("around the origin", c.get("uncentered"))):
+            if m:
+                rows.append({"dictionary": f"L{c['layer']}", "condition": f"diff-of-means ceiling ({name})", "k": 1,
+                             "regions": "", "harmful": m["heldout_harmful_refusal"],
+                             "benign": m["heldout_benign_refusal"], "capability": m["capability_ratio"]})
     return rows
 
 

@@ -234,6 +234,12 @@ def steer(cfg: RefusalConfig, runner: Runner, d: Dictionary, region: int, scale:
     return out
 
 
+def layer_center(cfg: RefusalConfig, work: Store, layer: int) -> torch.Tensor:
+    """c_D: the EP center of the layer's dictionaries in the work store (one calibration per layer)."""
+    key = DictionaryKey(cfg.model, cfg.checkpoint, layer, cfg.percentiles[0])
+    return torch.tensor(work.dictionary_snapshot(key).meta["center"], dtype=torch.float32)
+
+
 def layer_direction(cfg: RefusalConfig, work: Store, layer: int, harmful_N: list[bool]) -> torch.Tensor:
     """The layer's difference of means over the training prompts' last positions (``harmful_N`` in
     the work store's doc_id order)."""
@@ -241,14 +247,23 @@ def layer_direction(cfg: RefusalConfig, work: Store, layer: int, harmful_N: list
     return diff_of_means(x_ND, harmful_N)
 
 
-def ceiling(runner: Runner, layer: int, direction_D: torch.Tensor, heldout: Prompts, benign_reference,
-            unhooked_loss: float) -> dict:
+def ceiling(runner: Runner, layer: int, direction_D: torch.Tensor, center_D: torch.Tensor, heldout: Prompts,
+            benign_reference, unhooked_loss: float) -> dict:
     """The difference-of-means ceiling at ``layer``: held-out refusal and capability with the
-    direction ablated (every position and step, around the origin)."""
-    name = f"L{layer} diff-of-means"
-    m = runner.measure(heldout, [ceiling_edit(layer, direction_D)], benign_reference, name)
-    m["capability_ratio"] = m["capability_loss"] / unhooked_loss if unhooked_loss else None
-    return {"layer": layer, "norm": float(direction_D.norm()), **m}
+    direction ablated (every position and step) around the layer's EP center ``center_D``, the
+    same centered form EP's region ablations take; ``uncentered``: the same around the origin
+    (Arditi et al.), which also removes the direction's share of the stream's large constant
+    components and so can break the model where a centered ablation does not."""
+    out = {"layer": layer, "norm": float(direction_D.norm())}
+    for name, center in (("centered", center_D), ("uncentered", None)):
+        m = runner.measure(heldout, [ceiling_edit(layer, direction_D, center)], benign_reference,
+                           f"L{layer} diff-of-means {name}")
+        m["capability_ratio"] = m["capability_loss"] / unhooked_loss if unhooked_loss else None
+        if center is None:
+            out["uncentered"] = m
+        else:
+            out.update(m)
+    return out
 
 
 def recommend(sweeps: list[dict], unhooked: dict, max_capability_loss: float) -> dict | None:
