@@ -190,30 +190,29 @@ def test_last_positions_do_not_depend_on_read_batches(run, monkeypatch):
     assert torch.equal(last_positions(store, key, 16), whole)
 
 
-def test_ceiling_edit_removes_the_direction(chat_models, train):  # noqa: F811
-    net = models.load("tiny", "base", chat_models, "cpu")[0]
-    d = torch.randn(net.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 3
-    unit = d / d.norm()
-    ids = torch.tensor([train.inputs[0]])
-    seen = []
+def block_output(net, edits, ids) -> torch.Tensor:
+    """x_BTD: the output of block LAYER in one forward of ``ids`` with ``edits`` applied."""
+    outs = []
     block = models.decoder_layers(net)[LAYER]
-    with intervene(net, [ceiling_edit(LAYER, d)]):
-        handle = block.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    with intervene(net, edits):
+        handle = block.register_forward_hook(lambda m, a, out: outs.append(out[0] if isinstance(out, tuple) else out))
         try:
             with torch.no_grad():
                 net(input_ids=ids)
         finally:
             handle.remove()
-    with torch.no_grad():
-        plain = []
-        handle = block.register_forward_hook(lambda m, a, out: plain.append(out[0] if isinstance(out, tuple) else out))
-        try:
-            net(input_ids=ids)
-        finally:
-            handle.remove()
-    assert (plain[0] @ unit).abs().max() > 1e-2  # there was a component to remove
-    torch.testing.assert_close(seen[0] @ unit, torch.zeros_like(seen[0] @ unit), atol=1e-5, rtol=0)
-    torch.testing.assert_close(seen[0] - plain[0], -(plain[0] @ unit)[..., None] * unit, atol=1e-5, rtol=1e-5)
+    return outs[0]
+
+
+def test_ceiling_edit_removes_the_direction(chat_models, train):  # noqa: F811
+    net = models.load("tiny", "base", chat_models, "cpu")[0]
+    d = torch.randn(net.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 3
+    unit = d / d.norm()
+    ids = torch.tensor([train.inputs[0]])
+    seen, plain = block_output(net, [ceiling_edit(LAYER, d)], ids), block_output(net, [], ids)
+    assert (plain @ unit).abs().max() > 1e-2  # there was a component to remove
+    torch.testing.assert_close(seen @ unit, torch.zeros_like(seen @ unit), atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen - plain, -(plain @ unit)[..., None] * unit, atol=1e-5, rtol=1e-5)
 
 
 def test_reanchored_exemplar_is_the_member_nearest_the_region_mean(run, monkeypatch):
@@ -247,16 +246,6 @@ def test_centered_ceiling_sets_the_component_to_the_centers(chat_models, train):
     d, c = torch.randn(net.config.hidden_size, generator=gen), torch.randn(net.config.hidden_size, generator=gen)
     unit = d / d.norm()
     ids = torch.tensor([train.inputs[0]])
-    block = models.decoder_layers(net)[LAYER]
-    outs = []
-    for edits in ([], [ceiling_edit(LAYER, d, c)]):
-        with intervene(net, edits):
-            handle = block.register_forward_hook(lambda m, a, out: outs.append(out[0] if isinstance(out, tuple) else out))
-            try:
-                with torch.no_grad():
-                    net(input_ids=ids)
-            finally:
-                handle.remove()
-    plain, seen = outs
+    plain, seen = block_output(net, [], ids), block_output(net, [ceiling_edit(LAYER, d, c)], ids)
     torch.testing.assert_close(seen @ unit, torch.full_like(seen @ unit, float(c @ unit)), atol=1e-4, rtol=0)
     torch.testing.assert_close(seen - plain, ((c - plain) @ unit)[..., None] * unit, atol=1e-4, rtol=1e-4)
