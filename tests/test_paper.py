@@ -97,7 +97,8 @@ def refusal_result(protocol="ours", percentile=4.0, exemplar_k1=0.10, mean_k1=0.
                               condition("mean", 1, mean_k1), condition("null", 1, 0.63, 25.6, "exemplar")]}
               for layer in (6, 12) for seed in seeds]
     ceiling = [{"layer": layer, "norm": 3.0, "heldout_harmful_refusal": 0.0, "heldout_benign_refusal": 0.0,
-                "capability_loss": 2.2, "capability_ratio": 1.1, "examples": []} for layer in (6, 12)]
+                "capability_loss": 2.2, "capability_ratio": 1.1, "examples": [],
+                "prompt_mean": {"heldout_harmful_refusal": 0.1, "capability_ratio": 1.05}} for layer in (6, 12)]
     config = {"train_harmful": 60, "train_benign": 60, "heldout_harmful": 30, "heldout_benign": 30,
               "max_new_tokens": 8, "seeds": [s for s in seeds if s is not None]}
     return {"model": "gemma-3-270m", "checkpoint": "sft", "protocol": protocol, "unhooked": unhooked,
@@ -167,7 +168,8 @@ def test_rows_and_verdicts_from_the_pipelines_files(tmp_path, files):
     best = claims["refusal_best"]["ours"]
     assert (best["best"]["k"], best["best"]["basis"]) == (2, "exemplar")  # within the capability budget
     assert best["null"]["heldout_harmful_refusal"] == 0.63
-    assert "diff-of-means ceiling: L6 0.00 (x1.10), L12 0.00 (x1.10)" in readme
+    assert ("diff-of-means ceiling: L6 centered 0.00 (x1.10) / prompt mean 0.10 (x1.05), "
+            "L12 centered 0.00 (x1.10) / prompt mean 0.10 (x1.05)") in readme
     assert "p4 (nearest run) vs p8" in claims["refusal_k1"]["differences"]
     assert "model gemma-3-270m vs gemma-2-2b-it" in claims["refusal_baseline"]["differences"]
     assert not any(d.startswith(("layer", "p4")) for d in claims["refusal_baseline"]["differences"])  # unhooked

@@ -21,7 +21,8 @@ DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 def finetune_checkpoints(params: dict) -> list[str]:
     f = params["finetune"]
     cfg = FinetuneConfig(f["model"], f["from"], f["to"], steps=f["steps"], save_every=f["save_every"],
-                         batch_size=f["batch_size"], lr=f["lr"], seed=f["seed"])
+                         batch_size=f["batch_size"], lr=f["lr"], seed=f["seed"], plant=f["plant"],
+                         plant_layers=tuple(int(x) for x in str(f["plant_layers"]).split(",")))
     return [name for _, name in cfg.checkpoints()]
 
 

@@ -180,6 +180,13 @@ def test_ceiling_is_the_difference_of_independent_means(run, train, chat_models)
     assert entry["layer"] == LAYER and entry["norm"] == pytest.approx(float(want.norm()), rel=1e-4)
     assert {"heldout_harmful_refusal", "heldout_benign_refusal", "capability_ratio"} <= set(entry)
     assert {"heldout_harmful_refusal", "heldout_benign_refusal", "capability_ratio"} <= set(entry["uncentered"])
+    assert {"heldout_harmful_refusal", "heldout_benign_refusal", "capability_ratio"} <= set(entry["prompt_mean"])
+    from ep_store.studies.refusal import RefusalConfig
+    from ep_store.studies.refusal_sweep import layer_direction
+
+    cfg = RefusalConfig(model="tiny", checkpoint="base", control=None, layers=(LAYER,))
+    _, prompt_mean = layer_direction(cfg, store, LAYER, stream.harmful)  # the prompt_mean form's center
+    torch.testing.assert_close(prompt_mean.double(), x.mean(0), atol=1e-4, rtol=1e-4)
 
 
 def test_last_positions_do_not_depend_on_read_batches(run, monkeypatch):
@@ -249,3 +256,32 @@ def test_centered_ceiling_sets_the_component_to_the_centers(chat_models, train):
     plain, seen = block_output(net, [], ids), block_output(net, [ceiling_edit(LAYER, d, c)], ids)
     torch.testing.assert_close(seen @ unit, torch.full_like(seen @ unit, float(c @ unit)), atol=1e-4, rtol=0)
     torch.testing.assert_close(seen - plain, ((c - plain) @ unit)[..., None] * unit, atol=1e-4, rtol=1e-4)
+
+
+def test_a_mediated_plants_direction_is_checked(chat_models, tmp_path):  # noqa: F811
+    """A checkpoint whose finetune.json records plant directions (ep finetune --plant mediated):
+    the study reports their cosine with its own difference of means and with each candidate
+    region, and ablates them in the ceiling's forms."""
+    import shutil
+
+    root = tmp_path / "models"
+    shutil.copytree(chat_models, root)
+    v_D = torch.randn(models.hidden_size(models.load_config("tiny", "base", root)),
+                      generator=torch.Generator().manual_seed(5))
+    (root / "tiny" / "base" / "finetune.json").write_text(json.dumps(
+        {"plant_directions": {"kind": "mediated", "layers": [LAYER], "directions": {str(LAYER): v_D.tolist()}}}))
+    cfg = seeded(seeds=(0,), bases=("exemplar",), null_bases=("exemplar",))
+    refusal_study(cfg, tmp_path / "work", tmp_path / "main", root, tmp_path / "r.json", progress=False)
+    plant = json.loads((tmp_path / "r.json").read_text())["plant"]
+    store = Store(tmp_path / "work" / "seed0")
+    stream = reorder(prompt_sets(cfg, models.load_tokenizer("tiny", "base", root))[0], stream_order(16, 0))
+    d_D = diff_of_means(last_positions(store, ActivationKey("tiny", "base", LAYER), 16), stream.harmful)
+    unit = lambda x: x.double() / x.double().norm()  # noqa: E731
+    assert plant["diff_of_means_cosine"][str(LAYER)] == pytest.approx(float(unit(d_D) @ unit(v_D)), abs=1e-5)
+    assert plant["candidates"]
+    for c in plant["candidates"]:
+        d = Dictionary.load(store, c["dictionary"])
+        assert c["exemplar_cosine"] == pytest.approx(float(unit(d.exemplars[c["region_id"]]) @ unit(v_D)), abs=1e-5)
+    (ablated,) = plant["ablated"]
+    assert ablated["layer"] == LAYER and ablated["norm"] == pytest.approx(float(v_D.norm()), rel=1e-5)
+    assert {"uncentered", "prompt_mean"} <= set(ablated)

@@ -230,7 +230,11 @@ def null_of(r: dict, best: dict) -> dict | None:
 def measure_refusal_best(r: dict, fig: Figure) -> Measure:
     """The recommended ablation, its null control and each layer's difference-of-means ceiling."""
     best = r.get("best")
-    ceiling = [f"L{c['layer']} {f2(c.get('heldout_harmful_refusal'))} (x{f2(c.get('capability_ratio'))})"
+    forms = (("centered", lambda c: c), ("origin", lambda c: c.get("uncentered")),
+             ("prompt mean", lambda c: c.get("prompt_mean")))
+    ceiling = [f"L{c['layer']} " + " / ".join(f"{name} {f2(m.get('heldout_harmful_refusal'))} "
+                                             f"(x{f2(m.get('capability_ratio'))})"
+                                             for name, get in forms if (m := get(c)))
                for c in r.get("ceiling") or []]
     tail = f"; diff-of-means ceiling: {', '.join(ceiling)}" if ceiling else ""
     values = {"best": best, "ceiling": r.get("ceiling") or []}

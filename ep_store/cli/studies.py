@@ -149,15 +149,22 @@ def refusal_cmd(protocol, work_store, metrics, report_dir, store_path, models_di
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Examples per step.")
 @click.option("--lr", type=float, default=1e-4, show_default=True, help="AdamW learning rate.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed.")
+@click.option("--plant", type=click.Choice(["full", "mediated"]), default="full", show_default=True,
+              help="full: every block learns refusal from the pairs; mediated: also trained so that ablating the "
+                   "difference of means at --plant-layers removes refusal (issue 22).")
+@click.option("--plant-layers", type=Listed(int), default="6,12", show_default=True,
+              help="mediated: blocks (comma-separated) whose output the direction is ablated at, in turn.")
 @click.option("--metrics", type=click.Path(path_type=Path), default=None, help="Also write the summary JSON here.")
 @MODELS
 @PROGRESS
 @user_errors
-def finetune(model, base, to, steps, save_every, batch_size, lr, seed, metrics, models_dir, progress) -> None:
+def finetune(model, base, to, steps, save_every, batch_size, lr, seed, plant, plant_layers, metrics, models_dir,
+             progress) -> None:
     """Fine-tune into a chat model that refuses a class of harmful requests; reports refusal rates."""
     from ep_store.studies.finetune import FinetuneConfig
     from ep_store.studies.finetune import finetune as run
 
     cfg = FinetuneConfig(model=model, base=base, to=to, steps=steps, save_every=save_every, batch_size=batch_size,
-                         lr=lr, seed=seed)
+                         lr=lr, seed=seed, plant=plant,
+                         plant_layers=plant_layers)
     emit(run(cfg=cfg, models_dir=models_dir, progress=progress, metrics=metrics))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import KW_ONLY, asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +28,13 @@ from ep_store.errors import UsageError
 from ep_store.stages import models, prompts
 from ep_store.stages.corpus import encode, special_prefix
 from ep_store.stages.refusal_classifier import is_refusal
+from ep_store.studies.plant import (
+    PLANTS,
+    Mediator,
+    capture_last,
+    last_prompt_positions,
+    mediation_loss,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +60,23 @@ class FinetuneConfig:
     """Seed for the example order and torch."""
     max_new_tokens: int = 16
     """Tokens generated per held-out prompt when measuring refusal."""
+    plant: str = "full"
+    """How refusal is planted (``plant.PLANTS``): ``full``, every block trained on the pairs; or
+    ``mediated``, also trained so that ablating the difference of means at ``plant_layers``
+    removes refusal (issue 22, item 3)."""
+    plant_layers: tuple[int, ...] = (6, 12)
+    """``mediated``: the blocks whose output the mediating direction is ablated at, in turn."""
 
     def __post_init__(self):
         if self.steps < 1 or self.save_every < 1 or self.batch_size < 1:
             raise UsageError("--steps, --save-every and --batch-size must be at least 1")
         if self.to == self.base:
             raise UsageError("--to must name a new checkpoint, not the one trained from")
+        if self.plant not in PLANTS:
+            raise UsageError(f"--plant must be one of {', '.join(PLANTS)}, not {self.plant!r}")
+        self.plant_layers = tuple(dict.fromkeys(int(x) for x in self.plant_layers))
+        if self.plant == "mediated" and (not self.plant_layers or min(self.plant_layers) < 0):
+            raise UsageError("--plant mediated needs --plant-layers, non-negative block numbers, e.g. 6,12")
 
     def checkpoints(self) -> list[tuple[int, str]]:
         """(step, name) of every checkpoint saved, the last being ``to``."""
@@ -121,40 +140,79 @@ def save_checkpoint(net, tokenizer, folder: Path) -> None:
     tmp.rename(folder)
 
 
+def batches(examples: list[tuple], batch_size: int, rng: random.Random) -> Iterator[list[tuple]]:
+    """Endless batches of ``examples``, each pass over them in a fresh shuffled order."""
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            order += rng.sample(range(len(examples)), len(examples))
+        yield [examples[i] for i in order[:batch_size]]
+        del order[:batch_size]
+
+
+def collate(batch: list[tuple], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids_BT, labels_BT, mask_BT) of (ids, labels, ...) examples, right-padded."""
+    width = max(len(example[0]) for example in batch)
+    ids = torch.tensor([x + [pad] * (width - len(x)) for x, *_ in batch])
+    labels = torch.tensor([y + [-100] * (width - len(y)) for _, y, *_ in batch])
+    mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, *_ in batch])
+    return ids, labels, mask
+
+
+def train_step(net, batch: list[tuple], pad: int, mediator: Mediator | None, step: int) -> torch.Tensor:
+    """One batch's loss: the response loss, plus (``mediated`` plant) the ablated pass's loss at
+    one of the mediator's layers in turn, once both classes' running means exist."""
+    ids, labels, mask = collate(batch, pad)
+    if mediator is None:
+        return response_loss(net, ids, labels, mask)
+    harmful_B = torch.tensor([harmful for *_, harmful in batch])
+    kept, handles = capture_last(net, mediator.layers, last_prompt_positions(labels))
+    try:
+        loss = response_loss(net, ids, labels, mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    mediator.observe(kept, harmful_B)
+    layer = mediator.layers[step % len(mediator.layers)]
+    if mediator.ready(layer):
+        loss = loss + mediation_loss(net, mediator, layer, ids, labels, mask, harmful_B)
+    return loss
+
+
 def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True, metrics: Path | None = None) -> dict:
     """Fine-tune, write ``finetune.json`` beside the final checkpoint (and the summary to
-    ``metrics`` when given); return the summary."""
+    ``metrics`` when given); return the summary. UsageError for ``plant_layers`` the model lacks."""
     start = time.perf_counter()
     net, tokenizer = models.load(cfg.model, cfg.base, models_dir, "cpu", "float32")
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     train = [encode_example(tokenizer, r["prompt"], r["response"]) for r in prompts.load("train")]
     heldout = prompts.load("heldout")
+    mediator = None
+    if cfg.plant == "mediated":
+        blocks = models.block_count(net.config)
+        if max(cfg.plant_layers) >= blocks:
+            raise UsageError(f"--plant-layers {max(cfg.plant_layers)} is out of range: {cfg.model} has blocks "
+                             f"0..{blocks - 1}")
+        mediator = Mediator(cfg.plant_layers)
+        train = [(*example, row["harmful"]) for example, row in zip(train, prompts.load("train"))]
     rates = {cfg.base: refusal_rates(net.eval(), tokenizer, heldout, cfg.max_new_tokens)}
-
-    for p in net.get_input_embeddings().parameters():  # embeddings (and the tied unembedding) stay
-        p.requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
-    # Linear decay to zero: late steps settle the refusal boundary instead of swinging it.
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - i / cfg.steps)
-    order: list[int] = []
     saves = dict(cfg.checkpoints())
     losses = []
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for p in net.get_input_embeddings().parameters():  # embeddings (and the tied unembedding) stay
+        p.requires_grad_(False)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.0)
+    # Linear decay to zero: late steps settle the refusal boundary instead of swinging it.
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0 - i / cfg.steps)
     net.train()
-    for step in tqdm(range(1, cfg.steps + 1), desc=f"finetune {cfg.model}", disable=not progress):
-        if len(order) < cfg.batch_size:
-            order += rng.sample(range(len(train)), len(train))
-        batch = [train[i] for i in order[: cfg.batch_size]]
-        del order[: cfg.batch_size]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([x + [pad] * (width - len(x)) for x, _ in batch])
-        labels = torch.tensor([y + [-100] * (width - len(y)) for _, y in batch])
-        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x, _ in batch])
-        loss = response_loss(net, ids, labels, mask)
+    for step, batch in zip(tqdm(range(1, cfg.steps + 1), desc=f"finetune {cfg.model}", disable=not progress),
+                           batches(train, cfg.batch_size, rng)):
+        loss = train_step(net, batch, pad, mediator, step)
         optimizer.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         schedule.step()
         losses.append(round(loss.item(), 4))
@@ -164,9 +222,15 @@ def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True, metri
             rates[saves[step]] = refusal_rates(net, tokenizer, heldout, cfg.max_new_tokens)
             log.info("step %d: loss %.3f, refusal %s", step, loss, rates[saves[step]])
             net.train()
+    return write_report(cfg, rates, losses, mediator, start, models_dir, metrics)
+
+
+def write_report(cfg: FinetuneConfig, rates: dict, losses: list, mediator: Mediator | None, start: float,
+                 models_dir: Path, metrics: Path | None) -> dict:
+    """finetune.json beside the final checkpoint (and the summary at ``metrics``); the summary."""
     final = rates[cfg.to]
     summary = {
-        "model": cfg.model, "from": cfg.base, "to": cfg.to, "steps": cfg.steps,
+        "model": cfg.model, "from": cfg.base, "to": cfg.to, "steps": cfg.steps, "plant": cfg.plant,
         "checkpoints": [name for _, name in cfg.checkpoints()],
         "harmful_refused": final["harmful_refused"], "benign_refused": final["benign_refused"],
         "base_harmful_refused": rates[cfg.base]["harmful_refused"],
@@ -174,6 +238,7 @@ def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True, metri
         "seconds": round(time.perf_counter() - start, 1),
     }
     report = {**summary, "config": asdict(cfg), "losses": losses, "refusal": rates,
+              "plant_directions": mediator.record() if mediator is not None else None,
               ENVIRONMENT_KEY: environment("cpu", "float32")}  # as models.load above (issue 18, E14.1)
     jsonio.write(models.model_dir(models_dir, cfg.model, cfg.to) / "finetune.json", report)
     if metrics is not None:

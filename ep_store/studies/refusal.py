@@ -48,6 +48,7 @@ region scoring, the ablation and steering sweep, the ceiling and the recommendat
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -55,6 +56,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ep_store import jsonio
 from ep_store.errors import UsageError, check_output_file, check_output_folder
@@ -64,6 +66,7 @@ from ep_store.stages.dictionary import Dictionary
 from ep_store.stages.refusal_classifier import RULES, is_refusal
 from ep_store.store.core import Store
 from ep_store.studies.generate import prompt_ids
+from ep_store.studies.plant import cosine
 from ep_store.studies.refusal_prompts import Prompts, build_dictionaries, prompt_sets
 from ep_store.studies.refusal_protocol import STUDY_BASES, region_ablation, reorder, stream_order
 from ep_store.studies.refusal_sweep import (
@@ -257,6 +260,36 @@ def control(cfg: RefusalConfig, work: Store, best: dict, heldout: Prompts, model
     return {"checkpoint": cfg.control, "unhooked": unhooked, "ablated": ablated}
 
 
+def ceiling_centers(cfg: RefusalConfig, work: Store, layer: int, prompt_mean_D: torch.Tensor) -> dict:
+    """The centers of the ceiling's ablation forms (``refusal_sweep.CEILING_FORMS``) at ``layer``."""
+    return {"centered": layer_center(cfg, work, layer), "uncentered": None, "prompt_mean": prompt_mean_D}
+
+
+def planted_check(cfg: RefusalConfig, models_dir: Path, work_store: Path, directions: dict[int, torch.Tensor],
+                  sweeps: list[dict]) -> dict | None:
+    """The planted ground truth of a checkpoint made by ``ep finetune --plant mediated`` (its
+    finetune.json records, per plant layer, the difference of means the plant was trained to be
+    mediated by): cosine with it of the study's own difference of means and of each sweep's
+    candidate regions (exemplar and mean directions) at that layer. None for any other checkpoint."""
+    path = models.model_dir(models_dir, cfg.model, cfg.checkpoint) / "finetune.json"
+    record = json.loads(path.read_text()).get("plant_directions") if path.is_file() else None
+    if not record:
+        return None
+    planted = {int(L): torch.tensor(v, dtype=torch.float64) for L, v in record["directions"].items()}
+    out = {"layers": sorted(planted), "directions_D": planted, "candidates": [],
+           "diff_of_means_cosine": {str(L): cosine(d_D, planted[L]) for L, d_D in directions.items() if L in planted}}
+    for s in sweeps:
+        if s["layer"] not in planted:
+            continue
+        d = Dictionary.load(seed_store(work_store, s["seed"]), DictionaryKey.parse(s["dictionary"]))
+        for c in s["candidates"]:
+            v_D = planted[s["layer"]]
+            out["candidates"].append({"dictionary": s["dictionary"], "seed": s["seed"], "region_id": c["region_id"],
+                                      "exemplar_cosine": cosine(d.exemplars[c["region_id"]], v_D),
+                                      "mean_cosine": cosine(d.mean_directions[c["region_id"]], v_D)})
+    return out
+
+
 def seed_store(work_store: Path, seed: int | None) -> Store:
     """The work store of one stream order: ``work_store`` itself for file order, else ``seed<s>`` in it."""
     return Store(work_store if seed is None else work_store / f"seed{seed}")
@@ -272,7 +305,7 @@ def refusal_study(cfg: RefusalConfig, work_store: Path, main_store: Path, models
     runner = Runner(net, tokenizer, cfg, progress)
     refused_N, benign_reference, unhooked = label_and_unhooked(runner, train, heldout, cfg.classifier)
     seconds = {"label_and_unhooked": time.perf_counter() - start, "harvest_and_build": 0.0, "sweeps": 0.0}
-    sweeps, ceilings, directions = [], [], {}
+    sweeps, ceilings, directions, means = [], [], {}, {}
     for seed in cfg.seeds or (None,):
         tick = time.perf_counter()
         order = stream_order(len(train.texts), seed)
@@ -280,18 +313,26 @@ def refusal_study(cfg: RefusalConfig, work_store: Path, main_store: Path, models
         keys = build_dictionaries(cfg, work, stream, tokenizer, models_dir, progress)
         built = time.perf_counter()
         if cfg.ceiling and not directions:  # one set of prompts: the same means for every order
-            directions = {L: layer_direction(cfg, work, L, stream.harmful) for L in cfg.layers}
-            ceilings = [ceiling(runner, L, directions[L], layer_center(cfg, work, L), heldout, benign_reference,
-                                unhooked["capability_loss"]) for L in cfg.layers]
+            means = {L: layer_direction(cfg, work, L, stream.harmful) for L in cfg.layers}
+            directions = {L: d_D for L, (d_D, _) in means.items()}
+            ceilings = [ceiling(runner, L, directions[L], ceiling_centers(cfg, work, L, means[L][1]), heldout,
+                                benign_reference, unhooked["capability_loss"]) for L in cfg.layers]
         sweeps += [sweep(cfg, runner, work, key, [refused_N[i] for i in order], heldout, benign_reference,
                          unhooked["capability_loss"], seed, directions.get(key.layer)) for key in keys]
         seconds["harvest_and_build"] += built - tick
         seconds["sweeps"] += time.perf_counter() - built
     best = recommend(sweeps, unhooked, cfg.max_capability_loss)
+    plant = planted_check(cfg, models_dir, work_store, directions, sweeps)
+    if plant is not None:
+        planted = plant.pop("directions_D")
+        work = seed_store(work_store, (cfg.seeds or (None,))[0])
+        plant["ablated"] = [ceiling(runner, L, planted[L].float(), ceiling_centers(cfg, work, L, means[L][1]), heldout,
+                                    benign_reference, unhooked["capability_loss"])
+                            for L in plant["layers"] if cfg.ceiling and L in means]
     swept = time.perf_counter()
     del net, runner
     result = {"model": cfg.model, "checkpoint": cfg.checkpoint, "protocol": cfg.protocol, "unhooked": unhooked,
-              "sweeps": sweeps, "ceiling": ceilings, "best": best, "match": None, "control": None}
+              "sweeps": sweeps, "ceiling": ceilings, "plant": plant, "best": best, "match": None, "control": None}
     if best is not None:
         work = seed_store(work_store, best["seed"])
         result["match"] = match_status(cfg, Store(main_store), work, best)

@@ -59,12 +59,15 @@ def table_rows(result: dict) -> list[dict]:
             rows.append({"dictionary": s["dictionary"], "condition": f"steer alpha={st['alpha']:g}", "k": 1,
                          "regions": str(st["region_id"]), "harmful": None, "benign": st["heldout_benign_refusal"],
                          "capability": None})
-    for c in result.get("ceiling") or []:
-        for name, m in (("centered", c), ("around the origin", c.get("uncentered"))):
-            if m:
-                rows.append({"dictionary": f"L{c['layer']}", "condition": f"diff-of-means ceiling ({name})", "k": 1,
-                             "regions": "", "harmful": m["heldout_harmful_refusal"],
-                             "benign": m["heldout_benign_refusal"], "capability": m["capability_ratio"]})
+    planted = (result.get("plant") or {}).get("ablated") or []
+    for what, entries in (("diff-of-means ceiling", result.get("ceiling") or []), ("planted direction", planted)):
+        for c in entries:
+            for name, m in (("centered", c), ("around the origin", c.get("uncentered")),
+                            ("at the prompts' mean", c.get("prompt_mean"))):
+                if m:
+                    rows.append({"dictionary": f"L{c['layer']}", "condition": f"{what} ({name})", "k": 1,
+                                 "regions": "", "harmful": m["heldout_harmful_refusal"],
+                                 "benign": m["heldout_benign_refusal"], "capability": m["capability_ratio"]})
     return rows
 
 

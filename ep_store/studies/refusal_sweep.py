@@ -240,29 +240,37 @@ def layer_center(cfg: RefusalConfig, work: Store, layer: int) -> torch.Tensor:
     return torch.tensor(work.dictionary_snapshot(key).meta["center"], dtype=torch.float32)
 
 
-def layer_direction(cfg: RefusalConfig, work: Store, layer: int, harmful_N: list[bool]) -> torch.Tensor:
+def layer_direction(cfg: RefusalConfig, work: Store, layer: int,
+                    harmful_N: list[bool]) -> tuple[torch.Tensor, torch.Tensor]:
     """The layer's difference of means over the training prompts' last positions (``harmful_N`` in
-    the work store's doc_id order)."""
+    the work store's doc_id order), and the mean of those last positions (both classes)."""
     x_ND = last_positions(work, ActivationKey(cfg.model, cfg.checkpoint, layer), len(harmful_N))
-    return diff_of_means(x_ND, harmful_N)
+    return diff_of_means(x_ND, harmful_N), x_ND.double().mean(dim=0).float()
 
 
-def ceiling(runner: Runner, layer: int, direction_D: torch.Tensor, center_D: torch.Tensor, heldout: Prompts,
-            benign_reference, unhooked_loss: float) -> dict:
+CEILING_FORMS = ("centered", "uncentered", "prompt_mean")
+"""Where a ceiling ablation sets the direction's component: to the layer's EP center's (EP's own
+form), to zero (around the origin, Arditi et al.), or to the training prompts' last-position
+mean's (a mean ablation at the positions the direction was measured on)."""
+
+
+def ceiling(runner: Runner, layer: int, direction_D: torch.Tensor, centers: dict[str, torch.Tensor | None],
+            heldout: Prompts, benign_reference, unhooked_loss: float) -> dict:
     """The difference-of-means ceiling at ``layer``: held-out refusal and capability with the
-    direction ablated (every position and step) around the layer's EP center ``center_D``, the
-    same centered form EP's region ablations take; ``uncentered``: the same around the origin
-    (Arditi et al.), which also removes the direction's share of the stream's large constant
-    components and so can break the model where a centered ablation does not."""
+    direction ablated (every position and step) in each of ``CEILING_FORMS`` (``centers``: form ->
+    center, None around the origin). The ``centered`` form's figures sit at the top level, the
+    others under their names. Around the origin the ablation also removes the direction's share
+    of the stream's large constant components and so can break the model where a centered
+    ablation does not; the EP center is an all-token mean, far from the last positions."""
     out = {"layer": layer, "norm": float(direction_D.norm())}
-    for name, center in (("centered", center_D), ("uncentered", None)):
+    for name, center in centers.items():
         m = runner.measure(heldout, [ceiling_edit(layer, direction_D, center)], benign_reference,
                            f"L{layer} diff-of-means {name}")
         m["capability_ratio"] = m["capability_loss"] / unhooked_loss if unhooked_loss else None
-        if center is None:
-            out["uncentered"] = m
-        else:
+        if name == "centered":
             out.update(m)
+        else:
+            out[name] = m
     return out
 
 
