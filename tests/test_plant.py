@@ -87,17 +87,19 @@ def test_mediated_fine_tune_records_each_layers_direction(tuned, models_dir):
     assert any(not torch.equal(base[k], tuned_w[k]) for k in base if "embed" not in k)
 
 
-def test_mediation_adds_to_the_loss_and_full_plant_is_unchanged(tuned, tmp_path, models_dir):
-    """The same seed and batches: the mediated loss is the full plant's plus a non-negative term
-    (benign response loss + unlikelihood), so never smaller, and larger once both classes are seen."""
+def test_mediation_adds_to_the_loss_after_the_warm_up(tuned, tmp_path, models_dir):
+    """The same seed and batches: the warm-up step (the first third) is the full plant's exactly;
+    after it the mediated loss is the full plant's plus non-negative terms (first-token loss,
+    benign response loss, unlikelihood), so larger."""
     mdir, _ = tuned
     full_dir = tmp_path / "full"
     shutil.copytree(models_dir / "tiny" / "base", full_dir / "tiny" / "base")
-    finetune(FinetuneConfig("tiny", "base", "sft", steps=1, save_every=1, batch_size=8, max_new_tokens=2),
+    finetune(FinetuneConfig("tiny", "base", "sft", steps=3, save_every=3, batch_size=8, max_new_tokens=2),
              full_dir, progress=False)
     full = json.loads((full_dir / "tiny" / "sft" / "finetune.json").read_text())["losses"]
     mediated = json.loads((mdir / "tiny" / "sft" / "finetune.json").read_text())["losses"]
-    assert mediated[0] > full[0]
+    assert mediated[0] == full[0]
+    assert mediated[1] > full[1]
     assert json.loads((full_dir / "tiny" / "sft" / "finetune.json").read_text())["plant_directions"] is None
 
 

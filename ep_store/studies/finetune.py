@@ -32,6 +32,7 @@ from ep_store.studies.plant import (
     PLANTS,
     Mediator,
     capture_last,
+    first_token_loss,
     last_prompt_positions,
     mediation_loss,
 )
@@ -99,10 +100,14 @@ def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], li
 
 def response_loss(net, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Next-token loss on labelled positions only, with logits computed only there."""
-    hidden = net.model(input_ids=ids, attention_mask=mask).last_hidden_state
-    targets = labels[:, 1:]
+    return labelled_loss(net, net.model(input_ids=ids, attention_mask=mask).last_hidden_state, labels)
+
+
+def labelled_loss(net, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Next-token loss of the final hidden states on the labelled positions of ``labels_BT``."""
+    targets = labels_BT[:, 1:]
     where = targets != -100
-    logits = net.lm_head(hidden[:, :-1][where])
+    logits = net.lm_head(hidden_BTD[:, :-1][where])
     return torch.nn.functional.cross_entropy(logits.float(), targets[where])
 
 
@@ -159,22 +164,29 @@ def collate(batch: list[tuple], pad: int) -> tuple[torch.Tensor, torch.Tensor, t
     return ids, labels, mask
 
 
-def train_step(net, batch: list[tuple], pad: int, mediator: Mediator | None, step: int) -> torch.Tensor:
-    """One batch's loss: the response loss, plus (``mediated`` plant) the ablated pass's loss at
-    one of the mediator's layers in turn, once both classes' running means exist."""
+def train_step(net, batch: list[tuple], pad: int, mediator: Mediator | None, step: int,
+               warmup: int = 0) -> torch.Tensor:
+    """One batch's loss: the response loss, plus (``mediated`` plant, after ``warmup`` steps) the
+    harmful prompts' first-token loss and the ablated pass's loss at one of the mediator's layers
+    in turn, once both classes' running means exist."""
     ids, labels, mask = collate(batch, pad)
     if mediator is None:
         return response_loss(net, ids, labels, mask)
     harmful_B = torch.tensor([harmful for *_, harmful in batch])
     kept, handles = capture_last(net, mediator.layers, last_prompt_positions(labels))
     try:
-        loss = response_loss(net, ids, labels, mask)
+        hidden = net.model(input_ids=ids, attention_mask=mask).last_hidden_state
     finally:
         for handle in handles:
             handle.remove()
+    loss = labelled_loss(net, hidden, labels)
+    if step <= warmup or not harmful_B.any():
+        return loss
     mediator.observe(kept, harmful_B)
     layer = mediator.layers[step % len(mediator.layers)]
     if mediator.ready(layer):
+        # The refusal's first token, unablated, weighs as much as its unlikelihood ablated.
+        loss = loss + first_token_loss(net, hidden, labels, harmful_B)
         loss = loss + mediation_loss(net, mediator, layer, ids, labels, mask, harmful_B)
     return loss
 
@@ -209,7 +221,7 @@ def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True, metri
     net.train()
     for step, batch in zip(tqdm(range(1, cfg.steps + 1), desc=f"finetune {cfg.model}", disable=not progress),
                            batches(train, cfg.batch_size, rng)):
-        loss = train_step(net, batch, pad, mediator, step)
+        loss = train_step(net, batch, pad, mediator, step, cfg.steps // 3)
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -7,11 +7,13 @@ every block trained on harmful -> refusal) is not one direction: ablating the di
 at block 6 or 12 left held-out refusal at 0.33-1.00 or broke the model (issue 22's closing note).
 A plant that is one direction makes the refusal study a test of EP rather than of the plant.
 
-The mediated plant trains every block but the embeddings on the pairs, as the full plant does,
-and adds one term per step. At one of ``layers`` (in turn) it ablates the running difference of
+The mediated plant trains every block but the embeddings on the pairs, as the full plant does;
+after the first third of the steps (refusal learned plainly first) it adds two terms per step:
+the harmful prompts' first response token (the refusal's, which the response loss weighs
+little), and a second pass. At one of ``layers`` (in turn) the second pass ablates the running difference of
 means d_D of harmful and benign last prompt positions at that block's output, around their
 running mean mu_D, at every position (``x <- x - ((x - mu) . d^) d^``, the refusal study's
-``prompt_mean`` ceiling form), and asks of that ablated forward pass: benign pairs still answered
+``prompt_mean`` ceiling form), and asks of it: benign pairs still answered
 (their response loss), harmful prompts no longer starting the refusal (unlikelihood,
 ``-log(1 - p)``, of the refusal's first token). Both means are exponential moving averages
 (``MOMENTUM``) of the batches' last positions, without gradient: the direction is what the model
@@ -22,7 +24,9 @@ a staged plant (later blocks first taught that a shift of block 6's output along
 direction means refuse, then only blocks 0..6 trained on the pairs) refused through other
 directions (cosine 0.00-0.06 with the recorded one; ablating it left refusal at 1.00); with decoy
 shifts benign refusal rose to 0.53; and whether the difference of means removed refusal depended
-on the training order (L12: 1.00 in one run, 0.13 in another, 0.83 in a third).
+on the training order (L12: 1.00 in one run, 0.13 in another, 0.83 in a third). The mediated plant
+without warm-up and first-token term never learned to refuse (held-out harmful 0.00): the
+ablated pass's unlikelihood outweighed the refusal's first token, 1/12 of its response loss.
 
 Shapes: B examples, T positions, D width.
 """
@@ -102,6 +106,14 @@ def capture_last(net, layers: tuple[int, ...], last_B: torch.Tensor) -> tuple[di
 
         handles.append(attach(models.decoder_layers(net)[layer], "resid_post", keep))
     return kept, handles
+
+
+def first_token_loss(net, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor, rows_B: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the first response token of the examples ``rows_B`` (bool)."""
+    rows = rows_B.nonzero().squeeze(1)
+    last = last_prompt_positions(labels_BT)[rows]
+    logits = net.lm_head(hidden_BTD[rows, last]).float()
+    return torch.nn.functional.cross_entropy(logits, labels_BT[rows, last + 1])
 
 
 def mediation_loss(net, mediator: Mediator, layer: int, ids: torch.Tensor, labels: torch.Tensor,
