@@ -47,7 +47,8 @@ class Figure:
 
 
 REFUSAL_DIFFERENCES = (
-    "refusal planted by a 60-step fine-tune (ep finetune), not gemma-2-2b-it's own",
+    "refusal planted by a 60-step fine-tune trained to be mediated by the difference of means at L6 and L12 "
+    "(ep finetune --plant mediated; one direction at L12 only), not gemma-2-2b-it's own",
     "prompts: the project's chat data (224 harmful at most) vs 300 + 300",
 )
 
