@@ -164,7 +164,10 @@ unit_rows = st.integers(min_value=2, max_value=160).flatmap(
 )
 
 
-@settings(max_examples=30, deadline=None)
+# derandomize: CI runs from a fresh clone with no example database, so random draws differ per run;
+# the one draw that failed (two opposite tokens, theta their distance to the last bit) is
+# test_two_opposite_tokens_at_theta_follow_the_reference below, an open fault.
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(unit_rows, st.sampled_from([1, 5, 32]))
 def test_properties(params, batch_size):
     n, seed, d, p = params
@@ -194,6 +197,19 @@ def test_properties(params, batch_size):
     best = brute.max(1).values
     assert torch.allclose(brute[torch.arange(n), result.region_N], best, atol=1e-6)
     assert torch.allclose(result.distance_N.double(), (1 - best).clamp(0, 2), atol=1e-6)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="open fault found 2026-12-07: at an exact tie (distance == theta, "
+                   "two opposite tokens) fast_build covers the second token, leader_reference makes it an exemplar")
+def test_two_opposite_tokens_at_theta_follow_the_reference():
+    from ep_store.kernels.leader import leader_reference
+
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(2, 10, generator=g) + 0.5
+    u = unit_directions(x, x.mean(0))
+    theta = batch_percentile(u, 1.0)
+    state, _ = fast_build(u, theta, 1, window=10**6)
+    assert state.source_row_K.tolist() == leader_reference(u, theta, 1).exemplar_rows  # [0] vs [0, 1]
 
 
 @pytest.mark.parametrize("rows", [2, 3, 7, 100, 513, 2048])
