@@ -4,8 +4,8 @@ Lance reads). A bundle is always written and checked as a local folder; this mod
 copies that folder to a URI (``upload``) or from one (``download``). Credentials come from
 the environment as each store's SDK reads them (AWS_*, GOOGLE_APPLICATION_CREDENTIALS, ...).
 
-    upload(Path("/tmp/bundle"), "s3://bucket/ep/gemma-L6")
-    download("s3://bucket/ep/gemma-L6", Path("/tmp/pulled"))
+    upload(Path("bundles/gemma-L6"), "s3://bucket/ep/gemma-L6")
+    download("s3://bucket/ep/gemma-L6", Path("pulled/gemma-L6"))
 """
 
 from __future__ import annotations
