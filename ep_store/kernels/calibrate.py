@@ -23,6 +23,8 @@ from typing import NamedTuple
 
 import torch
 
+from ep_store.kernels.screen import exact_similarity
+
 
 class Calibration(NamedTuple):
     center_D: torch.Tensor  # float32
@@ -156,7 +158,8 @@ HISTOGRAM_BINS = 8192
 
 def batch_percentile(u_BD: torch.Tensor, p: float) -> float | None:
     """p-th percentile of 1 - u_i.u_j, clamped to [0, 2], over pairs i < j of one batch,
-    the dot products in float64 (numpy's linear interpolation of those n pair distances).
+    the dot products by ``screen.exact_similarity`` (the rule's own arithmetic, so a pair at
+    distance theta is a tie to the bit in the builder too), interpolated linearly as numpy does.
 
     Degenerate rows (NaN directions) take part in no pair; None when fewer than two remain.
     Exact, without a float64 product of every pair or a selection over them (issue 12):
@@ -231,7 +234,7 @@ def _pairs_between(sim_BB: torch.Tensor, u64_BD: torch.Tensor, low: float, high:
     """Float64 similarities of the pairs i < j whose screened similarity lies in [low, high]."""
     window = torch.triu((sim_BB >= low) & (sim_BB <= high), diagonal=1)
     i, j = window.nonzero(as_tuple=True)
-    return torch.cat([(u64_BD[i[s : s + chunk]] * u64_BD[j[s : s + chunk]]).sum(1)
+    return torch.cat([exact_similarity(u64_BD[i[s : s + chunk]], u64_BD[j[s : s + chunk]])
                       for s in range(0, i.numel(), chunk)] or [u64_BD.new_zeros(0)])
 
 

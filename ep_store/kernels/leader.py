@@ -3,10 +3,11 @@ exact batched implementation. Pure torch, no IO.
 
 The rule (DESIGN.md): in stream order, a unit direction u becomes a new exemplar iff
 1 - u.e > theta for every exemplar e already chosen. The rule's arithmetic is float64 dot
-products of the float32 unit directions (``covered`` below). The batched builder screens
-with one matmul per batch in float32 or bfloat16 and re-checks in float64 every decision
-whose screened similarity lies within a rounding bound of the threshold, so its exemplar
-list equals ``leader_reference`` exactly, for any batch size, device and precision.
+products of the float32 unit directions added in one fixed order (``exact_similarity``) and
+``covered``'s comparison. The batched builder screens with one matmul per batch in float32
+or bfloat16 and re-checks exactly every decision whose screened similarity lies within a
+rounding bound of the threshold, so its exemplar list equals ``leader_reference`` exactly,
+for any batch size, device and precision, ties at theta included.
 
 Stopping: after ``saturation_window`` consecutive batches with no new exemplar
 ("saturated"), at the token budget ("max_tokens") or at the end of the stream
@@ -22,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from ep_store.kernels.screen import (
+    FLOAT64_MARGIN,
     PRECISIONS,
     SCREEN_MARGIN,
     TIE_DISTANCE,
@@ -72,7 +74,7 @@ def leader_reference(
     for start in range(0, u.shape[0], batch_size):
         new = 0
         for i in range(start, min(start + batch_size, u.shape[0])):
-            if not covered(E[: len(rows)] @ u[i], theta).any():
+            if not _covered_by_any(u[i], E[: len(rows)], theta):
                 E[len(rows)] = u[i]
                 rows.append(i)
                 new += 1
@@ -87,6 +89,16 @@ def leader_reference(
             break
     k = len(rows)
     return ReferenceResult(rows, new_per_batch, reason, count[:k], dsum[:k])
+
+
+def _covered_by_any(u_D: torch.Tensor, E_KD: torch.Tensor, theta: float) -> bool:
+    """Whether any exemplar covers u, by ``exact_similarity``: a float64 matrix-vector product
+    decides every exemplar beyond ``FLOAT64_MARGIN`` of the threshold, the exact sum the rest."""
+    sure, unsure = screen_decisions(E_KD @ u_D, theta, FLOAT64_MARGIN)
+    if bool(sure.any()):
+        return True
+    close = unsure.nonzero().squeeze(1)
+    return bool(close.numel()) and bool(covered(exact_similarity(u_D, E_KD[close]), theta).any())
 
 
 @dataclass
@@ -281,8 +293,7 @@ class LeaderBuilder:
         sure, unsure = screen_decisions(sim_RC, self.theta, SCREEN_MARGIN[dtype])
         r, c = unsure.nonzero(as_tuple=True)
         if r.numel():
-            exact = (a_RD[r].to(torch.float64) * b_CD[c].to(torch.float64)).sum(1)
-            sure[r, c] = covered(exact, self.theta)
+            sure[r, c] = covered(exact_similarity(a_RD[r], b_CD[c]), self.theta)
         return sure
 
     def _accept_in_order(self, u_BD: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,8 @@ def screen_decisions(sim: torch.Tensor, theta: float, margin: float) -> tuple[to
     The threshold is the one ``covered`` applies (kept beside it: change them together); a
     screened value beyond ``margin`` of it decides the same way as the exact one.
     """
+    if theta >= 2.0:  # covered's clamp: every distance is at most 2, so every number is covered
+        return ~sim.isnan(), torch.zeros_like(sim, dtype=torch.bool)
     threshold = 1.0 - max(theta, TIE_DISTANCE)
     sure = sim >= threshold + margin
     unsure = ~sure & (sim >= threshold - margin)
@@ -126,5 +128,31 @@ def exact_nearest(u_RD: torch.Tensor, E_CD: torch.Tensor, E_screen_CD: torch.Ten
 
 
 def exact_similarity(u_RD: torch.Tensor, E_RD: torch.Tensor) -> torch.Tensor:
-    """(R,) float64 dot products of paired rows, the arithmetic ``exact_nearest`` uses."""
-    return (u_RD.to(torch.float64) * E_RD.to(torch.float64)).sum(1)
+    """(R,) float64 dot products of paired rows (broadcast like ``*``): the rule's arithmetic.
+
+    Every exact decision (the leader rule, theta's pair distances, nearest exemplars) takes
+    its similarity from here, so they agree to the bit. The products of float32 values are
+    exact in float64; they are added in a fixed pairwise tree of elementwise float64 adds
+    (``tree_sum``), each rounded by IEEE 754 alone, so the bits do not depend on the device,
+    the CPU's vector width, the memory layout or the rows beside a row. A reduction such as
+    ``sum`` or ``@`` adds in an order of its own choosing: at a tie (a distance equal to
+    theta, which happens when theta is a pair distance of the stream's own first tokens)
+    it decided membership differently from the reference (issue 22's fault of 2026-12-07).
+    """
+    return tree_sum(u_RD.to(torch.float64) * E_RD.to(torch.float64))
+
+
+def tree_sum(x_RD: torch.Tensor) -> torch.Tensor:
+    """(R,) sums of the rows of ``x_RD`` in one fixed order: zero-padded to a power of two
+    columns, then the right half added to the left half until one column is left."""
+    width = x_RD.shape[-1]
+    x = torch.nn.functional.pad(x_RD, (0, (1 << max(width - 1, 0).bit_length()) - width))
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        x = x[..., :half] + x[..., half:]
+    return x[..., 0]
+
+
+# |float64 matmul - exact_similarity| of unit vectors: each way of adding D products errs by
+# at most ~D * 2^-53 (Cauchy-Schwarz bounds the sum of |u_i e_i| by 1); 1e-9 holds to D ~ 4e6.
+FLOAT64_MARGIN = 1e-9
