@@ -161,8 +161,16 @@ def test_store_ls_is_parseable_tsv(built_store):
     assert "tokens-" in next(line for line in lines if line.startswith("dictionary\t"))
 
 
-@pytest.mark.xfail(strict=False, reason="open fault since 2026-12-07: in full-suite runs the interrupted harvest "
-                   "does not exit within 120 s (3 of 3 fresh-clone runs); alone and with test_qa.py it passes")
+def _as_a_foreground_job():
+    """A terminal's foreground job takes SIGINT by default. A background job of a
+    non-interactive shell (``pytest ... &``) ignores it, its children inherit that, and
+    Python keeps an ignored SIGINT ignored: the Ctrl-C test then waited 120 s on a harvest
+    that never saw the signal (3 fresh-clone runs on 2026-12-07, all started in background)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_exits_130_with_one_line_and_a_rerun_finishes(models_dir, tmp_path):
     """SIGINT (Ctrl-C) mid-harvest: exit code 130 as shells report it, one line, no traceback,
     every committed version readable; the same command then completes the stream."""
@@ -181,7 +189,7 @@ def test_ctrl_c_exits_130_with_one_line_and_a_rerun_finishes(models_dir, tmp_pat
             "--models-dir", str(models_dir), "--store", str(store.root)]
     path = store.activation_path(ActivationKey("tiny", "base", 1))
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_as_a_foreground_job)
     deadline = time.time() + 300  # a loaded 2-core machine can take minutes to load torch and the model
     while not (store.exists(path) and store.info(path).rows > 0) and time.time() < deadline:
         time.sleep(0.2)
