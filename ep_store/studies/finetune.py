@@ -33,6 +33,7 @@ from ep_store.studies.plant import (
     Mediator,
     capture_last,
     first_token_loss,
+    labelled_loss,
     last_prompt_positions,
     mediation_loss,
 )
@@ -103,14 +104,6 @@ def response_loss(net, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tens
     return labelled_loss(net, net.model(input_ids=ids, attention_mask=mask).last_hidden_state, labels)
 
 
-def labelled_loss(net, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    """Next-token loss of the final hidden states on the labelled positions of ``labels_BT``."""
-    targets = labels_BT[:, 1:]
-    where = targets != -100
-    logits = net.lm_head(hidden_BTD[:, :-1][where])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[where])
-
-
 @torch.no_grad()
 def refusal_rates(net, tokenizer, rows: list[dict], max_new_tokens: int, batch_size: int = 40) -> dict:
     """Greedy answers to held-out prompts; share refused among harmful and among benign."""
@@ -132,17 +125,6 @@ def refusal_rates(net, tokenizer, rows: list[dict], max_new_tokens: int, batch_s
             "benign_refused": round(sum(benign) / max(len(benign), 1), 4),
             "harmful_prompts": len(harmful), "benign_prompts": len(benign),
             "examples": [{"prompt": row["prompt"], "answer": a} for row, a in list(zip(rows, answers))[::20]]}
-
-
-def save_checkpoint(net, tokenizer, folder: Path) -> None:
-    tmp = folder.with_name(folder.name + ".partial")
-    net.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    tmp.rename(folder)
 
 
 def batches(examples: list[tuple], batch_size: int, rng: random.Random) -> Iterator[list[tuple]]:
@@ -230,7 +212,7 @@ def finetune(cfg: FinetuneConfig, models_dir: Path, progress: bool = True, metri
         losses.append(round(loss.item(), 4))
         if step in saves:
             net.eval()
-            save_checkpoint(net, tokenizer, models.model_dir(models_dir, cfg.model, saves[step]))
+            models.save(net, tokenizer, models.model_dir(models_dir, cfg.model, saves[step]))
             rates[saves[step]] = refusal_rates(net, tokenizer, heldout, cfg.max_new_tokens)
             log.info("step %d: loss %.3f, refusal %s", step, loss, rates[saves[step]])
             net.train()

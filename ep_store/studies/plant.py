@@ -116,6 +116,15 @@ def first_token_loss(net, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor, row
     return torch.nn.functional.cross_entropy(logits, labels_BT[rows, last + 1])
 
 
+def labelled_loss(net, hidden_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    """Next-token loss of the final hidden states on the labelled positions of ``labels_BT``
+    (-100 elsewhere): the response loss both plants train on."""
+    targets = labels_BT[:, 1:]
+    where = targets != -100
+    logits = net.lm_head(hidden_BTD[:, :-1][where])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[where])
+
+
 def mediation_loss(net, mediator: Mediator, layer: int, ids: torch.Tensor, labels: torch.Tensor,
                    mask: torch.Tensor, harmful_B: torch.Tensor) -> torch.Tensor:
     """The ablated pass's loss at ``layer``: benign pairs' response loss plus the harmful prompts'
@@ -129,10 +138,7 @@ def mediation_loss(net, mediator: Mediator, layer: int, ids: torch.Tensor, label
     loss = hidden.new_zeros(())
     benign = ~harmful_B
     if benign.any():
-        targets = labels[benign, 1:]
-        where = targets != -100
-        logits = net.lm_head(hidden[benign, :-1][where])
-        loss = loss + torch.nn.functional.cross_entropy(logits.float(), targets[where])
+        loss = loss + labelled_loss(net, hidden[benign], labels[benign])
     if harmful_B.any():
         last = last_prompt_positions(labels)[harmful_B]
         rows = harmful_B.nonzero().squeeze(1)
