@@ -88,6 +88,25 @@ def exemplar(root, key: str, region: int) -> np.ndarray:
     return e / np.linalg.norm(e)
 
 
+@pytest.mark.parametrize("width", [16, 640])
+def test_rescore_of_a_row_does_not_depend_on_the_rows_beside_it(width):
+    """The scan and the index re-score different candidate sets: a token's float64 score must
+    have the same bits in any of them (a numpy matrix-vector product's did not), NaN for a
+    row equal to the center, and stay within 1e-12 of the plain formula."""
+    rng = np.random.default_rng(width)
+    x, c = rng.standard_normal((300, width)), rng.standard_normal(width)
+    x[7] = c
+    q = rng.standard_normal(width)
+    q /= np.linalg.norm(q)
+    whole = rescore(x, c, q)
+    for start, n in ((0, 1), (5, 3), (40, 17), (100, 200)):
+        np.testing.assert_array_equal(rescore(x[start : start + n], c, q), whole[start : start + n])
+    assert np.isnan(whole[7]) and rescore(x[:0], c, q).shape == (0,)
+    keep = np.arange(300) != 7
+    u = (x[keep] - c) / np.linalg.norm(x[keep] - c, axis=1, keepdims=True)
+    np.testing.assert_allclose(whole[keep], u @ q, rtol=0, atol=1e-12)
+
+
 def test_scan_kernel_agrees_with_the_float64_rescore_and_refuses_bad_arguments():
     """The float32 scan similarity (no u materialised) against the plain float64 formula."""
     import torch

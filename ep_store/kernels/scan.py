@@ -17,6 +17,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from ep_store.kernels.screen import tree_sum
+
 
 def unit64(x_ND: np.ndarray, center_D: np.ndarray) -> np.ndarray:
     """u = (a - c) / |a - c| in float64 (rows with |a - c| = 0 or non-finite become NaN)."""
@@ -26,8 +28,13 @@ def unit64(x_ND: np.ndarray, center_D: np.ndarray) -> np.ndarray:
 
 
 def rescore(x_ND: np.ndarray, center_D: np.ndarray, q_D: np.ndarray) -> np.ndarray:
-    """Exact similarities u(x_n).q in float64, shape (N,); NaN for non-finite rows."""
-    return unit64(x_ND, center_D) @ np.asarray(q_D, np.float64)
+    """Exact similarities u(x_n).q in float64, shape (N,); NaN for non-finite rows.
+
+    Each row's bits depend on that row alone (``screen.tree_sum``'s fixed order), so a token
+    scores the same among the scan's candidates as among the index's: a matrix-vector
+    product's bits change with the number of rows (found beside issue 22's tie fault)."""
+    products_ND = unit64(x_ND, center_D) * np.asarray(q_D, np.float64)
+    return tree_sum(torch.from_numpy(products_ND)).numpy()
 
 
 def order(rows_N: np.ndarray, sim_N: np.ndarray) -> np.ndarray:
