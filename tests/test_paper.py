@@ -192,6 +192,12 @@ def test_published_protocol_decides_the_verdict(tmp_path, files):
     assert k1["published_protocol"]["L12/p8"] == pytest.approx({"exemplar": 0.0, "mean": -0.04})
     assert "L12/p8 (2 seeds)" in readme
     assert "ep eval concepts --protocol paper --dictionary gemma-3-270m/base/all" in readme
+    # Why a verdict is on ours is said only where it is: not for a claim with no published
+    # number (refusal_best), whose published-protocol run did happen.
+    said = "the published protocol did not run: the verdict is on ours"
+    assert said not in metrics["claims"]["refusal_best"]["differences"]
+    assert said not in metrics["claims"]["refusal_k1"]["differences"]
+    assert said in metrics["claims"]["concepts"]["differences"]  # no concepts_paper given: on ours
 
 
 def test_a_file_of_the_other_protocol_is_not_read_as_this_one(tmp_path, files):

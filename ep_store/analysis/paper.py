@@ -171,8 +171,9 @@ def setting(m: pm.Measure) -> str:
     return " ".join(x for x in (m.model, layers, ps) if x)
 
 
-def differences(fig: Figure, measures: list[pm.Measure], fell_back: bool) -> list[str]:
-    """The row's remaining differences: model, layer and p where ours differ, then the figure's own."""
+def differences(fig: Figure, measures: list[pm.Measure], fell_back: str) -> list[str]:
+    """The row's remaining differences: model, layer and p where ours differ, why the verdict
+    fell back to our protocol (``fell_back``, '' where it did not), then the figure's own."""
     out = []
     for m in measures[:1]:  # ours under the published protocol if it ran, else ours
         if m.model.split("/")[0] != fig.model:
@@ -182,7 +183,7 @@ def differences(fig: Figure, measures: list[pm.Measure], fell_back: bool) -> lis
         if fig.percentile is not None and m.percentiles and fig.percentile not in m.percentiles:
             out.append(f"p{format_percentile(m.percentiles[0])} (nearest run) vs p{format_percentile(fig.percentile)}")
     if fell_back:
-        out.append("the published protocol did not run: the verdict is on ours")
+        out.append(f"{fell_back}: the verdict is on ours")
     return out + list(fig.differences)
 
 
@@ -228,7 +229,10 @@ def claim_row(claim: str, sources: dict[str, Source]) -> Row:
     verdict_on = None if v in ("not measured", "not published") else "published protocol" if on_theirs else "ours"
     target = next((m.model for m in (mine, theirs) if m and m.model), DEFAULT_TARGET).split(", ")[0]
     runs = [(label, src, m) for label, src, m in (("published protocol", published, theirs), ("ours", ours, mine)) if m]
-    diffs = differences(fig, [m for _, _, m in runs], fell_back=published is not None and not on_theirs and bool(mine))
+    # Why a verdict was taken on ours: the published protocol did not run, or gave no number.
+    fell_back = "" if verdict_on != "ours" or published is None else (
+        "the published protocol did not run" if theirs is None else "the published protocol gave no comparable figure")
+    diffs = differences(fig, [m for _, _, m in runs], fell_back)
     cells = dict(zip(COLUMNS, (
         fig.title, fig.figure, published_text(claim, published, theirs, target),
         mine.cell if mine else f"{ours.problem}; run: {run_hint(name, ours, target)}",
