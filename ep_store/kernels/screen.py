@@ -21,6 +21,9 @@ import torch
 # moves by at most (2 * 2^-8 + 2^-16) |u||e| ~ 0.0079, and rounding the result to bfloat16
 # adds 2^-9 * |sim| <= 0.002; float32 accumulation over D <= 16k terms adds < 1e-3.
 SCREEN_MARGIN = {torch.float32: 1e-3, torch.bfloat16: 1.6e-2}
+# |float64 matmul - exact_similarity| of unit vectors: each way of adding D products errs by
+# at most ~D * 2^-53 (Cauchy-Schwarz bounds the sum of |u_i e_i| by 1); 1e-9 holds to D ~ 4e6.
+FLOAT64_MARGIN = 1e-9
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 """What ``ep build --precision`` accepts; "auto" is resolved by ``choose_precision``."""
@@ -152,7 +155,3 @@ def tree_sum(x_RD: torch.Tensor) -> torch.Tensor:
         x = x[..., :half] + x[..., half:]
     return x[..., 0]
 
-
-# |float64 matmul - exact_similarity| of unit vectors: each way of adding D products errs by
-# at most ~D * 2^-53 (Cauchy-Schwarz bounds the sum of |u_i e_i| by 1); 1e-9 holds to D ~ 4e6.
-FLOAT64_MARGIN = 1e-9
